@@ -1,0 +1,92 @@
+"""Find subjects: BraTS 2019 + IXI under one root, or a CSV manifest for any other label set.
+
+Discovery only lists files; whether they are readable is ``datasets.validation``'s job, so that
+every problem is reported in one place.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+from datasets.records import PAPER_CLASSES, SubjectRecord
+
+BRATS_GRADES = ("HGG", "LGG")
+IXI_PATTERN = re.compile(r"^(IXI\d+-[A-Za-z]+-\d+)-T1\.nii(\.gz)?$")
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def _find_nifti(folder: Path, stem: str) -> Path:
+    for suffix in NIFTI_SUFFIXES:
+        candidate = folder / f"{stem}{suffix}"
+        if candidate.exists():
+            return candidate
+    # Not there: return the expected name so validation reports it as missing.
+    return folder / f"{stem}.nii.gz"
+
+
+def discover_brats_ixi(data_root: str | os.PathLike, contrasts: Sequence[str] = ("t1ce",)) -> list[SubjectRecord]:
+    """BraTS ``{HGG,LGG}/<subject>/<subject>_<contrast>.nii.gz`` and IXI ``IXI*-T1.nii[.gz]`` anywhere under ``data_root``."""
+    root = Path(data_root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--data-root {root} is not a folder; point it at the folder holding the BraTS and IXI data")
+    contrasts = tuple(c.lower() for c in contrasts)
+    if not contrasts:
+        raise ValueError("contrasts must name at least one contrast, e.g. ('t1ce',)")
+    records: list[SubjectRecord] = []
+    for grade_dir in sorted(p for p in root.rglob("*") if p.is_dir() and p.name in BRATS_GRADES):
+        for subject_dir in sorted(p for p in grade_dir.iterdir() if p.is_dir()):
+            sid = subject_dir.name
+            paths = tuple(str(_find_nifti(subject_dir, f"{sid}_{c}")) for c in contrasts)
+            records.append(SubjectRecord(sid, grade_dir.name, paths, group=sid, source="brats"))
+    ixi_files = sorted(p for p in root.rglob("IXI*-T1.nii*") if IXI_PATTERN.match(p.name))
+    if ixi_files and len(contrasts) > 1:
+        raise ValueError(
+            f"IXI provides T1 only, but {len(contrasts)} contrasts were asked for ({', '.join(contrasts)}); "
+            "use one contrast with IXI, or a --manifest that names a file per contrast"
+        )
+    for path in ixi_files:
+        sid = IXI_PATTERN.match(path.name).group(1)
+        records.append(SubjectRecord(sid, "Healthy", (str(path),), group=sid, source="ixi"))
+    if not records:
+        raise FileNotFoundError(
+            f"No BraTS ({'/'.join(BRATS_GRADES)}/<subject>/<subject>_{contrasts[0]}.nii.gz) or IXI (IXI*-T1.nii.gz) "
+            f"files found under {root}"
+        )
+    return records
+
+
+def read_manifest(manifest: str | os.PathLike) -> list[SubjectRecord]:
+    """Read a CSV with ``subject_id``, ``label``, ``path`` or ``path_<contrast>`` columns and an optional ``group``.
+
+    Several ``path_*`` columns become input channels in column order. Relative paths are taken
+    relative to the manifest's folder, so a data set can be moved with its manifest.
+    """
+    manifest = Path(manifest)
+    if not manifest.is_file():
+        raise FileNotFoundError(f"--manifest {manifest} does not exist")
+    frame = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    path_columns = [c for c in frame.columns if c == "path" or c.startswith("path_")]
+    missing = [c for c in ("subject_id", "label") if c not in frame.columns]
+    if missing or not path_columns:
+        need = missing + ([] if path_columns else ["path (or path_<contrast>)"])
+        raise ValueError(f"Manifest {manifest} lacks column(s) {', '.join(need)}; it has {', '.join(frame.columns)}")
+    records = []
+    for _, row in frame.iterrows():
+        paths = tuple(str((manifest.parent / row[c]).resolve()) if row[c] else "" for c in path_columns)
+        group = row["group"] if "group" in frame.columns and row["group"] else row["subject_id"]
+        records.append(SubjectRecord(row["subject_id"], row["label"], paths, group=group, source="manifest"))
+    return records
+
+
+def class_order(records: Sequence[SubjectRecord], classes: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The label set, in a stable order: given explicitly, the paper's for BraTS/IXI labels, else sorted."""
+    if classes:
+        return tuple(classes)
+    present = {r.label for r in records if r.label}
+    if present <= set(PAPER_CLASSES):
+        return tuple(c for c in PAPER_CLASSES if c in present)
+    return tuple(sorted(present))

@@ -1,0 +1,156 @@
+"""Open every volume once and say, file by file, what is wrong before any training starts.
+
+Results are remembered per file (path, size, modification time) so re-running a check or an
+experiment on the same data does not decompress hundreds of volumes again.
+"""
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import nibabel as nib
+import numpy as np
+
+from datasets.atomic import atomic_write_text
+from datasets.records import SubjectRecord
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Why one subject (and which of its files) cannot be used."""
+
+    subject_id: str
+    path: str
+    reason: str
+
+
+@dataclass
+class ValidationReport:
+    valid: list[SubjectRecord] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    classes: tuple[str, ...] = ()
+
+    @property
+    def counts(self) -> dict[str, int]:
+        found = Counter(r.label for r in self.valid)
+        return {c: found.get(c, 0) for c in self.classes}
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def format(self) -> str:
+        lines = [f"{len(self.valid)} valid subjects: " + ", ".join(f"{c} {n}" for c, n in self.counts.items())]
+        if self.problems:
+            lines.append(f"{len(self.problems)} invalid:")
+            lines += [f"  {p.path or '-'}: {p.reason} (subject {p.subject_id})" for p in self.problems]
+        return "\n".join(lines)
+
+
+class InvalidDataError(ValueError):
+    """Raised when a run would train on invalid data; the message lists every problem."""
+
+
+def check_volume(path: str | os.PathLike) -> str | None:
+    """Return why ``path`` is not a usable 3-D volume, or None when it is."""
+    path = Path(path)
+    if not str(path) or not path.exists():
+        return "file not found"
+    if path.stat().st_size == 0:
+        return "empty file (0 bytes)"
+    try:
+        image = nib.load(str(path))
+    except nib.filebasedimages.ImageFileError as error:
+        return f"not a NIfTI image ({error})"
+    except (EOFError, OSError, zlib.error) as error:
+        return f"unreadable or truncated ({type(error).__name__}: {error})"
+    if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
+        return f"not a NIfTI image ({type(image).__name__})"
+    shape = tuple(image.shape)
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        return f"not 3-D (shape {tuple(image.shape)})"
+    if min(shape) == 0:
+        return f"empty image (shape {shape})"
+    try:
+        data = np.asanyarray(image.dataobj, dtype=np.float32)
+    except (EOFError, OSError, ValueError, zlib.error) as error:
+        return f"unreadable or truncated ({type(error).__name__}: {error})"
+    if not np.isfinite(data).all():
+        return f"non-finite voxels ({int((~np.isfinite(data)).sum())} NaN/Inf)"
+    if data.min() == data.max():
+        return f"constant image (every voxel is {float(data.min()):g})"
+    return None
+
+
+class _CheckCache:
+    """Per-file results keyed by (size, mtime): a changed file is checked again."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.entries: dict[str, dict] = {}
+        if path is not None and path.is_file():
+            try:
+                self.entries = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                self.entries = {}  # A damaged cache costs one re-check, never a wrong answer.
+
+    def check(self, file: str) -> str | None:
+        try:
+            stat = os.stat(file)
+        except OSError:
+            return check_volume(file)
+        stamp = [stat.st_size, stat.st_mtime_ns]
+        cached = self.entries.get(file)
+        if cached is not None and cached["stamp"] == stamp:
+            return cached["reason"]
+        reason = check_volume(file)
+        self.entries[file] = {"stamp": stamp, "reason": reason}
+        return reason
+
+    def save(self) -> None:
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.path, json.dumps(self.entries, sort_keys=True))
+
+
+def validate_records(
+    records: Sequence[SubjectRecord], classes: Sequence[str], cache_file: str | os.PathLike | None = None
+) -> ValidationReport:
+    """Check labels, subject ids and every file of every subject."""
+    report = ValidationReport(classes=tuple(classes))
+    cache = _CheckCache(Path(cache_file) if cache_file else None)
+    seen = Counter(r.subject_id for r in records)
+    for record in records:
+        problem = None
+        if seen[record.subject_id] > 1:
+            problem = Problem(record.subject_id, ";".join(record.paths), f"duplicate subject id ({seen[record.subject_id]} entries)")
+        elif record.label not in report.classes:
+            problem = Problem(record.subject_id, ";".join(record.paths), f"unknown label {record.label!r} (expected one of {', '.join(report.classes)})")
+        else:
+            for file in record.paths:
+                reason = cache.check(file)
+                if reason is not None:
+                    problem = Problem(record.subject_id, file, reason)
+                    break
+        if problem is None:
+            report.valid.append(record)
+        else:
+            report.problems.append(problem)
+    cache.save()
+    return report
+
+
+def require_valid(report: ValidationReport, skip_invalid: bool) -> list[SubjectRecord]:
+    """The subjects to train on; stops the run on any problem unless the user chose to skip them."""
+    if report.problems and not skip_invalid:
+        raise InvalidDataError(
+            "Invalid input data; fix or remove these files, or pass --skip-invalid to leave them out:\n" + report.format()
+        )
+    return report.valid

@@ -1,0 +1,41 @@
+"""The search space: each range centred on the paper's value, with the reason for its width.
+
+Kept as data so that a report, the CLI and Optuna all read the same numbers.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from trainables.fold_training import PAPER_DEFAULTS
+
+
+@dataclass(frozen=True)
+class SearchRange:
+    name: str
+    low: float
+    high: float
+    log: bool
+    reason: str
+
+
+SEARCH_SPACE: tuple[SearchRange, ...] = (
+    SearchRange("lr", 1e-6, 1e-4, True,
+                "one decade either side of the paper's 1e-5: Adam's step size matters most on small 3-D data sets"),
+    SearchRange("weight_decay", 1e-5, 1e-1, True,
+                "two decades either side of the paper's 1e-3: with ~500 volumes regularisation strength is uncertain"),
+    SearchRange("dropout", 0.0, 0.6, False,
+                "around the paper's 0.3 before the final layer; above 0.6 the 512-feature head starves"),
+    SearchRange("aug_strength", 0.0, 2.0, False,
+                "0 = none, 1 = the paper's light augmentation, 2 = twice its ranges (scales 0.8-1.4, 20 degrees, flip p 0.5)"),
+)
+
+
+def define_by_run(trial: Any) -> None:
+    """Optuna define-by-run space: suggests every range; constants stay in Ray's param_space."""
+    for item in SEARCH_SPACE:
+        trial.suggest_float(item.name, item.low, item.high, log=item.log)
+
+
+def space_table() -> list[dict[str, Any]]:
+    return [{**asdict(item), "paper": PAPER_DEFAULTS[item.name]} for item in SEARCH_SPACE]

@@ -1,0 +1,32 @@
+"""Shared fixtures: tiny NIfTI volumes and trees, so tests run in seconds on a CPU."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+
+def write_ellipsoid(path: Path, shape=(24, 28, 20), zooms=(4.0, 4.0, 4.0), codes_flip=(-1, -1, 1), seed=0) -> Path:
+    """A skull-stripped-looking blob: positive inside an ellipsoid, zero outside."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
+    inside = (grid**2).sum(0) < 0.6
+    data = np.where(inside, 100 + 20 * rng.standard_normal(shape), 0).astype(np.float32)
+    affine = np.diag([codes_flip[0] * zooms[0], codes_flip[1] * zooms[1], codes_flip[2] * zooms[2], 1.0])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def phantom_root(tmp_path_factory) -> Path:
+    """A small synthetic BraTS + IXI tree (the project's own phantoms), shared by the session."""
+    from datasets.synthetic import write_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("phantoms")
+    return write_synthetic_dataset(root, n_hgg=8, n_lgg=8, n_healthy=8, seed=3, downsample=4)

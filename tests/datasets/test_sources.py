@@ -1,0 +1,53 @@
+"""Discovery of BraTS/IXI trees and CSV manifests."""
+import pandas as pd
+import pytest
+
+from datasets.sources import class_order, discover_brats_ixi, read_manifest
+from tests.conftest import write_ellipsoid
+
+
+def test_discovers_brats_and_ixi_wherever_they_sit(tmp_path):
+    write_ellipsoid(tmp_path / "a/b/MICCAI_BraTS_2019_Data_Training/HGG/S1/S1_t1ce.nii.gz")
+    write_ellipsoid(tmp_path / "a/b/MICCAI_BraTS_2019_Data_Training/LGG/S2/S2_t1ce.nii.gz")
+    write_ellipsoid(tmp_path / "elsewhere/IXI/IXI002-Guys-0828-T1.nii")
+    write_ellipsoid(tmp_path / "elsewhere/IXI/IXI002-Guys-0828-T2.nii.gz")  # not T1: ignored
+    records = {r.subject_id: r for r in discover_brats_ixi(tmp_path)}
+    assert {k: r.label for k, r in records.items()} == {"S1": "HGG", "S2": "LGG", "IXI002-Guys-0828": "Healthy"}
+    assert records["IXI002-Guys-0828"].paths[0].endswith("IXI002-Guys-0828-T1.nii")
+    assert class_order(records.values()) == ("LGG", "HGG", "Healthy")
+
+
+def test_several_contrasts_become_channels_and_a_missing_one_is_still_listed(tmp_path):
+    write_ellipsoid(tmp_path / "HGG/S1/S1_t1ce.nii.gz")
+    write_ellipsoid(tmp_path / "HGG/S1/S1_flair.nii.gz")
+    write_ellipsoid(tmp_path / "LGG/S2/S2_t1ce.nii.gz")
+    records = {r.subject_id: r for r in discover_brats_ixi(tmp_path, contrasts=("t1ce", "flair"))}
+    assert [p.rsplit("_", 1)[1] for p in records["S1"].paths] == ["t1ce.nii.gz", "flair.nii.gz"]
+    assert records["S2"].paths[1].endswith("S2_flair.nii.gz")  # validation will call it missing
+
+
+def test_ixi_with_several_contrasts_is_refused(tmp_path):
+    write_ellipsoid(tmp_path / "IXI/IXI002-Guys-0828-T1.nii.gz")
+    with pytest.raises(ValueError, match="IXI provides T1 only"):
+        discover_brats_ixi(tmp_path, contrasts=("t1ce", "flair"))
+
+
+def test_empty_root_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No BraTS"):
+        discover_brats_ixi(tmp_path)
+
+
+def test_manifest_relative_paths_groups_and_channels(tmp_path):
+    write_ellipsoid(tmp_path / "img/a_t1.nii.gz")
+    write_ellipsoid(tmp_path / "img/a_t2.nii.gz")
+    pd.DataFrame({"subject_id": ["a"], "label": ["methylated"], "path_t1": ["img/a_t1.nii.gz"],
+                  "path_t2": ["img/a_t2.nii.gz"], "group": ["patient7"]}).to_csv(tmp_path / "m.csv", index=False)
+    (record,) = read_manifest(tmp_path / "m.csv")
+    assert record.paths == (str(tmp_path / "img/a_t1.nii.gz"), str(tmp_path / "img/a_t2.nii.gz"))
+    assert record.group == "patient7" and record.label == "methylated"
+
+
+def test_manifest_without_label_column_names_it(tmp_path):
+    pd.DataFrame({"subject_id": ["a"], "path": ["x.nii.gz"]}).to_csv(tmp_path / "m.csv", index=False)
+    with pytest.raises(ValueError, match="lacks column\\(s\\) label"):
+        read_manifest(tmp_path / "m.csv")

@@ -1,0 +1,101 @@
+"""``python -m datasets check`` on a tree with planted bad files: each is named with its reason."""
+import gzip
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from datasets.__main__ import main
+from datasets.records import SubjectRecord
+from datasets.validation import InvalidDataError, check_volume, require_valid, validate_records
+from tests.conftest import write_ellipsoid
+
+
+@pytest.fixture
+def planted_tree(tmp_path):
+    root = tmp_path / "data"
+    for sid in ("H1", "H2"):
+        write_ellipsoid(root / f"HGG/{sid}/{sid}_t1ce.nii.gz")
+    write_ellipsoid(root / "LGG/L1/L1_t1ce.nii.gz")
+    write_ellipsoid(root / "IXI/IXI001-HH-0001-T1.nii.gz")
+    good = (root / "HGG/H1/H1_t1ce.nii.gz").read_bytes()
+    bad = {}
+    bad["truncated"] = root / "HGG/T1/T1_t1ce.nii.gz"
+    bad["truncated"].parent.mkdir(parents=True)
+    bad["truncated"].write_bytes(good[: len(good) // 2])
+    bad["notnifti"] = root / "HGG/N1/N1_t1ce.nii.gz"
+    bad["notnifti"].parent.mkdir(parents=True)
+    bad["notnifti"].write_bytes(gzip.compress(b"this is a text file, not an image" * 20))
+    bad["empty"] = root / "LGG/E1/E1_t1ce.nii.gz"
+    bad["empty"].parent.mkdir(parents=True)
+    bad["empty"].write_bytes(b"")
+    bad["4d"] = root / "LGG/F1/F1_t1ce.nii.gz"
+    bad["4d"].parent.mkdir(parents=True)
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4, 2), np.float32), np.eye(4)), str(bad["4d"]))
+    bad["nan"] = root / "LGG/NA/NA_t1ce.nii.gz"
+    bad["nan"].parent.mkdir(parents=True)
+    data = np.random.default_rng(0).random((6, 6, 6)).astype(np.float32)
+    data[1, 1, 1] = np.nan
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(bad["nan"]))
+    bad["constant"] = root / "IXI/IXI002-HH-0002-T1.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((6, 6, 6), 3.0, np.float32), np.eye(4)), str(bad["constant"]))
+    bad["missing"] = root / "LGG/M1/M1_t1ce.nii.gz"
+    bad["missing"].parent.mkdir(parents=True)  # folder without its file
+    return root, bad
+
+
+REASONS = {"truncated": "unreadable or truncated", "notnifti": "not a NIfTI image", "empty": "empty file",
+           "4d": "not 3-D", "nan": "non-finite voxels", "constant": "constant image", "missing": "file not found"}
+
+
+def test_check_names_every_bad_file_and_fails(planted_tree, capsys):
+    root, bad = planted_tree
+    assert main(["check", "--data-root", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert "4 valid subjects: LGG 1, HGG 2, Healthy 1" in out
+    assert "7 invalid:" in out
+    for kind, path in bad.items():
+        line = next(l for l in out.splitlines() if str(path) in l)
+        assert REASONS[kind] in line, (kind, line)
+
+
+def test_skip_invalid_lists_and_exits_zero(planted_tree, capsys):
+    root, _ = planted_tree
+    assert main(["check", "--data-root", str(root), "--skip-invalid"]) == 0
+    assert "7 subject(s) will be left out" in capsys.readouterr().out
+
+
+def test_duplicate_ids_and_unknown_labels_from_a_manifest(tmp_path, capsys):
+    a = write_ellipsoid(tmp_path / "a.nii.gz")
+    pd.DataFrame({"subject_id": ["s1", "s1", "s2", "s3"], "label": ["yes", "yes", "maybe", "no"],
+                  "path": [a.name] * 4}).to_csv(tmp_path / "m.csv", index=False)
+    assert main(["check", "--manifest", str(tmp_path / "m.csv"), "--classes", "yes,no"]) == 1
+    out = capsys.readouterr().out
+    assert out.count("duplicate subject id (2 entries) (subject s1)") == 2
+    assert "unknown label 'maybe' (expected one of yes, no) (subject s2)" in out
+    assert "1 valid subjects: yes 0, no 1" in out
+
+
+def test_training_refuses_invalid_data_unless_told(planted_tree):
+    from datasets.sources import discover_brats_ixi
+
+    root, _ = planted_tree
+    report = validate_records(discover_brats_ixi(root), ("LGG", "HGG", "Healthy"))
+    with pytest.raises(InvalidDataError, match="pass --skip-invalid"):
+        require_valid(report, skip_invalid=False)
+    assert len(require_valid(report, skip_invalid=True)) == 4
+
+
+def test_results_are_cached_per_file_and_rechecked_when_it_changes(tmp_path):
+    path = write_ellipsoid(tmp_path / "x.nii.gz")
+    record = SubjectRecord("x", "HGG", (str(path),), "x")
+    cache = tmp_path / "validation.json"
+    assert validate_records([record], ("HGG",), cache).ok
+    nib.save(nib.Nifti1Image(np.zeros((5, 5, 5), np.float32), np.eye(4)), str(path))  # now constant
+    report = validate_records([record], ("HGG",), cache)
+    assert report.problems[0].reason.startswith("constant image")
+
+
+def test_a_good_volume_has_no_problem(tmp_path):
+    assert check_volume(write_ellipsoid(tmp_path / "ok.nii.gz")) is None

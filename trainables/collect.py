@@ -1,0 +1,85 @@
+"""Gather every trial's outputs into the experiment-level tables the analysis reads.
+
+OUT/predictions.csv: experiment, model, pretrained, fold, config_id, trial_name, subject_id,
+    label, pred, prob_<class>...
+OUT/epochs.csv: experiment, model, pretrained, fold, config_id, trial_name, epoch, train_loss,
+    val_loss, val_accuracy, val_macro_f1, val_f1_<class>..., lr, seconds
+OUT/trials.csv: experiment, trial_name, model, pretrained, fold, config_id, status, error, lr,
+    weight_decay, dropout, augmentation, aug_strength, epochs_run, best_epoch, best_val_macro_f1,
+    n_train, n_val, n_test
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+from ray import tune
+
+from datasets.atomic import atomic_write_csv
+from trainables.ray_trainable import config_id, fold_of, trial_name
+
+KEY_COLUMNS = ["experiment", "model", "pretrained", "fold", "config_id", "trial_name"]
+HYPERPARAMETERS = ["lr", "weight_decay", "dropout", "augmentation", "aug_strength"]
+TRIAL_COLUMNS = ["experiment", "trial_name", "model", "pretrained", "fold", "config_id", "status", "error",
+                 *HYPERPARAMETERS, "epochs_run", "best_epoch", "best_val_macro_f1", "n_train", "n_val", "n_test"]
+
+
+def _keys(config: dict[str, Any]) -> dict[str, Any]:
+    return {"experiment": config.get("_experiment", "paper"), "model": config["model"],
+            "pretrained": bool(config["pretrained"]), "fold": fold_of(config), "config_id": config_id(config),
+            "trial_name": trial_name(config)}
+
+
+def _read_outputs(result: tune.Result) -> dict[str, Any]:
+    """The fold's files from its final checkpoint (present only once the fold finished)."""
+    if result.checkpoint is None:
+        return {}
+    with result.checkpoint.as_directory() as folder:
+        folder = Path(folder)
+        if not (folder / "result.json").is_file():
+            return {}
+        return {"summary": json.loads((folder / "result.json").read_text()),
+                "predictions": pd.read_csv(folder / "predictions.csv", dtype={"subject_id": str}),
+                "epochs": pd.read_csv(folder / "epochs.csv")}
+
+
+def collect(result_grids: Iterable[tune.ResultGrid], planned: Iterable[str] = ()) -> dict[str, pd.DataFrame]:
+    predictions, epochs, trials = [], [], []
+    seen = set()
+    for grid in result_grids:
+        for result in grid:
+            keys = _keys(result.config)
+            seen.add(keys["trial_name"])
+            outputs = _read_outputs(result)
+            summary = outputs.get("summary", {})
+            row = {**keys, **{k: result.config.get(k) for k in HYPERPARAMETERS},
+                   "status": "ERROR" if result.error else ("TERMINATED" if summary else "INCOMPLETE"),
+                   "error": str(result.error).strip().splitlines()[0] if result.error else "",
+                   "epochs_run": summary.get("epochs_run"), "best_epoch": summary.get("best_epoch"),
+                   "best_val_macro_f1": summary.get("best_val_macro_f1"), "n_train": summary.get("n_train"),
+                   "n_val": summary.get("n_val"), "n_test": summary.get("n_test")}
+            trials.append(row)
+            if outputs:
+                predictions.append(outputs["predictions"].assign(**keys))
+                epochs.append(outputs["epochs"].assign(**keys))
+    for name in planned:
+        if name not in seen:
+            trials.append({"trial_name": name, "status": "MISSING", "error": ""})
+
+    def ordered(frames: list[pd.DataFrame]) -> pd.DataFrame:
+        if not frames:
+            return pd.DataFrame(columns=KEY_COLUMNS)
+        frame = pd.concat(frames, ignore_index=True)
+        return frame[KEY_COLUMNS + [c for c in frame.columns if c not in KEY_COLUMNS]]
+
+    trials_frame = pd.DataFrame(trials, columns=TRIAL_COLUMNS).sort_values(["experiment", "trial_name"], na_position="last")
+    return {"predictions": ordered(predictions).sort_values(KEY_COLUMNS + ["subject_id"]) if predictions else ordered([]),
+            "epochs": ordered(epochs).sort_values(KEY_COLUMNS + ["epoch"]) if epochs else ordered([]),
+            "trials": trials_frame}
+
+
+def write_tables(tables: dict[str, pd.DataFrame], out_dir: Path) -> None:
+    for name, frame in tables.items():
+        atomic_write_csv(frame, out_dir / f"{name}.csv")

@@ -1,0 +1,119 @@
+"""An experiment's resolved options as plain data: printed, saved with the run, compared on resume."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from models import MODEL_NAMES
+from trainables.fold_training import DEFAULT_CONFIG, PAPER_DEFAULTS, resolve_config
+from trainables.ray_trainable import config_id
+
+EXPERIMENTS = ("paper", "search", "demo")
+PRETRAINED_CHOICES = {"none": (False,), "kinetics": (True,), "both": (False, True)}
+# Options that only change how a run is executed, not what it computes: they may differ on resume.
+EXECUTION_ONLY = {"address", "storage", "gpus_per_trial", "cpus_per_trial", "max_failures", "preprocess_workers",
+                  "max_concurrent", "report"}
+
+
+@dataclass
+class ExperimentConfig:
+    experiment: str = "paper"
+    output: str = "runs/paper"
+    # data
+    data_root: str | None = None
+    manifest: str | None = None
+    contrasts: tuple[str, ...] = ("t1ce",)
+    classes: tuple[str, ...] | None = None
+    skip_invalid: bool = False
+    cache_dir: str | None = None
+    spacing: float = 2.0
+    # protocol
+    models: tuple[str, ...] = MODEL_NAMES
+    pretrained: str = "both"
+    weights_dir: str | None = None
+    split: str = "kfold"
+    folds: int = 3
+    test_size: float = 0.3
+    val_fraction: float = 0.2
+    seed: int = 0
+    epochs: int = 50
+    patience: int | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    num_samples: int = 20  # Optuna suggestions per arm (each runs `folds` trials)
+    search_models: tuple[str, ...] | None = None  # arms searched in a demo; None: all arms
+    # execution
+    gpus_per_trial: float = 0.25
+    cpus_per_trial: float = 1.0
+    max_concurrent: int | None = None
+    address: str | None = None
+    storage: str | None = None
+    max_failures: int = 2
+    preprocess_workers: int | None = None
+    report: bool = True
+
+    def __post_init__(self) -> None:
+        if self.experiment not in EXPERIMENTS:
+            raise ValueError(f"--experiment must be one of {', '.join(EXPERIMENTS)}, got {self.experiment!r}")
+        unknown = [m for m in self.models if m not in MODEL_NAMES]
+        if unknown or not self.models:
+            raise ValueError(f"--models: unknown {unknown}; choose from {', '.join(MODEL_NAMES)}")
+        if self.pretrained not in PRETRAINED_CHOICES:
+            raise ValueError(f"--pretrained must be one of {', '.join(PRETRAINED_CHOICES)}, got {self.pretrained!r}")
+        if self.num_samples < 1:
+            raise ValueError(f"--num-samples must be at least 1, got {self.num_samples}")
+        if self.gpus_per_trial <= 0 or (self.gpus_per_trial > 1 and not float(self.gpus_per_trial).is_integer()):
+            raise ValueError(f"--gpus-per-trial must be a fraction in (0, 1] or a whole number, got {self.gpus_per_trial}")
+        self.training_constants()  # validates --set keys and values now, not hours later in a worker
+
+    @property
+    def output_path(self) -> Path:
+        return Path(self.output).resolve()
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir).resolve() if self.cache_dir else self.output_path / "cache"
+
+    def arms(self) -> list[tuple[str, bool]]:
+        return [(m, p) for m in self.models for p in PRETRAINED_CHOICES[self.pretrained]]
+
+    def training_constants(self) -> dict[str, Any]:
+        """Every training option a trial receives, before the search or the grid adds its own."""
+        constants = {**PAPER_DEFAULTS, "epochs": self.epochs, "patience": self.patience, "seed": self.seed,
+                     "weights_dir": self.weights_dir, **self.overrides}
+        resolved = resolve_config({**constants, "model": self.models[0]})
+        return {k: resolved[k] for k in constants}
+
+    def paper_config_id(self) -> str:
+        """The id of the grid's configuration: the paper's recipe plus this run's --set overrides."""
+        return config_id(self.training_constants())
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))
+
+    def differences(self, saved: dict[str, Any]) -> list[str]:
+        """Options that differ from a saved run's, ignoring those that only affect execution."""
+        mine = self.to_dict()
+        return sorted(k for k in mine if k not in EXECUTION_ONLY and k in saved and saved[k] != mine[k])
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``--set key=value``: values parsed as JSON where possible (1e-4, true, null), else kept as text."""
+    overrides = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects key=value, got {pair!r}")
+        if key not in DEFAULT_CONFIG or key in {"model", "pretrained", "fold"}:
+            allowed = sorted(set(DEFAULT_CONFIG) - {"model", "pretrained", "fold"})
+            raise ValueError(f"--set {key}: not a training option; choose from {', '.join(allowed)}")
+        try:
+            overrides[key] = json.loads(text)
+        except json.JSONDecodeError:
+            overrides[key] = text
+    return overrides
+
+
+def field_names() -> list[str]:
+    return [f.name for f in fields(ExperimentConfig)]

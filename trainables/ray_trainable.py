@@ -1,0 +1,67 @@
+"""The Ray Tune function trainable: ``train_fold`` with Tune's reporting and checkpoints.
+
+One trial = one fold of one model. The fold comes from ``config["fold"]`` (grid) or from
+Repeater's ``__trial_index__`` (search). The final checkpoint carries the fold's output files, so
+the driver collects them from Ray's storage wherever the trial ran.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from datasets import PreparedData
+from trainables.fold_training import train_fold
+
+OUTPUT_FILES = ("predictions.csv", "epochs.csv", "result.json")
+# The hyperparameters that make two trials "the same configuration" (folds of one config share an id).
+CONFIG_ID_KEYS = ("lr", "weight_decay", "dropout", "augmentation", "aug_strength", "batch_size", "epochs", "patience")
+# Test hook: raise once after this epoch's report, to exercise Tune's retry-from-checkpoint.
+FAIL_ONCE_KEY = "_fail_once_after_epoch"
+
+
+def config_id(config: dict[str, Any]) -> str:
+    values = {k: config.get(k) for k in CONFIG_ID_KEYS}
+    values = {k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in values.items()}
+    return hashlib.sha1(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def fold_of(config: dict[str, Any]) -> int:
+    return int(config["__trial_index__"] if "__trial_index__" in config else config["fold"])
+
+
+def trial_name(config: dict[str, Any]) -> str:
+    """Readable and unique within an experiment: model, pretraining, fold, configuration."""
+    pretrained = "kinetics" if config.get("pretrained") else "scratch"
+    return f"{config['model']}-{pretrained}-f{fold_of(config)}-{config_id(config)}"
+
+
+def fold_trial(config: dict[str, Any], data: PreparedData) -> None:
+    """Run by Tune in a worker; ``data`` arrives through the object store (``tune.with_parameters``)."""
+    train_config = {k: v for k, v in config.items() if not k.startswith("_")}
+    train_config["fold"] = fold_of(config)
+    fail_after = config.get(FAIL_ONCE_KEY)
+    output_dir = Path(tune.get_context().get_trial_dir()) / "fold_output"
+    marker = output_dir.parent / ".injected_failure_done"
+
+    def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        if metrics.get("fold_finished") and checkpoint_dir is not None:
+            for name in OUTPUT_FILES:
+                if (output_dir / name).is_file():
+                    shutil.copy2(output_dir / name, Path(checkpoint_dir) / name)
+        checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        tune.report(metrics, checkpoint=checkpoint)
+        if fail_after is not None and metrics["epoch"] == fail_after and not marker.exists():
+            marker.touch()
+            raise RuntimeError(f"Injected failure after epoch {fail_after} (test hook {FAIL_ONCE_KEY})")
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        train_fold(train_config, data, output_dir, reporter=report)
+    else:
+        with checkpoint.as_directory() as resume_from:
+            train_fold(train_config, data, output_dir, reporter=report, resume_from=resume_from)

@@ -1,0 +1,132 @@
+"""Ray Tune runs: the paper grid and the per-arm Optuna searches, fresh or restored.
+
+Resources are chosen after ``ray.init`` from what the cluster really has, so a machine without
+a GPU runs trials on CPUs instead of leaving them pending for ever.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+import ray
+from ray import tune
+from ray.tune.search import Repeater
+from ray.tune.search.optuna import OptunaSearch
+
+from datasets import PreparedData
+from search_spaces import SEARCH_SPACE, define_by_run
+from trainables.experiment import ExperimentConfig
+from trainables.ray_trainable import fold_trial, trial_name
+
+log = logging.getLogger(__name__)
+
+METRIC, MODE = "val_macro_f1_best", "max"
+PROGRESS_METRICS = {"epoch": "epoch", "train_loss": "train loss", "val_loss": "val loss",
+                    "val_macro_f1": "val F1", "val_macro_f1_best": "best val F1", "test_macro_f1": "test F1"}
+
+
+def trial_resources(config: ExperimentConfig) -> dict[str, float]:
+    """Per-trial resources given the running cluster: a GPU share only where GPUs exist."""
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if gpus > 0:
+        return {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial}
+    return {"cpu": config.cpus_per_trial}
+
+
+def arm_label(model: str, pretrained: bool) -> str:
+    return f"{model}-{'kinetics' if pretrained else 'scratch'}"
+
+
+def _trainable(data: PreparedData, resources: dict[str, float]):
+    return tune.with_resources(tune.with_parameters(fold_trial, data=data), resources)
+
+
+def _run_config(config: ExperimentConfig, name: str, parameter_columns: list[str]) -> tune.RunConfig:
+    return tune.RunConfig(
+        name=name,
+        storage_path=config.storage or str(config.output_path / "ray"),
+        failure_config=tune.FailureConfig(max_failures=config.max_failures),
+        # Only the newest checkpoint is kept: the finished fold's holds its best weights and outputs.
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        progress_reporter=tune.CLIReporter(metric_columns=PROGRESS_METRICS, parameter_columns=parameter_columns,
+                                           max_report_frequency=30, sort_by_metric=False),
+        verbose=1,
+    )
+
+
+def _tune_config(**kwargs: Any) -> tune.TuneConfig:
+    return tune.TuneConfig(metric=METRIC, mode=MODE,
+                           trial_name_creator=lambda trial: trial_name(trial.config),
+                           trial_dirname_creator=lambda trial: f"{trial_name(trial.config)}_{trial.trial_id}",
+                           **kwargs)
+
+
+def _fit_or_restore(path: Path, trainable, make_tuner: Callable[[], tune.Tuner]) -> tune.ResultGrid:
+    """Restore an interrupted run (only unfinished trials run again), else start it."""
+    if tune.Tuner.can_restore(str(path)):
+        log.info("Restoring %s: finished trials are kept, unfinished and errored ones resume", path)
+        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = make_tuner()
+    return tuner.fit()
+
+
+def run_grid(config: ExperimentConfig, data: PreparedData, resources: dict[str, float]) -> tune.ResultGrid:
+    """The paper's protocol: one trial per (model, pretrained, fold) with fixed hyperparameters."""
+    trainable = _trainable(data, resources)
+    arms = config.arms()
+    param_space = {
+        **config.training_constants(),
+        "_experiment": "paper",
+        "model": tune.grid_search(sorted({m for m, _ in arms}, key=list(config.models).index)),
+        "pretrained": tune.grid_search(sorted({p for _, p in arms})),
+        "fold": tune.grid_search(list(range(len(data.plan.folds)))),
+    }
+    storage = Path(config.storage or config.output_path / "ray")
+    return _fit_or_restore(
+        storage / "paper", trainable,
+        lambda: tune.Tuner(trainable, param_space=param_space,
+                           tune_config=_tune_config(max_concurrent_trials=config.max_concurrent),
+                           run_config=_run_config(config, "paper", ["model", "pretrained", "fold"])),
+    )
+
+
+def study_storage(config: ExperimentConfig, model: str, pretrained: bool) -> tuple[str, str]:
+    """SQLite URL and study name of one arm's Optuna study (open it with optuna-dashboard)."""
+    folder = config.output_path / "optuna"
+    folder.mkdir(parents=True, exist_ok=True)
+    label = arm_label(model, pretrained)
+    return f"sqlite:///{folder / label}.db", label
+
+
+def run_search(config: ExperimentConfig, data: PreparedData, resources: dict[str, float],
+               model: str, pretrained: bool) -> tune.ResultGrid:
+    """One arm's Optuna TPE search; each suggestion runs as one trial per fold through Repeater."""
+    trainable = _trainable(data, resources)
+    folds = len(data.plan.folds)
+    url, study_name = study_storage(config, model, pretrained)
+    constants = config.training_constants()
+    searched = [item.name for item in SEARCH_SPACE]
+    # The grid's configuration (the paper's, plus any --set) is evaluated first, so the search can only improve on it.
+    searcher = OptunaSearch(
+        define_by_run, metric=METRIC, mode=MODE,
+        points_to_evaluate=[{name: constants[name] for name in searched}],
+        sampler=optuna.samplers.TPESampler(seed=config.seed),
+        study_name=study_name,
+        storage=optuna.storages.RDBStorage(url),
+    )
+    fixed = {k: v for k, v in constants.items() if k not in searched}
+    param_space = {**fixed, "_experiment": "search", "model": model, "pretrained": pretrained}
+    name = f"search-{arm_label(model, pretrained)}"
+    storage = Path(config.storage or config.output_path / "ray")
+    return _fit_or_restore(
+        storage / name, trainable,
+        lambda: tune.Tuner(
+            trainable, param_space=param_space,
+            tune_config=_tune_config(search_alg=Repeater(searcher, repeat=folds), num_samples=config.num_samples * folds,
+                                     max_concurrent_trials=config.max_concurrent),
+            run_config=_run_config(config, name, ["__trial_index__", *searched]),
+        ),
+    )

@@ -1,0 +1,234 @@
+"""Ray Tune orchestration of the paper's protocol, an Optuna search around it, and a CPU demo.
+
+    python tune_main.py --experiment demo                      # synthetic data, CPU, ~10 minutes
+    python tune_main.py --experiment paper --data-root DIR --output OUT
+    python tune_main.py --experiment search --data-root DIR --output OUT --num-samples 20
+
+Rerunning the same command with the same --output resumes an interrupted experiment.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the compact CLIReporter table instead of per-trial logs
+# Every epoch checkpoints (that is what makes trials resumable); Tune's warning about it is noise here.
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+from datasets import DataSpec, InvalidDataError, PreprocessConfig, SplitSpec, prepare_data
+from datasets.atomic import atomic_write_text
+from models import KineticsWeightsNotFound, resolve_weights_path
+from search_spaces import space_table
+from trainables.experiment import ExperimentConfig, parse_overrides
+from trainables.ray_trainable import trial_name
+
+log = logging.getLogger("tune_main")
+
+# The demo: small phantoms, coarse voxels, a few epochs, batch 4 — shortened so it ends on 2 CPU cores.
+DEMO_DATA = {"n_hgg": 12, "n_lgg": 12, "n_healthy": 12, "seed": 0, "downsample": 4.0}
+DEMO_OPTIONS = {"spacing": 8.0, "epochs": 3, "num_samples": 2, "search_models": ("r2plus1d_18",),
+                "overrides": {"batch_size": 4, "lr": 1e-4}}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--experiment", choices=["paper", "search", "demo"], default="demo")
+    p.add_argument("--output", help="experiment folder (default runs/<experiment>); reuse it to resume")
+    data = p.add_argument_group("data")
+    source = data.add_mutually_exclusive_group()
+    source.add_argument("--data-root", help="folder with BraTS 2019 {HGG,LGG}/<subject>/ and IXI IXI*-T1.nii.gz")
+    source.add_argument("--manifest", help="CSV: subject_id, label, path or path_<contrast>..., optional group")
+    data.add_argument("--contrasts", default="t1ce", help="comma list of BraTS contrasts as input channels")
+    data.add_argument("--classes", help="comma list of labels in output order (default: from the data)")
+    data.add_argument("--skip-invalid", action="store_true", help="leave invalid volumes out instead of stopping")
+    data.add_argument("--cache-dir", help="preprocessing cache (default OUT/cache)")
+    data.add_argument("--spacing", type=float, help="voxel size in mm after resampling (default 2.0)")
+    proto = p.add_argument_group("protocol")
+    proto.add_argument("--models", help="comma list of r2plus1d_18, mc3_18, r3d_18 (default all)")
+    proto.add_argument("--pretrained", choices=["none", "kinetics", "both"], help="default both")
+    proto.add_argument("--weights-dir", help="folder with torchvision's Kinetics-400 .pth files")
+    proto.add_argument("--folds", type=int, help="number of outer folds / random splits (default 3)")
+    proto.add_argument("--split", choices=["kfold", "shuffle"], help="k-fold CV (2:1) or random 70:30 splits")
+    proto.add_argument("--epochs", type=int)
+    proto.add_argument("--patience", type=int, help="early stopping: epochs without a better validation F1")
+    proto.add_argument("--seed", type=int)
+    proto.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                       help="override a training option, e.g. --set lr=1e-4 batch_size=2 augmentation=heavy")
+    proto.add_argument("--num-samples", type=int, help="search: Optuna suggestions per arm (default 20)")
+    run = p.add_argument_group("execution")
+    run.add_argument("--gpus-per-trial", type=float, help="GPU share per trial (default 0.25: four trials per GPU)")
+    run.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (default 1)")
+    run.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
+    run.add_argument("--address", help="join a running Ray cluster (ray start --head), e.g. auto or HOST:6379")
+    run.add_argument("--storage", help="Ray Tune storage path, shared by all nodes of a cluster")
+    run.add_argument("--max-failures", type=int, help="retries of a failed trial from its checkpoint (default 2)")
+    run.add_argument("--no-report", action="store_true", help="skip the analysis report at the end")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
+    options: dict = {"experiment": args.experiment}
+    if args.experiment == "demo":
+        options.update(DEMO_OPTIONS)
+    elif not (args.data_root or args.manifest):
+        raise ValueError(f"--experiment {args.experiment} needs --data-root DIR or --manifest CSV "
+                         "(or run --experiment demo on the built-in synthetic data)")
+    split_list = lambda text: tuple(x.strip() for x in text.split(",") if x.strip())
+    given = {
+        "data_root": args.data_root and str(Path(args.data_root).resolve()),
+        "manifest": args.manifest and str(Path(args.manifest).resolve()),
+        "contrasts": split_list(args.contrasts), "classes": split_list(args.classes) if args.classes else None,
+        "skip_invalid": args.skip_invalid or None, "cache_dir": args.cache_dir and str(Path(args.cache_dir).resolve()),
+        "spacing": args.spacing, "models": split_list(args.models) if args.models else None,
+        "pretrained": args.pretrained, "weights_dir": args.weights_dir and str(Path(args.weights_dir).resolve()),
+        "folds": args.folds, "split": args.split, "epochs": args.epochs, "patience": args.patience,
+        "seed": args.seed, "num_samples": args.num_samples, "gpus_per_trial": args.gpus_per_trial,
+        "cpus_per_trial": args.cpus_per_trial, "max_concurrent": args.max_concurrent, "address": args.address,
+        "storage": args.storage and (args.storage if "://" in args.storage else str(Path(args.storage).resolve())),
+        "max_failures": args.max_failures,
+    }
+    options.update({k: v for k, v in given.items() if v is not None})
+    if args.set:
+        options["overrides"] = {**options.get("overrides", {}), **parse_overrides(args.set)}
+    options["output"] = str(Path(args.output or f"runs/{args.experiment}").resolve())
+    options["report"] = not args.no_report
+    return ExperimentConfig(**options)
+
+
+def ensure_demo_data(config: ExperimentConfig) -> None:
+    """Generate the synthetic phantoms once; later demos reuse them."""
+    from datasets.synthetic import write_synthetic_dataset
+
+    root = config.cache_path / "demo-data"
+    if not (root / ".complete").is_file():
+        print(f"Generating synthetic BraTS/IXI phantoms in {root} ...", flush=True)
+        write_synthetic_dataset(root, **DEMO_DATA)
+        (root / ".complete").write_text(json.dumps(DEMO_DATA))
+    config.data_root = str(root)
+
+
+def check_kinetics_weights(config: ExperimentConfig) -> None:
+    """Stop before any work if a pre-trained arm lacks weights; the demo drops those arms instead."""
+    missing = {}
+    for model, pretrained in config.arms():
+        if pretrained:
+            try:
+                resolve_weights_path(model, "kinetics", config.weights_dir)
+            except KineticsWeightsNotFound as error:
+                missing[model] = str(error)
+    if not missing:
+        return
+    if config.experiment != "demo":
+        raise KineticsWeightsNotFound("\n\n".join(missing.values()) + "\n\nOr run with --pretrained none.")
+    print(f"Demo: Kinetics-400 weights not found for {', '.join(missing)}; running the from-scratch arms only "
+          f"(put torchvision's files in --weights-dir to include them).")
+    config.pretrained = "none"
+
+
+def planned_trials(config: ExperimentConfig, folds: int) -> list[str]:
+    constants = config.training_constants()
+    return [trial_name({**constants, "model": m, "pretrained": p, "fold": f})
+            for m, p in config.arms() for f in range(folds)] if config.experiment in ("paper", "demo") else []
+
+
+def save_experiment_record(config: ExperimentConfig, data, studies: list[dict]) -> None:
+    record = {**config.to_dict(), "n_folds": len(data.plan.folds), "classes": list(data.classes),
+              "arms": [{"model": m, "pretrained": p} for m, p in config.arms()],
+              "planned_trials": planned_trials(config, len(data.plan.folds)),
+              "paper_config_id": config.paper_config_id(),
+              "paper_defaults": {k: config.training_constants()[k] for k in ("lr", "weight_decay", "dropout", "augmentation", "aug_strength")},
+              "search_space": space_table(), "optuna_studies": studies,
+              "excluded_subjects": list(data.excluded), "cache": data.cache_dir}
+    atomic_write_text(config.output_path / "experiment.json", json.dumps(record, indent=2))
+
+
+def refuse_changed_options(config: ExperimentConfig) -> None:
+    saved_file = config.output_path / "experiment.json"
+    if saved_file.is_file():
+        changed = config.differences(json.loads(saved_file.read_text()))
+        if changed:
+            raise ValueError(f"{config.output_path} holds an experiment run with other options ({', '.join(changed)}); "
+                             "rerun with the same options to resume it, or choose another --output")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+        if config.experiment == "demo":
+            ensure_demo_data(config)
+        check_kinetics_weights(config)
+        refuse_changed_options(config)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print("Experiment options:\n" + json.dumps(config.to_dict(), indent=2), flush=True)
+    return run_experiment(config)
+
+
+def run_experiment(config: ExperimentConfig) -> int:
+    import ray
+
+    from trainables.collect import collect, write_tables
+    from trainables.tuning import run_grid, run_search, study_storage, trial_resources
+
+    out = config.output_path
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        data = prepare_data(
+            DataSpec(config.data_root, config.manifest, tuple(config.contrasts), config.classes, config.skip_invalid),
+            PreprocessConfig(spacing=config.spacing),
+            SplitSpec(config.split, config.folds, config.test_size, config.val_fraction, config.seed),
+            config.cache_path, splits_file=out / "splits.json", num_workers=config.preprocess_workers,
+        )
+    except (InvalidDataError, ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"Data: {len(data.cached.table)} subjects, classes {', '.join(data.classes)}, cache {data.cache_dir}; "
+          f"{config.split} with {len(data.plan.folds)} folds, splits in {out / 'splits.json'}", flush=True)
+    studies = []
+    search_arms = [(m, p) for m, p in config.arms()
+                   if config.experiment == "search" or (config.experiment == "demo" and m in (config.search_models or config.models))]
+    for model, pretrained in search_arms:
+        url, name = study_storage(config, model, pretrained)
+        studies.append({"model": model, "pretrained": pretrained, "storage": url, "study_name": name})
+    save_experiment_record(config, data, studies)
+
+    ray.init(address=config.address, include_dashboard=False) if config.address else ray.init(include_dashboard=False)
+    try:
+        resources = trial_resources(config)
+        print(f"Each trial gets {resources} (cluster: {ray.cluster_resources()})", flush=True)
+        grids = []
+        if config.experiment in ("paper", "demo"):
+            grids.append(run_grid(config, data, resources))
+        for model, pretrained in search_arms:
+            grids.append(run_search(config, data, resources, model, pretrained))
+    finally:
+        ray.shutdown()
+    tables = collect(grids, planned_trials(config, len(data.plan.folds)))
+    write_tables(tables, out)
+    trials = tables["trials"]
+    print(f"\n{(trials['status'] == 'TERMINATED').sum()} of {len(trials)} trials finished; "
+          f"predictions: {out / 'predictions.csv'}")
+    failed = trials[trials["status"] != "TERMINATED"]
+    for _, row in failed.iterrows():
+        print(f"  {row['status']}: {row['trial_name']} {row['error']}")
+    if config.report:
+        try:
+            from analysis import build_report
+        except ImportError:
+            print("The analysis module is not available; the fold results are in the CSV files above.")
+        else:
+            report = build_report(out)
+            print(f"Report: {report / 'report.md'} and {report / 'report.html'}")
+    print(f"TensorBoard: tensorboard --logdir {config.storage or out / 'ray'}")
+    return 0 if failed.empty else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
