@@ -1,0 +1,67 @@
+"""`python -m analysis OUT [--bootstrap N] [--seed S]`: write OUT/report/ and print the main table."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _summary(report_dir: Path) -> str:
+    """One screen: macro F1 per arm, ours beside the published value."""
+    import pandas as pd
+
+    comp = pd.read_csv(report_dir / "tables" / "paper_comparison.csv")
+    from analysis.tables import fmt, fmt_diff, fmt_pm
+
+    arms = pd.read_csv(report_dir / "tables" / "arms.csv")[["model", "pretrained", "folds_planned"]]
+    sel = comp[comp["metric"] == "macro_f1"].merge(arms, on=["model", "pretrained"], how="left")
+    lines = ["Macro F1 per arm, paper protocol (* = best fold mean):",
+             f"{'arm':<42} {'folds':>5}  {'macro F1 (mean ± std)':<22} {'pooled':>7} {'paper':>7} {'diff':>8}"]
+    for r in sel.itertuples(index=False):
+        arm = f"{r.display_name} ({'pre-trained' if r.pretrained else 'scratch'})"
+        star = " *" if r.winner else ""
+        folds = f"{r.folds}/{r.folds_planned}"
+        lines.append(f"{arm:<42} {folds:>5}  {fmt_pm(r.mean, r.std):<22} {fmt(r.pooled):>7} "
+                     f"{fmt(r.paper_mean):>7} {fmt_diff(r.difference):>8}{star}")
+    tests = pd.read_csv(report_dir / "tables" / "pairwise_tests.csv")
+    if len(tests):
+        significant = int((tests["p_holm"] < 0.05).sum())
+        lines.append(f"corrected t-tests on macro F1: {significant} of {len(tests)} pair(s) differ at Holm p < 0.05 "
+                     f"(with {int(tests['folds'].max())} folds the test has little power)")
+    failed = pd.read_csv(report_dir / "tables" / "failed_trials.csv")
+    missing = pd.read_csv(report_dir / "tables" / "missing_trials.csv")
+    if len(failed) or len(missing):
+        lines.append(f"partial results: {len(failed)} failed, {len(missing)} missing trial(s); see report.md")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m analysis", description=__doc__)
+    parser.add_argument("out", type=Path, help="experiment directory (holds experiment.json and predictions.csv)")
+    parser.add_argument("--bootstrap", type=int, default=2000, metavar="N", help="bootstrap resamples (default 2000)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the bootstrap and importances (default 0)")
+    args = parser.parse_args(argv)
+    if args.bootstrap < 1:
+        parser.error("--bootstrap must be at least 1")
+
+    # Fail fast, before the heavy imports (pandas, sklearn, torch for display names), on the common mistake.
+    for required in ("experiment.json", "predictions.csv"):
+        if not (args.out / required).is_file():
+            print(f"error: {args.out / required} not found: is {args.out} an experiment directory written by "
+                  "tune_main.py?", file=sys.stderr)
+            return 2
+
+    from analysis import build_report
+
+    try:
+        report_dir = build_report(args.out, bootstrap_samples=args.bootstrap, seed=args.seed)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"report written to {report_dir / 'report.md'} and {report_dir / 'report.html'}")
+    print(_summary(report_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

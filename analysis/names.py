@@ -1,0 +1,57 @@
+"""Display names and orderings for arms (model, pretrained).
+
+`models` imports torch (seconds), so its DISPLAY_NAMES is fetched lazily and only once; the
+analysis still works without torch (names then fall back to the model key, and the report says so).
+"""
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+# The paper's table order (ResNet3D, ResNet (2+1)D, ResNet Mixed Convolution); other models follow, sorted.
+PAPER_MODEL_ORDER = ("r3d_18", "r2plus1d_18", "mc3_18")
+
+Arm = tuple[str, bool]
+
+
+@lru_cache(maxsize=1)
+def _display_names() -> tuple[dict[str, str], str | None]:
+    try:
+        from models import DISPLAY_NAMES  # heavy: pulls in torch
+    except Exception as exc:  # noqa: BLE001 - any import failure only costs us pretty names
+        return {}, f"could not import models.DISPLAY_NAMES ({type(exc).__name__}: {exc}); model keys shown instead"
+    return dict(DISPLAY_NAMES), None
+
+
+def display_names_note() -> str | None:
+    """Why display names fell back to keys, or None when they did not."""
+    return _display_names()[1]
+
+
+def display_name(model: str) -> str:
+    return _display_names()[0].get(model, model)
+
+
+def normalise_name(name: str) -> str:
+    """Key for matching names across sources: the paper CSV writes 'ResNet(2+1)D', models writes 'ResNet (2+1)D'."""
+    return re.sub(r"\s+", "", str(name)).casefold()
+
+
+def arm_label(model: str, pretrained: bool) -> str:
+    return f"{display_name(model)} ({'pre-trained' if pretrained else 'scratch'})"
+
+
+def arm_slug(model: str, pretrained: bool) -> str:
+    """File-name-safe, stable identifier of an arm."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", model)
+    return f"{safe}-{'pretrained' if pretrained else 'scratch'}"
+
+
+def arm_sort_key(arm: Arm) -> tuple[int, str, bool]:
+    model, pretrained = arm
+    rank = PAPER_MODEL_ORDER.index(model) if model in PAPER_MODEL_ORDER else len(PAPER_MODEL_ORDER)
+    return (rank, model, bool(pretrained))
+
+
+def sort_arms(arms) -> list[Arm]:
+    return sorted({(str(m), bool(p)) for m, p in arms}, key=arm_sort_key)

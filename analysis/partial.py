@@ -1,0 +1,95 @@
+"""What did not run, named: failed trials, missing trials, arms with fewer folds than planned.
+
+Nothing is zero-filled: a missing fold simply contributes no row, and the reader is told which.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+
+from analysis.load import Experiment
+from analysis.names import Arm
+
+UNFINISHED = ("MISSING", "PENDING", "RUNNING", "INCOMPLETE")
+
+
+@dataclass
+class PartialResults:
+    failed: pd.DataFrame     # trial_name, model, pretrained, fold, config_id, status, error
+    missing: pd.DataFrame    # trial_name, model, pretrained, fold, config_id, reason
+    arm_folds: pd.DataFrame  # model, pretrained, folds_planned, folds_present, missing_folds, trials, n_predictions
+    notes: list[str]
+
+    def folds_label(self, arm: Arm) -> str:
+        """'3/3', or '2/3 (missing fold 1)', as shown beside every table row."""
+        row = self.arm_folds[(self.arm_folds["model"] == arm[0]) & (self.arm_folds["pretrained"] == arm[1])]
+        if row.empty:
+            return ""
+        r = row.iloc[0]
+        label = f"{r['folds_present']}/{r['folds_planned']}"
+        if r["folds_present"] >= r["folds_planned"]:
+            return label
+        plural = "s" if "," in str(r["missing_folds"]) else ""
+        return f"{label} (missing fold{plural} {r['missing_folds']})"
+
+    def is_incomplete(self, arm: Arm) -> bool:
+        row = self.arm_folds[(self.arm_folds["model"] == arm[0]) & (self.arm_folds["pretrained"] == arm[1])]
+        return bool(len(row)) and int(row.iloc[0]["folds_present"]) < int(row.iloc[0]["folds_planned"])
+
+
+def _first_line(text: str) -> str:
+    for line in str(text).splitlines():
+        if line.strip():
+            return line.strip()
+    return "(no error message recorded)"
+
+
+def partial_results(exp: Experiment, main_preds: pd.DataFrame, arms: list[Arm]) -> PartialResults:
+    trials = exp.trials
+    predicted = set(exp.predictions["trial_name"])
+    notes: list[str] = []
+    ident = ["trial_name", "model", "pretrained", "fold", "config_id"]
+
+    if trials is not None:
+        failed = trials[trials["status"] == "ERROR"][[*ident, "status", "error"]].copy()
+        failed["error"] = failed["error"].map(_first_line)
+        with_preds = sorted(set(failed["trial_name"]) & predicted)
+        if with_preds:
+            notes.append("Trials with status ERROR that nevertheless have predictions (these predictions are used): "
+                         + ", ".join(with_preds))
+    else:
+        failed = pd.DataFrame(columns=[*ident, "status", "error"])
+
+    missing_rows = []
+    known = set(trials["trial_name"]) if trials is not None else set()
+    failed_names = set(failed["trial_name"])
+    for name in exp.planned_trials:
+        if name not in known and name not in predicted:
+            missing_rows.append({"trial_name": name, "reason": "planned, but not in trials.csv and no predictions"})
+    if trials is not None:
+        for row in trials.itertuples(index=False):
+            if row.trial_name in predicted or row.trial_name in failed_names:
+                continue
+            reason = (f"status {row.status}, no predictions" if row.status in UNFINISHED
+                      else f"status {row.status} but no rows in predictions.csv")
+            missing_rows.append({"trial_name": row.trial_name, "model": row.model, "pretrained": row.pretrained,
+                                 "fold": row.fold, "config_id": row.config_id, "reason": reason})
+    missing = pd.DataFrame(missing_rows, columns=[*ident, "reason"])
+    if exp.planned_trials:
+        unplanned = sorted(predicted - set(exp.planned_trials))
+        if unplanned:
+            notes.append("Trials with predictions that experiment.json did not plan (used): " + ", ".join(unplanned))
+
+    arm_rows = []
+    for model, pretrained in arms:
+        sel = main_preds[(main_preds["model"] == model) & (main_preds["pretrained"] == pretrained)]
+        present = sorted(int(f) for f in sel["fold"].unique())
+        absent = [f for f in range(exp.n_folds) if f not in present]
+        arm_rows.append({"model": model, "pretrained": pretrained, "folds_planned": exp.n_folds,
+                         "folds_present": len(present), "missing_folds": ", ".join(map(str, absent)),
+                         "trials": ", ".join(sorted(sel["trial_name"].unique())), "n_predictions": len(sel)})
+    arm_folds = pd.DataFrame(arm_rows, columns=["model", "pretrained", "folds_planned", "folds_present",
+                                                "missing_folds", "trials", "n_predictions"])
+    sort = lambda f: f.sort_values("trial_name", kind="stable").reset_index(drop=True)  # noqa: E731
+    return PartialResults(failed=sort(failed), missing=sort(missing), arm_folds=arm_folds, notes=notes)

@@ -1,0 +1,366 @@
+"""Build OUT/report/: report.md, self-contained report.html, tables/*.csv, figures/*.png.
+
+Every file is written atomically and its content depends only on the inputs (no timestamps, no
+absolute paths of OUT, sorted orders, seeded resampling), so re-running gives the same bytes.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis import figures as figs
+from analysis.document import Document
+from analysis.fsutil import write_text_atomic
+from analysis.load import Experiment, check_one_trial_per_fold, load_experiment
+from analysis.metrics import arm_metrics, confusion_counts, roc_per_class
+from analysis.names import Arm, arm_label, display_name, display_names_note
+from analysis.paper import PAPER_CITATION, published
+from analysis.partial import PartialResults, partial_results
+from analysis.stats import POWER_CAVEAT, bootstrap_f1_ci, pairwise_tests
+from analysis import tables as tb
+
+SPLIT_TEXT = {
+    "kfold": "k-fold cross-validation: each subject is tested exactly once (train:test = {k1}:1)",
+    "shuffle": "{k} independent random 70:30 train/test splits (a subject may be tested in several splits)",
+}
+
+
+class _Writer:
+    """Writes report files and remembers them, so files of an earlier run that this run did not
+    produce (e.g. an arm that no longer exists) can be removed instead of lingering as stale results."""
+
+    def __init__(self, report_dir: Path):
+        self.report_dir = report_dir
+        self.tables_dir = report_dir / "tables"
+        self.figures_dir = report_dir / "figures"
+        self.written: set[Path] = set()
+
+    def csv(self, name: str, frame: pd.DataFrame) -> Path:
+        path = self.tables_dir / name
+        write_text_atomic(path, frame.to_csv(index=False, lineterminator="\n"))
+        self.written.add(path)
+        return path
+
+    def figure(self, path: Path | None) -> Path | None:
+        if path is not None:
+            self.written.add(path)
+        return path
+
+    def prune(self) -> None:
+        for folder, pattern in ((self.tables_dir, "*.csv"), (self.figures_dir, "*.png")):
+            if not folder.is_dir():
+                continue
+            for path in sorted(folder.glob(pattern)):
+                if path not in self.written:
+                    path.unlink()
+            for tmp in sorted(folder.glob(".*.tmp")):  # left by a run that was killed mid-write
+                tmp.unlink()
+
+
+def build_report(out_dir: str | Path, bootstrap_samples: int = 2000, seed: int = 0) -> Path:
+    """Read the experiment directory and write OUT/report/; returns the report directory.
+
+    `seed` seeds the subject bootstrap and the fANOVA importance evaluator.
+    """
+    if int(bootstrap_samples) < 1:
+        raise ValueError(f"bootstrap_samples must be at least 1, got {bootstrap_samples}")
+    out_dir = Path(out_dir)
+    exp = load_experiment(out_dir)
+    report_dir = out_dir / "report"
+    w = _Writer(report_dir)
+    w.tables_dir.mkdir(parents=True, exist_ok=True)
+    w.figures_dir.mkdir(parents=True, exist_ok=True)
+    classes = exp.classes
+
+    main_preds = exp.select_main(exp.predictions)
+    check_one_trial_per_fold(main_preds, out_dir / "predictions.csv")
+    main_trials = exp.select_main(exp.trials)
+    main_epochs = exp.select_main(exp.epochs)
+    arms = exp.main_arms()
+    partial = partial_results(exp, main_preds, arms)
+    metrics = arm_metrics(main_preds, classes, arms)
+    confusion = confusion_counts(main_preds, classes, arms)
+    auc, curves, roc_notes = roc_per_class(main_preds, classes, arms)
+    comp = tb.paper_comparison(metrics, arms, classes, partial)
+    tests = pairwise_tests(metrics.per_fold_overall, main_trials, arms)
+    boot = _bootstrap(main_preds, classes, arms, bootstrap_samples, seed)
+    result_arms = [a for a in arms if tb.arm_mask(metrics.per_fold_overall, a).any()]
+
+    # ---------------------------------------------------------------- tables
+    w.csv("per_class.csv", metrics.per_class)
+    w.csv("overall.csv", metrics.overall)
+    w.csv("per_fold_class.csv", metrics.per_fold_class)
+    w.csv("per_fold_overall.csv", metrics.per_fold_overall)
+    w.csv("paper_comparison.csv", comp)
+    w.csv("arms.csv", partial.arm_folds.assign(display_name=partial.arm_folds["model"].map(display_name)))
+    w.csv("confusion.csv", confusion)
+    w.csv("roc_auc.csv", auc)
+    w.csv("pairwise_tests.csv", tests)
+    w.csv("bootstrap_ci.csv", boot)
+    w.csv("failed_trials.csv", partial.failed)
+    w.csv("missing_trials.csv", partial.missing)
+
+    # ---------------------------------------------------------------- figures
+    fig_dir = w.figures_dir
+    fig_macro = w.figure(figs.macro_f1_figure(metrics, arms, fig_dir / "macro_f1_by_arm.png",
+                                              lambda arm: published(arm[0], arm[1], "macro_f1")[0]))
+    fig_conf = {a: w.figure(figs.confusion_figure(confusion, a, classes, fig_dir / figs.figure_name("confusion", a),
+                                                  partial.folds_label(a).split(" ")[0])) for a in result_arms}
+    fig_heat = w.figure(figs.heatmap_figure(metrics, arms, classes, fig_dir / "heatmap_classwise.png"))
+    fig_roc = {a: w.figure(figs.roc_figure(curves, a, classes, fig_dir / figs.figure_name("roc", a))) for a in result_arms}
+    fig_learn = {}
+    if main_epochs is not None:
+        fig_learn = {a: w.figure(figs.learning_curve_figure(main_epochs, a, fig_dir / figs.figure_name("learning", a)))
+                     for a in arms}
+
+    # ---------------------------------------------------------------- search
+    is_search = exp.experiment in ("search", "demo") or (exp.trials is not None and (exp.trials["experiment"] == "search").any())
+    best = tb.best_configs(exp) if is_search else pd.DataFrame(columns=tb.BEST_COLUMNS)
+    fig_best = None
+    studies = []
+    if is_search:
+        w.csv("best_configs.csv", best)
+        fig_best = w.figure(figs.best_vs_default_figure(best, fig_dir / "search_best_vs_default.png"))
+    if exp.optuna_studies:
+        from analysis.optuna_plots import study_figures  # optuna is only needed for searches
+
+        for spec in sorted(exp.optuna_studies, key=lambda s: str(s["study_name"])):
+            st = study_figures(spec, out_dir, fig_dir, seed=seed)
+            w.figure(st.history_png)
+            w.figure(st.importance_png)
+            if st.importances is not None:
+                w.csv(f"optuna_importance_{st.history_png.stem.removeprefix('optuna_history_')}.csv", st.importances)
+            studies.append(st)
+
+    # ---------------------------------------------------------------- document
+    doc = Document(f"Brain tumour classification: {exp.experiment} experiment")
+    _what_ran(doc, exp, arms, partial, main_preds)
+    _main_tables(doc, exp, comp, metrics, arms, partial, fig_macro, report_dir)
+    _statistics(doc, tests, boot, result_arms, classes, bootstrap_samples, seed, exp.n_folds)
+    _figures(doc, exp, result_arms, arms, auc, roc_notes, fig_conf, fig_heat, fig_roc, fig_learn, report_dir, classes)
+    if is_search or studies:
+        _search(doc, exp, best, fig_best, studies, report_dir)
+    _partial(doc, exp, partial)
+    _file_list(doc, w, report_dir)
+    doc.heading("Appendix: per-fold metrics", 2)
+    doc.para("Each fold's test predictions, per class; support = test subjects of that class in the fold.")
+    doc.table(tb.per_fold_display(metrics), empty="No paper-protocol predictions.")
+
+    write_text_atomic(report_dir / "report.md", doc.to_markdown())
+    write_text_atomic(report_dir / "report.html", doc.to_html())
+    w.prune()
+    return report_dir
+
+
+def _bootstrap(preds: pd.DataFrame, classes: list[str], arms: list[Arm], n: int, seed: int) -> pd.DataFrame:
+    frames = []
+    for arm in arms:
+        sel = preds[tb.arm_mask(preds, arm)]
+        if sel.empty:
+            continue
+        ci = bootstrap_f1_ci(sel, classes, n_resamples=n, seed=seed)
+        ci.insert(0, "pretrained", arm[1])
+        ci.insert(0, "model", arm[0])
+        ci["n_subjects"] = sel["subject_id"].nunique()
+        ci["n_resamples"] = n
+        ci["seed"] = seed
+        frames.append(ci)
+    columns = ["model", "pretrained", "metric", "class", "pooled", "low", "high", "n_subjects", "n_resamples", "seed"]
+    return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
+
+
+def _rel(path: Path, report_dir: Path) -> str:
+    return path.relative_to(report_dir).as_posix()
+
+
+# ==================================================================== sections
+def _what_ran(doc: Document, exp: Experiment, arms: list[Arm], partial: PartialResults, main_preds: pd.DataFrame) -> None:
+    doc.heading("What ran", 2)
+    split = str(exp.meta.get("split", "unknown"))
+    split_text = SPLIT_TEXT.get(split, "split scheme {split!r} (not described by this report)").format(
+        k=exp.n_folds, k1=max(exp.n_folds - 1, 1), split=split)
+    column, value, description = exp.main_selection()
+    items = [
+        f"Experiment: `{exp.experiment}`.",
+        f"Split: `{split}`: {split_text}; {exp.n_folds} fold(s); seed {exp.meta.get('seed', 'not recorded')}.",
+        "Classes (order of the prob_ columns): " + ", ".join(f"`{c}`" for c in exp.classes) + ".",
+        "Arms (model, pre-training) with folds present/planned: " + "; ".join(
+            f"{arm_label(*a)}: {partial.folds_label(a)}" for a in arms) + ".",
+        f"Main (paper-protocol) tables use {description}: {len(main_preds)} test predictions.",
+        f"predictions.csv: {len(exp.predictions)} rows from {exp.predictions['trial_name'].nunique()} trial(s).",
+    ]
+    if exp.trials is not None:
+        counts = exp.trials["status"].value_counts().sort_index()
+        items.append("trials.csv statuses: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + ".")
+    if exp.paper_defaults:
+        items.append("Paper default hyperparameters: " + ", ".join(f"{k}={tb.fmt_hp(v)}" for k, v in
+                                                                    sorted(exp.paper_defaults.items())) + ".")
+    items.append(f"Published values: {PAPER_CITATION}.")
+    doc.bullets(items)
+    notes = list(exp.notes)
+    if display_names_note():
+        notes.append(display_names_note())
+    if notes:
+        doc.para("Input notes:")
+        doc.bullets(notes)
+
+
+def _main_tables(doc, exp, comp, metrics, arms, partial, fig_macro, report_dir) -> None:
+    doc.heading("Main results (paper protocol)", 2)
+    doc.para("Cells are **mean ± sample standard deviation (ddof = 1) over test folds**, as in the paper; "
+             "*pooled* is the same metric on all out-of-fold predictions of the arm concatenated (less biased for "
+             "the minority class than the fold mean). *Published* is the paper's value, *Difference* = our fold "
+             f"mean − published. **Bold** with {tb.STAR} marks the best arm of a column (ours by fold mean; in the "
+             "published column the paper's best). *Folds* shows folds present / planned; an arm with fewer folds "
+             "than planned is marked with the missing fold numbers. Arms without any result show *no results*.")
+    for cls in exp.classes:
+        table = comp[(comp["metric"] == "f1") & (comp["class"] == cls)]["table"].dropna()
+        ref = f" (paper Table {int(table.iloc[0])})" if len(table) else " (not in the paper)"
+        doc.heading(f"F1 of class {cls}{ref}", 3)
+        doc.table(tb.class_f1_display(comp, cls, arms, partial), empty="No arms.")
+    doc.heading("Macro and weighted F1 (paper Table 5)", 3)
+    doc.table(tb.overall_display(comp, [("macro_f1", "Macro F1"), ("weighted_f1", "Weighted F1")], arms, partial),
+              empty="No arms.")
+    doc.heading("Accuracy and specificity", 3)
+    doc.para("The paper gives accuracy (96.98 %) and specificity (0.9684) only for its best arm (pre-trained ResNet "
+             "Mixed Convolution) and does not say how it averaged specificity over classes; ours is the unweighted "
+             "mean over classes of one-vs-rest specificity.")
+    doc.table(tb.overall_display(comp, [("accuracy", "Accuracy"), ("macro_specificity", "Mean specificity")], arms,
+                                 partial), empty="No arms.")
+    doc.heading("Precision, recall, specificity, F1 and support per class", 3)
+    doc.table(tb.per_class_display(metrics, arms, exp.classes, partial), empty="No paper-protocol predictions.")
+    if fig_macro is not None:
+        doc.image(fig_macro, _rel(fig_macro, report_dir), "Macro F1 per arm: fold values (dots), fold mean (bar), "
+                                                          "published value (red cross).")
+
+
+def _statistics(doc, tests, boot, result_arms, classes, n_boot, seed, n_folds) -> None:
+    doc.heading("How much of a difference is real", 2)
+    doc.heading("Pairwise comparison of arms on macro F1", 3)
+    J = int(tests["folds"].max()) if len(tests) else n_folds
+    doc.para("Nadeau-Bengio corrected resampled t-test on the paired per-fold differences d of macro F1: "
+             "t = mean(d) / sqrt(var(d, ddof = 1) × (1/J + n_test/n_train)), df = J − 1, two-sided p; n_test/n_train "
+             "is the mean over the pair's trials in trials.csv. p-values are Holm-corrected over all pairs "
+             f"(family-wise error); **bold** {tb.STAR} marks Holm p < 0.05. A positive difference favours arm A.")
+    doc.para("**Caveat:** " + POWER_CAVEAT.format(J=J, df=max(J - 1, 0)))
+    zero_var = tests[tests["note"].str.contains("zero variance|identical scores", regex=True)] if len(tests) else tests
+    if len(zero_var):
+        doc.para("Where the difference is identical on every fold the variance is zero: t is reported as ±inf and "
+                 "p = 0 (or undefined when the difference is 0), which says more about having 3 folds than about "
+                 "certainty.")
+    doc.table(tb.pairwise_display(tests), empty="Fewer than two arms have results: no comparison.")
+    doc.heading("Bootstrap 95% confidence intervals", 3)
+    doc.para(f"Subject-level percentile bootstrap ({n_boot} resamples, seed {seed}) on each arm's pooled out-of-fold "
+             "predictions: subjects are drawn with replacement and the metric recomputed; cells are "
+             "pooled value [2.5 %, 97.5 %]. The intervals reflect test-set sampling only, not training variability.")
+    doc.table(tb.bootstrap_display(boot, result_arms, classes), empty="No paper-protocol predictions.")
+
+
+def _figures(doc, exp, result_arms, arms, auc, roc_notes, fig_conf, fig_heat, fig_roc, fig_learn, report_dir,
+             classes) -> None:
+    doc.heading("Figures", 2)
+    doc.heading("Confusion matrices (paper Figs 4-6)", 3)
+    if not fig_conf:
+        doc.para("No paper-protocol predictions.")
+    for arm in result_arms:
+        doc.image(fig_conf[arm], _rel(fig_conf[arm], report_dir),
+                  f"Confusion matrix, {arm_label(*arm)}: counts summed over folds and row-normalised.")
+    doc.heading("Class-wise heat-maps (paper Fig 7)", 3)
+    if fig_heat is None:
+        doc.para("No paper-protocol predictions.")
+    else:
+        doc.image(fig_heat, _rel(fig_heat, report_dir),
+                  "Precision, recall, specificity and F1 per class and arm (fold means).")
+    doc.heading("ROC curves (one-vs-rest)", 3)
+    doc.para("AUC from the prob_ columns: pooled over folds, and mean ± std of the per-fold AUCs.")
+    doc.table(tb.auc_display(auc, result_arms, classes), empty="No paper-protocol predictions.")
+    if roc_notes:
+        doc.bullets(sorted(set(roc_notes)))
+    for arm in result_arms:
+        if fig_roc.get(arm) is not None:
+            doc.image(fig_roc[arm], _rel(fig_roc[arm], report_dir), f"ROC curves, {arm_label(*arm)}.")
+    doc.heading("Learning curves", 3)
+    if exp.epochs is None:
+        doc.para("epochs.csv is missing: no learning curves.")
+    drawn = False
+    for arm in arms:
+        path = fig_learn.get(arm)
+        if path is not None:
+            drawn = True
+            doc.image(path, _rel(path, report_dir), f"Learning curves, {arm_label(*arm)}: mean ± 1 std over folds.")
+    missing = [arm_label(*a) for a in arms if fig_learn.get(a) is None]
+    if exp.epochs is not None and missing:
+        doc.para("No epoch rows for: " + "; ".join(missing) + ".")
+    if exp.epochs is not None and not drawn and not missing:
+        doc.para("No arms.")
+
+
+def _search(doc, exp, best, fig_best, studies, report_dir) -> None:
+    doc.heading("Hyperparameter search", 2)
+    doc.heading("Best configuration per arm against the paper defaults", 3)
+    doc.para("The best configuration of an arm is the one with the highest mean inner-validation macro F1 "
+             "(trials.csv best_val_macro_f1, mean over its folds; configurations with all folds finished rank first). "
+             "Test folds played no part in the choice; their scores are shown for the chosen configuration and for "
+             "the paper defaults on the same folds. Hyperparameters that differ from the paper's show the paper "
+             "value in brackets.")
+    doc.table(tb.best_configs_display(best, exp.paper_defaults), empty="No finished search trials.")
+    if fig_best is not None:
+        doc.image(fig_best, _rel(fig_best, report_dir), "Test macro F1: best configuration vs paper defaults.")
+    if studies:
+        doc.heading("Optuna studies", 3)
+    for st in studies:
+        doc.heading(f"Study `{st.study_name}` ({st.label})", 4)
+        items = [f"{st.n_trials} trial(s), {st.n_complete} completed; objective = inner-validation macro F1 "
+                 "(mean over folds), maximised."]
+        if st.best_value is not None:
+            items.append(f"Best value {tb.fmt(st.best_value)} with " + ", ".join(
+                f"{k}={tb.fmt_hp(v)}" for k, v in sorted(st.best_params.items())) + ".")
+        doc.bullets(items + st.notes)
+        if st.history_png is not None:
+            doc.image(st.history_png, _rel(st.history_png, report_dir), f"Optimisation history, {st.label}.")
+        if st.importance_png is not None:
+            doc.image(st.importance_png, _rel(st.importance_png, report_dir),
+                      f"Hyperparameter importances (fANOVA), {st.label}.")
+            doc.table(st.importances.assign(importance=st.importances["importance"].map(tb.fmt)))
+
+
+def _partial(doc, exp, partial: PartialResults) -> None:
+    doc.heading("Partial results", 2)
+    doc.para("Nothing is zero-filled: a failed or missing trial contributes no row, and is listed here by name.")
+    doc.heading("Failed trials", 3)
+    failed = partial.failed
+    doc.table(pd.DataFrame({"Trial": failed["trial_name"], "Model": failed["model"].map(display_name),
+                            "Pre-trained": failed["pretrained"].map({True: "yes", False: "no"}),
+                            "Fold": failed["fold"].map(_fold_text), "Config": failed["config_id"],
+                            "Error (first line)": failed["error"]}),
+              empty="None." if exp.trials is not None else "Unknown: trials.csv is missing.")
+    doc.heading("Missing trials", 3)
+    missing = partial.missing
+    doc.table(pd.DataFrame({"Trial": missing["trial_name"], "Model": missing["model"].map(
+        lambda m: display_name(m) if isinstance(m, str) else ""),
+        "Fold": missing["fold"].map(_fold_text), "Reason": missing["reason"]}), empty="None.")
+    doc.heading("Arms with fewer folds than planned", 3)
+    short = [f"{arm_label(r.model, r.pretrained)}: {r.folds_present}/{r.folds_planned} folds"
+             + (f" (missing folds: {r.missing_folds})" if r.missing_folds else "")
+             for r in partial.arm_folds.itertuples(index=False) if r.folds_present < r.folds_planned]
+    if short:
+        doc.bullets(short)
+    else:
+        doc.para(f"None: every arm has all {exp.n_folds} folds.")
+    if partial.notes:
+        doc.bullets(partial.notes)
+
+
+def _fold_text(fold) -> str:
+    try:
+        return "" if fold is None or np.isnan(float(fold)) else str(int(fold))
+    except (TypeError, ValueError):
+        return str(fold)
+
+
+def _file_list(doc, w: _Writer, report_dir: Path) -> None:
+    doc.heading("Files", 2)
+    doc.para("Tables (CSV) and figures (PNG) of this report, relative to the report folder:")
+    doc.bullets([f"`{_rel(p, report_dir)}`" for p in sorted(w.written)])

@@ -1,0 +1,316 @@
+"""Tables: the CSV frames (numbers) and their display versions (strings, paper format).
+
+Display cells are "mean ± std" over folds (sample std, ddof=1) with the pooled out-of-fold value
+beside; the winning arm of a column is **bold** with a ★. Numbers use 4 decimals like the paper.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import accuracy_score, f1_score
+
+from analysis.load import HYPERPARAMETERS, Experiment
+from analysis.metrics import ArmMetrics
+from analysis.names import Arm, arm_sort_key, display_name
+from analysis.paper import published, table_for
+from analysis.partial import PartialResults
+
+STAR = "★"
+
+COMPARISON_COLUMNS = ["table", "model", "display_name", "pretrained", "class", "metric", "folds", "mean", "std", "pooled",
+                      "paper_mean", "paper_std", "difference", "winner", "paper_winner"]
+
+
+# ----------------------------------------------------------------------------- formatting
+def fmt(x, digits: int = 4) -> str:
+    if x is None or (isinstance(x, (float, np.floating)) and not np.isfinite(x)):
+        if isinstance(x, (float, np.floating)) and np.isinf(x):
+            return "+inf" if x > 0 else "-inf"
+        return ""
+    return f"{float(x):.{digits}f}"
+
+
+def fmt_pm(mean, std, digits: int = 4) -> str:
+    if mean is None or not np.isfinite(mean):
+        return "no results"
+    return f"{fmt(mean, digits)} ± {fmt(std, digits) if np.isfinite(std) else 'n/a'}"
+
+
+def fmt_diff(x, digits: int = 4) -> str:
+    return "" if x is None or not np.isfinite(x) else f"{float(x):+.{digits}f}"
+
+
+def fmt_p(p) -> str:
+    if p is None or not np.isfinite(p):
+        return ""
+    return "<0.0001" if p < 1e-4 else f"{p:.4f}"
+
+
+def mark(text: str, winner: bool) -> str:
+    return f"**{text}** {STAR}" if winner and text else text
+
+
+def arm_mask(frame: pd.DataFrame, arm: Arm, model_col: str = "model", pre_col: str = "pretrained") -> pd.Series:
+    return (frame[model_col] == arm[0]) & (frame[pre_col] == arm[1])
+
+
+# ----------------------------------------------------------------------------- paper comparison
+def macro_specificity(metrics: ArmMetrics, arm: Arm) -> tuple[float, float, float]:
+    """(mean, std over folds, pooled) of the unweighted mean over classes of one-vs-rest specificity.
+
+    The paper prints one specificity (0.9684) without saying how it averaged; this is our best reading.
+    """
+    fc = metrics.per_fold_class[arm_mask(metrics.per_fold_class, arm)]
+    if fc.empty:
+        return np.nan, np.nan, np.nan
+    per_fold = fc.groupby("fold")["specificity"].mean()
+    pc = metrics.per_class[arm_mask(metrics.per_class, arm) & (metrics.per_class["metric"] == "specificity")]
+    std = float(per_fold.std(ddof=1)) if len(per_fold) > 1 else np.nan
+    return float(per_fold.mean()), std, float(pc["pooled"].mean())
+
+
+def paper_comparison(metrics: ArmMetrics, arms: list[Arm], classes: list[str], partial: PartialResults) -> pd.DataFrame:
+    """One row per (arm, paper-table metric): ours (mean, std, pooled) beside the published value.
+
+    Arms without results keep their row with blank numbers (never zeros) so the published value still shows.
+    """
+    wanted = [("f1", c) for c in classes] + [("macro_f1", ""), ("weighted_f1", ""), ("accuracy", ""),
+                                             ("macro_specificity", "")]
+    rows = []
+    for arm in arms:
+        folds = int(partial.arm_folds[arm_mask(partial.arm_folds, arm)]["folds_present"].sum())
+        for metric, cls in wanted:
+            if metric == "f1":
+                sel = metrics.per_class[arm_mask(metrics.per_class, arm) & (metrics.per_class["metric"] == "f1")
+                                        & (metrics.per_class["class"] == cls)]
+            elif metric == "macro_specificity":
+                sel = pd.DataFrame([dict(zip(["mean", "std", "pooled"], macro_specificity(metrics, arm)))])
+            else:
+                sel = metrics.overall[arm_mask(metrics.overall, arm) & (metrics.overall["metric"] == metric)]
+            mean, std, pooled = (sel.iloc[0][["mean", "std", "pooled"]].astype(float) if len(sel) else (np.nan,) * 3)
+            paper_metric = "specificity" if metric == "macro_specificity" else metric
+            p_mean, p_std, table = published(arm[0], arm[1], paper_metric, cls)
+            if table is None:
+                table = table_for(paper_metric, cls)
+            rows.append({"table": table, "model": arm[0], "display_name": display_name(arm[0]), "pretrained": arm[1],
+                         "class": cls, "metric": metric, "folds": folds, "mean": mean, "std": std, "pooled": pooled,
+                         "paper_mean": p_mean, "paper_std": p_std,
+                         "difference": mean - p_mean if np.isfinite(mean) and np.isfinite(p_mean) else np.nan})
+    frame = pd.DataFrame(rows, columns=COMPARISON_COLUMNS[:-2])
+    frame["table"] = frame["table"].astype("Int64")
+    frame["winner"] = _is_max(frame, "mean")
+    frame["paper_winner"] = _is_max(frame, "paper_mean")
+    return frame[COMPARISON_COLUMNS]
+
+
+def _is_max(frame: pd.DataFrame, column: str) -> pd.Series:
+    """True for the arm(s) with the highest value of `column` within each (metric, class); ties all win."""
+    best = frame.groupby(["metric", "class"])[column].transform("max")
+    return (frame[column] == best) & frame[column].notna()
+
+
+# ----------------------------------------------------------------------------- display tables
+def _arm_cols(arm: Arm, partial: PartialResults) -> dict[str, str]:
+    return {"Model": display_name(arm[0]), "Pre-trained": "yes" if arm[1] else "no", "Folds": partial.folds_label(arm)}
+
+
+def class_f1_display(comp: pd.DataFrame, cls: str, arms: list[Arm], partial: PartialResults) -> pd.DataFrame:
+    """Tables 2-4: F1 of one class per arm, ours beside the published value."""
+    rows = []
+    for arm in arms:
+        r = comp[arm_mask(comp, arm) & (comp["metric"] == "f1") & (comp["class"] == cls)].iloc[0]
+        rows.append({**_arm_cols(arm, partial),
+                     "F1 (mean ± std over folds)": mark(fmt_pm(r["mean"], r["std"]), r["winner"]),
+                     "F1 pooled": fmt(r["pooled"]),
+                     "Published": mark(fmt_pm(r["paper_mean"], r["paper_std"]), r["paper_winner"])
+                     if np.isfinite(r["paper_mean"]) else "",
+                     "Difference": fmt_diff(r["difference"])})
+    return pd.DataFrame(rows)
+
+
+def overall_display(comp: pd.DataFrame, metrics_: list[tuple[str, str]], arms: list[Arm],
+                    partial: PartialResults) -> pd.DataFrame:
+    """Table 5 (macro / weighted F1) or Table 6 (accuracy / specificity) style."""
+    rows = []
+    for arm in arms:
+        row = _arm_cols(arm, partial)
+        for metric, title in metrics_:
+            r = comp[arm_mask(comp, arm) & (comp["metric"] == metric)].iloc[0]
+            row[f"{title} (mean ± std)"] = mark(fmt_pm(r["mean"], r["std"]), r["winner"])
+            row[f"{title} pooled"] = fmt(r["pooled"])
+            row[f"{title} published"] = mark(fmt(r["paper_mean"]), r["paper_winner"]) if np.isfinite(r["paper_mean"]) else ""
+            row[f"{title} difference"] = fmt_diff(r["difference"])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def per_class_display(metrics: ArmMetrics, arms: list[Arm], classes: list[str], partial: PartialResults) -> pd.DataFrame:
+    """Every class metric of every arm: 'mean ± std (pooled x)', with the pooled support."""
+    pc = metrics.per_class
+    rows = []
+    for arm in arms:
+        if not arm_mask(pc, arm).any():
+            continue
+        for cls in classes:
+            row = {**_arm_cols(arm, partial), "Class": cls}
+            for metric in ("precision", "recall", "specificity", "f1"):
+                r = pc[arm_mask(pc, arm) & (pc["class"] == cls) & (pc["metric"] == metric)].iloc[0]
+                row[metric.capitalize() if metric != "f1" else "F1"] = f"{fmt_pm(r['mean'], r['std'])} (pooled {fmt(r['pooled'])})"
+            sup = metrics.support[arm_mask(metrics.support, arm) & (metrics.support["class"] == cls)]
+            row["Support (all folds)"] = str(int(sup["support"].iloc[0]))
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def per_fold_display(metrics: ArmMetrics) -> pd.DataFrame:
+    """Per fold: each class's precision / recall / specificity / F1 / support, and the fold's accuracy."""
+    fc, fo = metrics.per_fold_class, metrics.per_fold_overall
+    if fc.empty:
+        return pd.DataFrame()
+    merged = fc.merge(fo[["model", "pretrained", "fold", "accuracy", "macro_f1"]], on=["model", "pretrained", "fold"])
+    merged = merged.assign(_k=[arm_sort_key((m, p)) for m, p in zip(merged["model"], merged["pretrained"])])
+    merged = merged.sort_values(["_k", "fold"], kind="stable")
+    return pd.DataFrame({
+        "Model": merged["model"].map(display_name), "Pre-trained": merged["pretrained"].map({True: "yes", False: "no"}),
+        "Fold": merged["fold"].astype(str), "Trial": merged["trial_name"], "Class": merged["class"],
+        "Precision": merged["precision"].map(fmt), "Recall": merged["recall"].map(fmt),
+        "Specificity": merged["specificity"].map(fmt), "F1": merged["f1"].map(fmt),
+        "Support": merged["support"].astype(str), "Fold accuracy": merged["accuracy"].map(fmt),
+        "Fold macro F1": merged["macro_f1"].map(fmt)}).reset_index(drop=True)
+
+
+def pairwise_display(tests: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for r in tests.itertuples(index=False):
+        significant = np.isfinite(r.p_holm) and r.p_holm < 0.05
+        rows.append({"Arm A": _arm_text(r.model_a, r.pretrained_a), "Arm B": _arm_text(r.model_b, r.pretrained_b),
+                     "Folds": str(r.folds), "Macro F1 A": fmt(r.mean_a), "Macro F1 B": fmt(r.mean_b),
+                     "Mean diff (A − B)": fmt_diff(r.mean_diff), "t": fmt(r.t, 3), "df": str(r.df), "p": fmt_p(r.p),
+                     "p (Holm)": mark(fmt_p(r.p_holm), significant), "Note": r.note})
+    return pd.DataFrame(rows)
+
+
+def bootstrap_display(boot: pd.DataFrame, arms: list[Arm], classes: list[str]) -> pd.DataFrame:
+    rows = []
+    for arm in arms:
+        sel = boot[arm_mask(boot, arm)]
+        if sel.empty:
+            continue
+        row = {"Model": display_name(arm[0]), "Pre-trained": "yes" if arm[1] else "no"}
+        for metric, cls, title in [("macro_f1", "", "Macro F1")] + [("f1", c, f"F1 {c}") for c in classes]:
+            r = sel[(sel["metric"] == metric) & (sel["class"] == cls)].iloc[0]
+            row[title] = f"{fmt(r['pooled'])} [{fmt(r['low'])}, {fmt(r['high'])}]"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def auc_display(auc: pd.DataFrame, arms: list[Arm], classes: list[str]) -> pd.DataFrame:
+    rows = []
+    for arm in arms:
+        sel = auc[arm_mask(auc, arm)]
+        if sel.empty:
+            continue
+        row = {"Model": display_name(arm[0]), "Pre-trained": "yes" if arm[1] else "no"}
+        for cls in classes:
+            r = sel[sel["class"] == cls]
+            row[f"AUC {cls}: pooled (fold mean ± std)"] = (
+                f"{fmt(r['pooled'].iloc[0]) or 'n/a'} ({fmt_pm(r['mean'].iloc[0], r['std'].iloc[0])})" if len(r) else "")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _arm_text(model: str, pretrained: bool) -> str:
+    return f"{display_name(model)} ({'pre-trained' if pretrained else 'scratch'})"
+
+
+# ----------------------------------------------------------------------------- search: best configuration per arm
+BEST_COLUMNS = ["model", "pretrained", "role", "config_id", *HYPERPARAMETERS, "inner_val_macro_f1_mean",
+                "inner_val_macro_f1_std", "inner_folds", "test_folds", "test_macro_f1_mean", "test_macro_f1_std",
+                "test_macro_f1_pooled", "test_accuracy_mean", "test_accuracy_pooled"]
+
+
+def best_configs(exp: Experiment) -> pd.DataFrame:
+    """Per arm of the search: the config with the best inner-validation macro F1, and the paper defaults.
+
+    Selection uses trials.csv best_val_macro_f1 only (inner validation), never the test folds. Configs
+    with all planned folds finished rank before partial ones, so one lucky fold cannot win; ties are
+    broken by config_id for determinism. Test scores come from predictions.csv.
+    """
+    trials = exp.trials
+    if trials is None:
+        return pd.DataFrame(columns=BEST_COLUMNS)
+    # MISSING rows carry only a name and a status; they have no arm to rank
+    search = trials[~trials["experiment"].isin(["paper", ""]) & (trials["model"] != "")]
+    done = search[(search["status"] == "TERMINATED") & search["best_val_macro_f1"].notna()]
+    rows = []
+    arms = sorted({(m, p) for m, p in zip(search["model"], search["pretrained"])}, key=arm_sort_key)
+    for arm in arms:
+        arm_done = done[arm_mask(done, arm)]
+        if arm_done.empty:
+            continue
+        agg = arm_done.groupby("config_id").agg(mean=("best_val_macro_f1", "mean"), n=("fold", "nunique")).reset_index()
+        agg["complete"] = agg["n"] >= exp.n_folds
+        agg = agg.sort_values(["complete", "mean", "config_id"], ascending=[False, False, True], kind="stable")
+        best_id = str(agg["config_id"].iloc[0])
+        roles = [("best", best_id)]
+        if exp.paper_config_id is not None:
+            roles.append(("paper_default", exp.paper_config_id))
+        for role, cid in roles:
+            rows.append(_config_row(exp, search, arm, role, cid))
+    return pd.DataFrame(rows, columns=BEST_COLUMNS)
+
+
+def _config_row(exp: Experiment, search: pd.DataFrame, arm: Arm, role: str, cid: str) -> dict:
+    tr = search[arm_mask(search, arm) & (search["config_id"] == cid)]
+    done = tr[(tr["status"] == "TERMINATED") & tr["best_val_macro_f1"].notna()]
+    if len(tr):
+        hp = {h: tr[h].iloc[0] for h in HYPERPARAMETERS}
+    else:
+        hp = {h: exp.paper_defaults.get(h, np.nan) for h in HYPERPARAMETERS}
+    preds = exp.predictions
+    sel = preds[arm_mask(preds, arm) & (preds["config_id"] == cid)]
+    fold_f1 = [f1_score(g["label"], g["pred"], labels=exp.classes, average="macro", zero_division=0)
+               for _, g in sel.groupby("fold", sort=True)]
+    fold_acc = [accuracy_score(g["label"], g["pred"]) for _, g in sel.groupby("fold", sort=True)]
+    pooled = (f1_score(sel["label"], sel["pred"], labels=exp.classes, average="macro", zero_division=0)
+              if len(sel) else np.nan)
+    std = lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else np.nan  # noqa: E731
+    return {"model": arm[0], "pretrained": arm[1], "role": role, "config_id": cid, **hp,
+            "inner_val_macro_f1_mean": float(done["best_val_macro_f1"].mean()) if len(done) else np.nan,
+            "inner_val_macro_f1_std": std(done["best_val_macro_f1"].to_numpy()),
+            "inner_folds": int(done["fold"].nunique()), "test_folds": len(fold_f1),
+            "test_macro_f1_mean": float(np.mean(fold_f1)) if fold_f1 else np.nan, "test_macro_f1_std": std(fold_f1),
+            "test_macro_f1_pooled": float(pooled),
+            "test_accuracy_mean": float(np.mean(fold_acc)) if fold_acc else np.nan,
+            "test_accuracy_pooled": float(accuracy_score(sel["label"], sel["pred"])) if len(sel) else np.nan}
+
+
+def best_configs_display(best: pd.DataFrame, paper_defaults: dict) -> pd.DataFrame:
+    rows = []
+    for r in best.to_dict("records"):
+        row = {"Model": display_name(r["model"]), "Pre-trained": "yes" if r["pretrained"] else "no",
+               "Config": ("best (inner validation)" if r["role"] == "best" else "paper defaults") + f" `{r['config_id']}`"}
+        for h in HYPERPARAMETERS:
+            value = r[h]
+            text = fmt_hp(value)
+            default = paper_defaults.get(h)
+            if r["role"] == "best" and default is not None and text != fmt_hp(default):
+                text = f"{text} (paper {fmt_hp(default)})"
+            row[h] = text
+        row["Inner-val macro F1"] = f"{fmt_pm(r['inner_val_macro_f1_mean'], r['inner_val_macro_f1_std'])} ({r['inner_folds']} folds)"
+        row["Test macro F1"] = f"{fmt_pm(r['test_macro_f1_mean'], r['test_macro_f1_std'])} ({r['test_folds']} folds)"
+        row["Test macro F1 pooled"] = fmt(r["test_macro_f1_pooled"])
+        row["Test accuracy"] = fmt(r["test_accuracy_mean"])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def fmt_hp(value) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)) or value == "":
+        return "?"
+    if isinstance(value, (int, float, np.floating)) and not isinstance(value, bool):
+        return f"{float(value):.4g}"
+    try:
+        return f"{float(value):.4g}"
+    except (TypeError, ValueError):
+        return str(value)

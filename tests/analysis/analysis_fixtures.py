@@ -1,0 +1,205 @@
+"""Fixture experiment directories written exactly as the orchestrator's contract says.
+
+Predictions are generated from hand-written confusion matrices (rows = true class, columns =
+predicted, class order HGG, LGG, Healthy), so tests can check metrics against arithmetic on those
+matrices. Each fold has 10 test subjects: 4 HGG, 2 LGG, 4 Healthy. (A uniquely named module rather
+than conftest.py, so tests can import its constants without clashing with other folders' conftests.)
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+CLASSES = ["HGG", "LGG", "Healthy"]
+PAPER_DEFAULTS = {"lr": 1e-05, "weight_decay": 0.001, "dropout": 0.3, "augmentation": "light", "aug_strength": 1.0}
+PAPER_CONFIG = "3f2a9c1d"
+BUILT_BOOTSTRAP = 100  # resamples for the session-built report (the default 2000 only costs time here)
+
+# (model, pretrained) -> one confusion matrix per fold
+PAPER_MATRICES: dict[tuple[str, bool], list[list[list[int]]]] = {
+    ("mc3_18", True): [
+        [[3, 1, 0], [1, 1, 0], [0, 0, 4]],
+        [[4, 0, 0], [0, 2, 0], [0, 0, 4]],
+        [[4, 0, 0], [1, 1, 0], [0, 0, 4]],
+    ],
+    ("mc3_18", False): [
+        [[3, 1, 0], [1, 1, 0], [0, 1, 3]],
+        [[3, 1, 0], [1, 1, 0], [0, 0, 4]],
+        [[2, 2, 0], [1, 1, 0], [0, 0, 4]],
+    ],
+    ("r3d_18", True): [
+        [[4, 0, 0], [1, 1, 0], [0, 0, 4]],
+        [[3, 1, 0], [0, 2, 0], [0, 0, 4]],
+        [[4, 0, 0], [0, 2, 0], [1, 0, 3]],
+    ],
+}
+
+
+def trial_name(model: str, pretrained: bool, fold: int, config_id: str = PAPER_CONFIG) -> str:
+    return f"{model}-{'pretrained' if pretrained else 'scratch'}-{config_id}-f{fold}"
+
+
+def prediction_rows(experiment: str, model: str, pretrained: bool, fold: int, config_id: str,
+                    matrix: list[list[int]]) -> list[dict]:
+    """Rows realising `matrix`; subject ids are shared by all arms for the same fold (same split)."""
+    rows, per_class_seen = [], {c: 0 for c in CLASSES}
+    name = trial_name(model, pretrained, fold, config_id)
+    for i, true in enumerate(CLASSES):
+        for j, pred in enumerate(CLASSES):
+            for _ in range(matrix[i][j]):
+                k = per_class_seen[true]
+                per_class_seen[true] += 1
+                # a varying, valid softmax whose argmax is the prediction
+                top = 0.55 + 0.04 * k + 0.01 * i
+                probs = {c: (1 - top) / 2 for c in CLASSES}
+                probs[pred] = top
+                rows.append({"experiment": experiment, "model": model, "pretrained": pretrained, "fold": fold,
+                             "config_id": config_id, "trial_name": name, "subject_id": f"{true}-{fold}-{k:02d}",
+                             "label": true, "pred": pred, **{f"prob_{c}": probs[c] for c in CLASSES}})
+    return rows
+
+
+def epoch_rows(experiment: str, model: str, pretrained: bool, fold: int, config_id: str, n_epochs: int = 3) -> list[dict]:
+    rows = []
+    for e in range(1, n_epochs + 1):
+        rows.append({"experiment": experiment, "model": model, "pretrained": pretrained, "fold": fold,
+                     "config_id": config_id, "trial_name": trial_name(model, pretrained, fold, config_id), "epoch": e,
+                     "train_loss": 1.0 / e + 0.01 * fold, "val_loss": 1.1 / e + 0.02 * fold,
+                     "val_accuracy": 0.6 + 0.1 * e - 0.01 * fold, "val_macro_f1": 0.55 + 0.1 * e - 0.01 * fold,
+                     **{f"val_f1_{c}": 0.5 + 0.1 * e for c in CLASSES}, "lr": 1e-5})
+    return rows
+
+
+def trial_row(experiment: str, model: str, pretrained: bool, fold: int, config_id: str, status: str = "TERMINATED",
+              error: str = "", best_val: float = 0.8, hp: dict | None = None) -> dict:
+    hp = hp or PAPER_DEFAULTS
+    return {"experiment": experiment, "trial_name": trial_name(model, pretrained, fold, config_id), "model": model,
+            "pretrained": pretrained, "fold": fold, "config_id": config_id, "status": status, "error": error, **hp,
+            "epochs_run": 3, "best_epoch": 3, "best_val_macro_f1": best_val if status == "TERMINATED" else "",
+            "n_train": 16, "n_val": 4, "n_test": 10}
+
+
+def write_dir(out: Path, meta: dict, preds: list[dict], epochs: list[dict], trials: list[dict]) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "experiment.json").write_text(json.dumps(meta, indent=2))
+    pd.DataFrame(preds).to_csv(out / "predictions.csv", index=False)
+    pd.DataFrame(epochs).to_csv(out / "epochs.csv", index=False)
+    pd.DataFrame(trials).to_csv(out / "trials.csv", index=False)
+    return out
+
+
+def paper_meta(arms: list[tuple[str, bool]], planned: list[str]) -> dict:
+    return {"experiment": "paper", "classes": CLASSES, "n_folds": 3, "split": "kfold", "seed": 0,
+            "arms": [{"model": m, "pretrained": p} for m, p in arms], "planned_trials": planned,
+            "paper_config_id": PAPER_CONFIG, "paper_defaults": PAPER_DEFAULTS, "unrelated_key": {"ignored": True}}
+
+
+def build_paper_dir(out: Path) -> Path:
+    preds, epochs, trials, planned = [], [], [], []
+    for (model, pre), mats in PAPER_MATRICES.items():
+        for fold, mat in enumerate(mats):
+            preds += prediction_rows("paper", model, pre, fold, PAPER_CONFIG, mat)
+            epochs += epoch_rows("paper", model, pre, fold, PAPER_CONFIG)
+            trials.append(trial_row("paper", model, pre, fold, PAPER_CONFIG))
+            planned.append(trial_name(model, pre, fold))
+    return write_dir(out, paper_meta(list(PAPER_MATRICES), planned), preds, epochs, trials)
+
+
+FAILED_TRIAL = trial_name("r3d_18", True, 2)
+MISSING_TRIAL = trial_name("mc3_18", False, 1)
+FAILED_ERROR = "RuntimeError: CUDA out of memory while allocating 2.00 GiB\nTraceback (most recent call last):\n  x"
+
+
+UNRUN_ARM = ("r2plus1d_18", True)
+UNRUN_TRIALS = [trial_name(*UNRUN_ARM, fold) for fold in range(3)]
+
+
+def build_partial_dir(out: Path) -> Path:
+    """r3d_18 pre-trained fold 2 ERRORed (no predictions); mc3_18 scratch fold 1 never ran (absent from
+    trials.csv); r2plus1d_18 pre-trained is planned but has no trial at all; mc3_18 pre-trained is complete."""
+    preds, epochs, trials, planned = [], [], [], list(UNRUN_TRIALS)
+    for (model, pre), mats in PAPER_MATRICES.items():
+        for fold, mat in enumerate(mats):
+            name = trial_name(model, pre, fold)
+            planned.append(name)
+            if name == MISSING_TRIAL:
+                continue
+            if name == FAILED_TRIAL:
+                trials.append(trial_row("paper", model, pre, fold, PAPER_CONFIG, status="ERROR", error=FAILED_ERROR))
+                epochs += epoch_rows("paper", model, pre, fold, PAPER_CONFIG, n_epochs=1)
+                continue
+            preds += prediction_rows("paper", model, pre, fold, PAPER_CONFIG, mat)
+            epochs += epoch_rows("paper", model, pre, fold, PAPER_CONFIG)
+            trials.append(trial_row("paper", model, pre, fold, PAPER_CONFIG))
+    # the orchestrator writes a planned trial that never started as a row with only name and status
+    trials += [{"trial_name": name, "status": "MISSING", "error": ""} for name in UNRUN_TRIALS]
+    return write_dir(out, paper_meta([*PAPER_MATRICES, UNRUN_ARM], planned), preds, epochs, trials)
+
+
+def build_single_arm_dir(out: Path) -> Path:
+    """The paper fixture reduced to one arm (mc3_18 pre-trained): the cheapest complete directory."""
+    arm = ("mc3_18", True)
+    preds, epochs, trials, planned = [], [], [], []
+    for fold, mat in enumerate(PAPER_MATRICES[arm]):
+        preds += prediction_rows("paper", *arm, fold, PAPER_CONFIG, mat)
+        epochs += epoch_rows("paper", *arm, fold, PAPER_CONFIG)
+        trials.append(trial_row("paper", *arm, fold, PAPER_CONFIG))
+        planned.append(trial_name(*arm, fold))
+    return write_dir(out, paper_meta([arm], planned), preds, epochs, trials)
+
+
+# ------------------------------------------------------------------------------------------ search
+SEARCH_ARMS = [("mc3_18", False), ("r3d_18", True)]
+SEARCH_CONFIGS = {
+    # config_id: (hyperparameters, inner-validation best_val_macro_f1 per fold, folds run)
+    PAPER_CONFIG: (PAPER_DEFAULTS, [0.70, 0.72, 0.74], 3),
+    "cfgA": ({**PAPER_DEFAULTS, "lr": 1e-4, "dropout": 0.5}, [0.80, 0.82, 0.84], 3),
+    # highest inner score but only 2 of 3 folds finished: must not be chosen over cfgA
+    "cfgB": ({**PAPER_DEFAULTS, "lr": 3e-4, "dropout": 0.1}, [0.95, 0.96], 2),
+}
+SEARCH_MATRICES = {
+    PAPER_CONFIG: [[[3, 1, 0], [1, 1, 0], [0, 0, 4]]] * 3,
+    "cfgA": [[[4, 0, 0], [1, 1, 0], [0, 0, 4]]] * 3,
+    "cfgB": [[[2, 2, 0], [1, 1, 0], [0, 0, 4]]] * 2,
+}
+
+
+def _make_study(db: Path, name: str, values: list[tuple[dict, float]]) -> str:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = f"sqlite:///{db}"
+    study = optuna.create_study(study_name=name, storage=optuna.storages.RDBStorage(url), direction="maximize")
+    dists = {"lr": optuna.distributions.FloatDistribution(1e-6, 1e-3, log=True),
+             "dropout": optuna.distributions.FloatDistribution(0.0, 0.6)}
+    for params, value in values:
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=value))
+    return url
+
+
+def build_search_dir(out: Path) -> Path:
+    preds, epochs, trials, planned = [], [], [], []
+    for model, pre in SEARCH_ARMS:
+        for cid, (hp, vals, n) in SEARCH_CONFIGS.items():
+            for fold in range(n):
+                planned.append(trial_name(model, pre, fold, cid))
+                preds += prediction_rows("search", model, pre, fold, cid, SEARCH_MATRICES[cid][fold])
+                epochs += epoch_rows("search", model, pre, fold, cid)
+                trials.append(trial_row("search", model, pre, fold, cid, best_val=vals[fold], hp=hp))
+    (out / "optuna").mkdir(parents=True, exist_ok=True)
+    url1 = _make_study(out / "optuna" / "mc3_18-scratch.db", "mc3_18-scratch",
+                       [({"lr": 1e-5, "dropout": 0.3}, 0.72), ({"lr": 1e-4, "dropout": 0.5}, 0.82),
+                        ({"lr": 3e-4, "dropout": 0.1}, 0.955), ({"lr": 5e-6, "dropout": 0.2}, 0.60),
+                        ({"lr": 2e-5, "dropout": 0.4}, 0.75)])
+    url2 = _make_study(out / "optuna" / "r3d_18-pretrained.db", "r3d_18-pretrained", [({"lr": 1e-5, "dropout": 0.3}, 0.7)])
+    meta = {"experiment": "search", "classes": CLASSES, "n_folds": 3, "split": "shuffle", "seed": 0,
+            "arms": [{"model": m, "pretrained": p} for m, p in SEARCH_ARMS], "planned_trials": planned,
+            "paper_config_id": PAPER_CONFIG, "paper_defaults": PAPER_DEFAULTS,
+            "optuna_studies": [
+                {"model": "mc3_18", "pretrained": False, "storage": url1, "study_name": "mc3_18-scratch"},
+                {"model": "r3d_18", "pretrained": True, "storage": url2, "study_name": "r3d_18-pretrained"}]}
+    return write_dir(out, meta, preds, epochs, trials)
