@@ -20,7 +20,7 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the compact CLIReporter tabl
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
 from datasets import DataSpec, InvalidDataError, PreprocessConfig, SplitSpec, prepare_data
-from datasets.atomic import atomic_write_text
+from datasets.atomic import write_text_atomic
 from models import KineticsWeightsNotFound, resolve_weights_path
 from search_spaces import space_table
 from trainables.experiment import ExperimentConfig, parse_overrides
@@ -142,17 +142,23 @@ def save_experiment_record(config: ExperimentConfig, data, studies: list[dict]) 
               "paper_config_id": config.paper_config_id(),
               "paper_defaults": {k: config.training_constants()[k] for k in ("lr", "weight_decay", "dropout", "augmentation", "aug_strength")},
               "search_space": space_table(), "optuna_studies": studies,
-              "excluded_subjects": list(data.excluded), "cache": data.cache_dir}
-    atomic_write_text(config.output_path / "experiment.json", json.dumps(record, indent=2))
+              "excluded_subjects": list(data.excluded), "cache": data.cache_dir,
+              "options": config.to_dict()}  # as given, compared on resume
+    write_text_atomic(config.output_path / "experiment.json", json.dumps(record, indent=2))
 
 
 def refuse_changed_options(config: ExperimentConfig) -> None:
     saved_file = config.output_path / "experiment.json"
     if saved_file.is_file():
-        changed = config.differences(json.loads(saved_file.read_text()))
+        changed = config.differences(json.loads(saved_file.read_text()).get("options", {}))
         if changed:
             raise ValueError(f"{config.output_path} holds an experiment run with other options ({', '.join(changed)}); "
                              "rerun with the same options to resume it, or choose another --output")
+
+
+def interrupted(grid) -> bool:
+    """Tune returns normally on Ctrl-C; unfinished trials without an error tell us it was stopped."""
+    return any(result.error is None and not result.metrics.get("fold_finished") for result in grid)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,10 +210,14 @@ def run_experiment(config: ExperimentConfig) -> int:
         resources = trial_resources(config)
         print(f"Each trial gets {resources} (cluster: {ray.cluster_resources()})", flush=True)
         grids = []
-        if config.experiment in ("paper", "demo"):
-            grids.append(run_grid(config, data, resources))
-        for model, pretrained in search_arms:
-            grids.append(run_search(config, data, resources, model, pretrained))
+        runs = [lambda: run_grid(config, data, resources)] if config.experiment in ("paper", "demo") else []
+        runs += [lambda m=m, p=p: run_search(config, data, resources, m, p) for m, p in search_arms]
+        for run in runs:
+            grids.append(run())
+            if interrupted(grids[-1]):
+                print(f"\nInterrupted. Finished trials are kept; rerun the same command (same --output "
+                      f"{config.output_path}) to resume.", flush=True)
+                return 130
     finally:
         ray.shutdown()
     tables = collect(grids, planned_trials(config, len(data.plan.folds)))

@@ -18,7 +18,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from analysis.fsutil import write_bytes_atomic  # noqa: E402
+from datasets.atomic import write_bytes_atomic  # noqa: E402
 from analysis.metrics import ArmMetrics  # noqa: E402
 from analysis.names import Arm, arm_label, arm_slug, display_name  # noqa: E402
 

@@ -12,7 +12,7 @@ import pandas as pd
 
 from analysis import figures as figs
 from analysis.document import Document
-from analysis.fsutil import write_text_atomic
+from datasets.atomic import write_text_atomic
 from analysis.load import Experiment, check_one_trial_per_fold, load_experiment
 from analysis.metrics import arm_metrics, confusion_counts, roc_per_class
 from analysis.names import Arm, arm_label, display_name, display_names_note

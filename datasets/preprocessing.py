@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 import torchio as tio
 
-from datasets.atomic import atomic_write_text
+from datasets.atomic import write_text_atomic
 from datasets.records import SubjectRecord
 
 log = logging.getLogger(__name__)
@@ -169,7 +169,7 @@ def preprocess(
                 "n_subjects": len(records), "spacing_mm": config.spacing, "axes": "N,C,X,Y,Z (RAS)",
                 "dtype": "float16", "version": CACHE_FORMAT_VERSION}
         # meta.json last: its presence marks a complete entry even before the rename.
-        atomic_write_text(partial / "meta.json", json.dumps(meta, indent=2))
+        write_text_atomic(partial / "meta.json", json.dumps(meta, indent=2))
         try:
             os.replace(partial, final)
         except OSError:

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, StratifiedShuffleSplit
 
-from datasets.atomic import atomic_write_text
+from datasets.atomic import write_text_atomic
 
 SCHEMES = ("kfold", "shuffle")
 
@@ -105,7 +105,7 @@ class SplitPlan:
         return cls(**data)
 
     def save(self, path: str | os.PathLike) -> None:
-        atomic_write_text(path, self.to_json())
+        write_text_atomic(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "SplitPlan":

@@ -16,7 +16,7 @@ from typing import Sequence
 import nibabel as nib
 import numpy as np
 
-from datasets.atomic import atomic_write_text
+from datasets.atomic import write_text_atomic
 from datasets.records import SubjectRecord
 
 
@@ -117,7 +117,7 @@ class _CheckCache:
     def save(self) -> None:
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.path, json.dumps(self.entries, sort_keys=True))
+            write_text_atomic(self.path, json.dumps(self.entries, sort_keys=True))
 
 
 def validate_records(

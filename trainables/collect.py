@@ -17,7 +17,7 @@ from typing import Any, Iterable
 import pandas as pd
 from ray import tune
 
-from datasets.atomic import atomic_write_csv
+from datasets.atomic import write_csv_atomic
 from trainables.ray_trainable import config_id, fold_of, trial_name
 
 KEY_COLUMNS = ["experiment", "model", "pretrained", "fold", "config_id", "trial_name"]
@@ -82,4 +82,4 @@ def collect(result_grids: Iterable[tune.ResultGrid], planned: Iterable[str] = ()
 
 def write_tables(tables: dict[str, pd.DataFrame], out_dir: Path) -> None:
     for name, frame in tables.items():
-        atomic_write_csv(frame, out_dir / f"{name}.csv")
+        write_csv_atomic(frame, out_dir / f"{name}.csv")

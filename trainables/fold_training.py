@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from datasets import PreparedData, VolumeDataset, build_augmentation
-from datasets.atomic import atomic_write_csv, atomic_write_text
+from datasets.atomic import write_csv_atomic, write_text_atomic
 from models import build_model
 from trainables.metrics import class_weights, classification_metrics
 
@@ -249,7 +249,7 @@ def train_fold(
         patience = config["patience"]
         stop_early = patience is not None and state.epoch - state.best_epoch >= patience
         finished = stop_early or state.epoch >= config["epochs"]
-        atomic_write_csv(pd.DataFrame(state.history), output_dir / "epochs.csv")
+        write_csv_atomic(pd.DataFrame(state.history), output_dir / "epochs.csv")
 
         report = {**metrics, "val_macro_f1_best": state.best_score[0], "best_epoch": state.best_epoch,
                   "fold_finished": finished}
@@ -283,12 +283,12 @@ def _finish(config, model, state: _State, loaders, criterion, device, amp_dtype,
                                 "pred": [classes[i] for i in probs.argmax(1)]})
     for index, name in enumerate(classes):
         predictions[f"prob_{name}"] = probs[:, index]
-    atomic_write_csv(predictions, output_dir / "predictions.csv")
+    write_csv_atomic(predictions, output_dir / "predictions.csv")
     test_metrics = classification_metrics("test", y, probs.argmax(1), classes)
     test_metrics = {k.removeprefix("test_"): v for k, v in test_metrics.items()}
     result = FoldResult(config=config, best_epoch=state.best_epoch, best_val_macro_f1=float(state.best_score[0]),
                         epochs_run=state.epoch, test_metrics=test_metrics, n_train=len(parts["train"][2]),
                         n_val=len(parts["val"][2]), n_test=len(test_ids), predictions=predictions)
     summary = {k: v for k, v in asdict(result).items() if k != "predictions"}
-    atomic_write_text(output_dir / "result.json", json.dumps(summary, indent=2, default=str))
+    write_text_atomic(output_dir / "result.json", json.dumps(summary, indent=2, default=str))
     return result

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,9 @@ from trainables.fold_training import train_fold
 OUTPUT_FILES = ("predictions.csv", "epochs.csv", "result.json")
 # The hyperparameters that make two trials "the same configuration" (folds of one config share an id).
 CONFIG_ID_KEYS = ("lr", "weight_decay", "dropout", "augmentation", "aug_strength", "batch_size", "epochs", "patience")
-# Test hook: raise once after this epoch's report, to exercise Tune's retry-from-checkpoint.
-FAIL_ONCE_KEY = "_fail_once_after_epoch"
+# Test hook: crash once in this epoch (after its training, before its report), so Tune's retry
+# must resume from the previous epoch's checkpoint.
+FAIL_ONCE_KEY = "_fail_once_in_epoch"
 
 
 def config_id(config: dict[str, Any]) -> str:
@@ -44,24 +46,27 @@ def fold_trial(config: dict[str, Any], data: PreparedData) -> None:
     """Run by Tune in a worker; ``data`` arrives through the object store (``tune.with_parameters``)."""
     train_config = {k: v for k, v in config.items() if not k.startswith("_")}
     train_config["fold"] = fold_of(config)
-    fail_after = config.get(FAIL_ONCE_KEY)
-    output_dir = Path(tune.get_context().get_trial_dir()) / "fold_output"
-    marker = output_dir.parent / ".injected_failure_done"
+    fail_in = config.get(FAIL_ONCE_KEY)
+    marker = Path(tune.get_context().get_trial_dir()) / ".injected_failure_done"
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        if fail_in is not None and metrics["epoch"] == fail_in and not marker.exists():
+            marker.touch()
+            raise RuntimeError(f"Injected failure in epoch {fail_in} (test hook {FAIL_ONCE_KEY})")
         if metrics.get("fold_finished") and checkpoint_dir is not None:
             for name in OUTPUT_FILES:
                 if (output_dir / name).is_file():
                     shutil.copy2(output_dir / name, Path(checkpoint_dir) / name)
         checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         tune.report(metrics, checkpoint=checkpoint)
-        if fail_after is not None and metrics["epoch"] == fail_after and not marker.exists():
-            marker.touch()
-            raise RuntimeError(f"Injected failure after epoch {fail_after} (test hook {FAIL_ONCE_KEY})")
 
     checkpoint = tune.get_checkpoint()
-    if checkpoint is None:
-        train_fold(train_config, data, output_dir, reporter=report)
-    else:
-        with checkpoint.as_directory() as resume_from:
-            train_fold(train_config, data, output_dir, reporter=report, resume_from=resume_from)
+    # Outputs go to a private folder, not the trial folder: Tune syncs that one while we write.
+    # They reach Tune's storage inside the final checkpoint; their content is rebuilt on a resume.
+    with tempfile.TemporaryDirectory(prefix="fold_output_") as scratch:
+        output_dir = Path(scratch)
+        if checkpoint is None:
+            train_fold(train_config, data, output_dir, reporter=report)
+        else:
+            with checkpoint.as_directory() as resume_from:
+                train_fold(train_config, data, output_dir, reporter=report, resume_from=resume_from)

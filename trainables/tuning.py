@@ -109,24 +109,27 @@ def run_search(config: ExperimentConfig, data: PreparedData, resources: dict[str
     url, study_name = study_storage(config, model, pretrained)
     constants = config.training_constants()
     searched = [item.name for item in SEARCH_SPACE]
-    # The grid's configuration (the paper's, plus any --set) is evaluated first, so the search can only improve on it.
-    searcher = OptunaSearch(
-        define_by_run, metric=METRIC, mode=MODE,
-        points_to_evaluate=[{name: constants[name] for name in searched}],
-        sampler=optuna.samplers.TPESampler(seed=config.seed),
-        study_name=study_name,
-        storage=optuna.storages.RDBStorage(url),
-    )
     fixed = {k: v for k, v in constants.items() if k not in searched}
     param_space = {**fixed, "_experiment": "search", "model": model, "pretrained": pretrained}
     name = f"search-{arm_label(model, pretrained)}"
     storage = Path(config.storage or config.output_path / "ray")
-    return _fit_or_restore(
-        storage / name, trainable,
-        lambda: tune.Tuner(
+
+    def new_tuner() -> tune.Tuner:
+        # Built only for a fresh run: constructing OptunaSearch enqueues points_to_evaluate in the
+        # persistent study, which on a restore would evaluate the paper's point a second time.
+        searcher = OptunaSearch(
+            define_by_run, metric=METRIC, mode=MODE,
+            # The grid's configuration (the paper's, plus any --set) first: the search can only improve on it.
+            points_to_evaluate=[{key: constants[key] for key in searched}],
+            sampler=optuna.samplers.TPESampler(seed=config.seed),
+            study_name=study_name,
+            storage=optuna.storages.RDBStorage(url),
+        )
+        return tune.Tuner(
             trainable, param_space=param_space,
             tune_config=_tune_config(search_alg=Repeater(searcher, repeat=folds), num_samples=config.num_samples * folds,
                                      max_concurrent_trials=config.max_concurrent),
             run_config=_run_config(config, name, ["__trial_index__", *searched]),
-        ),
-    )
+        )
+
+    return _fit_or_restore(storage / name, trainable, new_tuner)

@@ -1,0 +1,171 @@
+"""Ray Tune orchestration end to end on tiny phantoms (Ray with 2 CPUs, no GPU).
+
+These tests run real Ray Tune, Optuna and TorchIO; they are the slowest of the suite (~3 min).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+import torch
+from torchvision.models.video import r2plus1d_18
+
+import tune_main
+from models import weights_filename
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = ["--spacing", "16", "--epochs", "1", "--set", "batch_size=4", "--no-report"]
+
+
+@pytest.fixture(scope="module")
+def weights_dir(tmp_path_factory) -> Path:
+    """A Kinetics-400 state dict with torchvision's exact layout (random values: no download here)."""
+    folder = tmp_path_factory.mktemp("kinetics")
+    torch.save(r2plus1d_18(weights=None, num_classes=400).state_dict(), folder / weights_filename("r2plus1d_18"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def grid_run(phantom_root, weights_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("grid") / "out"
+    argv = ["--experiment", "paper", "--data-root", str(phantom_root), "--output", str(out), "--models", "r2plus1d_18",
+            "--pretrained", "both", "--weights-dir", str(weights_dir), "--folds", "2", *TINY]
+    assert tune_main.main(argv) == 0
+    return out, argv
+
+
+def trial_folders(storage: Path) -> list[Path]:
+    return sorted(p for p in storage.iterdir() if p.is_dir() and (p / "params.json").is_file())
+
+
+def test_grid_runs_one_trial_per_model_pretraining_and_fold(grid_run, phantom_root):
+    out, _ = grid_run
+    trials = pd.read_csv(out / "trials.csv")
+    assert sorted(zip(trials["pretrained"], trials["fold"])) == [(False, 0), (False, 1), (True, 0), (True, 1)]
+    assert set(trials["status"]) == {"TERMINATED"}
+    predictions = pd.read_csv(out / "predictions.csv")
+    splits = json.loads((out / "splits.json").read_text())
+    for (pretrained, fold), rows in predictions.groupby(["pretrained", "fold"]):
+        assert sorted(rows["subject_id"]) == sorted(splits["folds"][fold]["test"])
+    assert list(predictions.columns[:9]) == ["experiment", "model", "pretrained", "fold", "config_id", "trial_name",
+                                             "subject_id", "label", "pred"]
+    assert np.allclose(predictions[["prob_LGG", "prob_HGG", "prob_Healthy"]].sum(axis=1), 1, atol=1e-5)
+    record = json.loads((out / "experiment.json").read_text())
+    assert sorted(record["planned_trials"]) == sorted(trials["trial_name"])
+    assert record["classes"] == ["LGG", "HGG", "Healthy"]
+
+
+def test_trials_get_cpu_only_resources_without_a_gpu(grid_run):
+    out, _ = grid_run
+    for folder in trial_folders(out / "ray" / "paper"):
+        params = json.loads((folder / "params.json").read_text())
+        assert params["model"] == "r2plus1d_18" and "gpu" not in json.dumps(params)
+    state = next((out / "ray" / "paper").glob("experiment_state*.json")).read_text()
+    assert '"GPU": 0' not in state and "'GPU'" not in state.replace("'GPU': 0", "")
+
+
+def test_tensorboard_tags_read_back_from_event_files(grid_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _ = grid_run
+    folder = trial_folders(out / "ray" / "paper")[0]
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for metric in ("train_loss", "val_loss", "val_accuracy", "val_macro_f1", "val_f1_LGG", "val_f1_HGG", "val_f1_Healthy", "lr"):
+        assert f"ray/tune/{metric}" in tags
+    assert events.Scalars("ray/tune/lr")[0].value == pytest.approx(1e-5)
+    assert folder.name.startswith("r2plus1d_18-")  # readable trial names
+
+
+def test_rerunning_a_finished_experiment_runs_nothing_again(grid_run):
+    out, argv = grid_run
+    before = {p.name: (p / "progress.csv").read_text() for p in trial_folders(out / "ray" / "paper")}
+    assert tune_main.main(argv) == 0
+    after = {p.name: (p / "progress.csv").read_text() for p in trial_folders(out / "ray" / "paper")}
+    assert after == before
+    assert len(pd.read_csv(out / "trials.csv")) == 4
+
+
+def test_changed_options_on_the_same_output_are_refused(grid_run, capsys):
+    out, argv = grid_run
+    assert tune_main.main([*argv, "--seed", "9"]) == 2
+    assert "other options (seed)" in capsys.readouterr().err
+
+
+def test_missing_kinetics_weights_stop_the_run_before_training(phantom_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    code = tune_main.main(["--experiment", "paper", "--data-root", str(phantom_root), "--output", str(tmp_path / "o"),
+                           "--models", "mc3_18", "--pretrained", "kinetics", "--weights-dir", str(tmp_path / "none")])
+    assert code == 2
+    assert "mc3_18-a90a0ba3.pth" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_set_option_is_named(phantom_root, tmp_path, capsys):
+    assert tune_main.main(["--experiment", "paper", "--data-root", str(phantom_root), "--set", "learning_rate=1"]) == 2
+    assert "--set learning_rate: not a training option" in capsys.readouterr().err
+
+
+def finished_trials(storage: Path) -> list[Path]:
+    """Trial folders whose progress.csv (written by the driver) records the fold as finished."""
+    done = []
+    for progress in storage.glob("*/progress.csv"):
+        try:
+            rows = pd.read_csv(progress)
+        except (pd.errors.EmptyDataError, pd.errors.ParserError):
+            continue  # being written
+        if "fold_finished" in rows and rows["fold_finished"].astype(str).eq("True").any():
+            done.append(progress.parent)
+    return done
+
+
+def _search_argv(phantom_root, out):
+    return ["--experiment", "search", "--data-root", str(phantom_root), "--output", str(out), "--models", "r2plus1d_18",
+            "--pretrained", "none", "--folds", "2", "--num-samples", "2", "--max-concurrent", "2",
+            "--spacing", "16", "--epochs", "2", "--set", "batch_size=4", "--no-report"]
+
+
+def test_search_interrupted_and_resumed_runs_each_trial_once_and_feeds_optuna_the_fold_mean(phantom_root, tmp_path):
+    out = tmp_path / "search"
+    argv = _search_argv(phantom_root, out)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, "tune_main.py", *argv], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    storage = out / "ray" / "search-r2plus1d_18-scratch"
+    deadline = time.time() + 300
+    # Interrupt as soon as Tune has recorded one finished fold: the others are running or pending.
+    while time.time() < deadline and not finished_trials(storage):
+        assert process.poll() is None, process.stdout.read()
+        time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, output
+    assert "rerun the same command" in output
+    finished_first = {folder.name: (folder / "progress.csv").read_text() for folder in finished_trials(storage)}
+    assert 1 <= len(finished_first) < 4
+
+    assert tune_main.main(argv) == 0
+    trials = pd.read_csv(out / "trials.csv")
+    assert len(trials) == 4 and trials["trial_name"].is_unique and set(trials["status"]) == {"TERMINATED"}
+    for name, progress in finished_first.items():
+        assert (storage / name / "progress.csv").read_text() == progress  # not run again
+    assert len(trial_folders(storage)) == 4
+
+    study = optuna.load_study(study_name="r2plus1d_18-scratch", storage=f"sqlite:///{out / 'optuna' / 'r2plus1d_18-scratch.db'}")
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 2
+    assert complete[0].params == {"lr": 1e-5, "weight_decay": 1e-3, "dropout": 0.3, "aug_strength": 1.0}
+    for optuna_trial in complete:
+        folds = trials[np.isclose(trials["lr"], optuna_trial.params["lr"])]
+        assert sorted(folds["fold"]) == [0, 1]  # Repeater's __trial_index__ is the fold
+        assert optuna_trial.value == pytest.approx(folds["best_val_macro_f1"].mean())
