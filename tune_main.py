@@ -29,9 +29,9 @@ from trainables.ray_trainable import trial_name
 log = logging.getLogger("tune_main")
 
 # The demo: small phantoms, coarse voxels, a few epochs, batch 4 — shortened so it ends on 2 CPU cores.
-DEMO_DATA = {"n_hgg": 12, "n_lgg": 12, "n_healthy": 12, "seed": 0, "downsample": 4.0}
-DEMO_OPTIONS = {"spacing": 8.0, "epochs": 3, "num_samples": 2, "search_models": ("r2plus1d_18",),
-                "overrides": {"batch_size": 4, "lr": 1e-4}}
+DEMO_DATA = {"n_hgg": 20, "n_lgg": 20, "n_healthy": 20, "seed": 0, "downsample": 4.0}
+DEMO_OPTIONS = {"spacing": 8.0, "epochs": 5, "num_samples": 2, "search_models": ("r2plus1d_18",),
+                "overrides": {"batch_size": 4, "lr": 3e-4}}
 
 
 def build_parser() -> argparse.ArgumentParser:

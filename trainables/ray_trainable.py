@@ -39,7 +39,9 @@ def fold_of(config: dict[str, Any]) -> int:
 def trial_name(config: dict[str, Any]) -> str:
     """Readable and unique within an experiment: model, pretraining, fold, configuration."""
     pretrained = "kinetics" if config.get("pretrained") else "scratch"
-    return f"{config['model']}-{pretrained}-f{fold_of(config)}-{config_id(config)}"
+    # A search may evaluate the grid's configuration again: the prefix keeps the two trials apart.
+    prefix = "search-" if config.get("_experiment") == "search" else ""
+    return f"{prefix}{config['model']}-{pretrained}-f{fold_of(config)}-{config_id(config)}"
 
 
 def fold_trial(config: dict[str, Any], data: PreparedData) -> None:
