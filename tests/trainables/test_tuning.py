@@ -84,6 +84,8 @@ def test_tensorboard_tags_read_back_from_event_files(grid_run):
     for metric in ("train_loss", "val_loss", "val_accuracy", "val_macro_f1", "val_f1_LGG", "val_f1_HGG", "val_f1_Healthy", "lr"):
         assert f"ray/tune/{metric}" in tags
     assert events.Scalars("ray/tune/lr")[0].value == pytest.approx(1e-5)
+    # The HParams dashboard's records (written by Ray's TensorBoard logger when the trial ends).
+    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(events.PluginTagToContent("hparams"))
     assert folder.name.startswith("r2plus1d_18-")  # readable trial names
 
 
