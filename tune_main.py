@@ -30,7 +30,7 @@ log = logging.getLogger("tune_main")
 
 # The demo: small phantoms, coarse voxels, a few epochs, batch 4 — shortened so it ends on 2 CPU cores.
 DEMO_DATA = {"n_hgg": 20, "n_lgg": 20, "n_healthy": 20, "seed": 0, "downsample": 4.0}
-DEMO_OPTIONS = {"spacing": 8.0, "epochs": 5, "num_samples": 2, "search_models": ("r2plus1d_18",),
+DEMO_OPTIONS = {"spacing": 10.0, "epochs": 8, "num_samples": 2, "search_models": ("r2plus1d_18",),
                 "overrides": {"batch_size": 4, "lr": 3e-4}}
 
 
@@ -161,6 +161,12 @@ def interrupted(grid) -> bool:
     return any(result.error is None and not result.metrics.get("fold_finished") for result in grid)
 
 
+def stop_interrupted(config: ExperimentConfig) -> int:
+    print(f"\nInterrupted. Finished trials are kept; rerun the same command (same --output "
+          f"{config.output_path}) to resume.", flush=True)
+    return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
@@ -181,7 +187,7 @@ def run_experiment(config: ExperimentConfig) -> int:
     import ray
 
     from trainables.collect import collect, write_tables
-    from trainables.tuning import run_grid, run_search, study_storage, trial_resources
+    from trainables.tuning import grid_values, run_grid, run_search, study_storage, trial_resources
 
     out = config.output_path
     out.mkdir(parents=True, exist_ok=True)
@@ -210,14 +216,19 @@ def run_experiment(config: ExperimentConfig) -> int:
         resources = trial_resources(config)
         print(f"Each trial gets {resources} (cluster: {ray.cluster_resources()})", flush=True)
         grids = []
-        runs = [lambda: run_grid(config, data, resources)] if config.experiment in ("paper", "demo") else []
-        runs += [lambda m=m, p=p: run_search(config, data, resources, m, p) for m, p in search_arms]
-        for run in runs:
-            grids.append(run())
+        known: dict = {}
+        if config.experiment in ("paper", "demo"):
+            grids.append(run_grid(config, data, resources))
             if interrupted(grids[-1]):
-                print(f"\nInterrupted. Finished trials are kept; rerun the same command (same --output "
-                      f"{config.output_path}) to resume.", flush=True)
-                return 130
+                return stop_interrupted(config)
+            known = grid_values(grids[-1], len(data.plan.folds))
+        for model, pretrained in search_arms:
+            grid = run_search(config, data, resources, model, pretrained, known.get((model, pretrained)))
+            if grid is None:
+                continue
+            grids.append(grid)
+            if interrupted(grid):
+                return stop_interrupted(config)
     finally:
         ray.shutdown()
     tables = collect(grids, planned_trials(config, len(data.plan.folds)))

@@ -31,10 +31,11 @@ SEARCH_SPACE: tuple[SearchRange, ...] = (
 )
 
 
-def define_by_run(trial: Any) -> None:
-    """Optuna define-by-run space: suggests every range; constants stay in Ray's param_space."""
-    for item in SEARCH_SPACE:
-        trial.suggest_float(item.name, item.low, item.high, log=item.log)
+def optuna_distributions() -> dict[str, Any]:
+    """The space as Optuna distributions (a dict, so known results can be added as evaluated trials)."""
+    from optuna.distributions import FloatDistribution
+
+    return {item.name: FloatDistribution(item.low, item.high, log=item.log) for item in SEARCH_SPACE}
 
 
 def space_table() -> list[dict[str, Any]]:

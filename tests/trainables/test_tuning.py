@@ -171,3 +171,28 @@ def test_search_interrupted_and_resumed_runs_each_trial_once_and_feeds_optuna_th
         folds = trials[np.isclose(trials["lr"], optuna_trial.params["lr"])]
         assert sorted(folds["fold"]) == [0, 1]  # Repeater's __trial_index__ is the fold
         assert optuna_trial.value == pytest.approx(folds["best_val_macro_f1"].mean())
+
+
+def test_a_search_after_the_grid_reuses_its_score_for_the_default_configuration(grid_run, phantom_root):
+    """As in the demo: Optuna records the grid's fold mean as evaluated and trains only new suggestions."""
+    import ray
+
+    from datasets import DataSpec, PreprocessConfig, SplitSpec, prepare_data
+    from trainables.experiment import ExperimentConfig
+    from trainables.tuning import run_search
+
+    out, _ = grid_run
+    config = ExperimentConfig(experiment="demo", output=str(out), models=("r2plus1d_18",), pretrained="none",
+                              folds=2, spacing=16.0, epochs=1, num_samples=2, overrides={"batch_size": 4})
+    data = prepare_data(DataSpec(data_root=str(phantom_root)), PreprocessConfig(spacing=16.0), SplitSpec(n_splits=2),
+                        out / "cache", splits_file=out / "splits.json", num_workers=1)
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        grid = run_search(config, data, {"cpu": 1}, "r2plus1d_18", False, grid_value=0.4321)
+    finally:
+        ray.shutdown()
+    assert sorted(result.config["__trial_index__"] for result in grid) == [0, 1]  # one new suggestion, two folds
+    study = optuna.load_study(study_name="r2plus1d_18-scratch", storage=f"sqlite:///{out / 'optuna' / 'r2plus1d_18-scratch.db'}")
+    values = [t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert values[0] == 0.4321 and study.trials[0].params["lr"] == 1e-5
+    assert len(values) == 2 and values[1] == pytest.approx(np.mean([r.metrics["val_macro_f1_best"] for r in grid]))

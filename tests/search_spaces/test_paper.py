@@ -1,0 +1,26 @@
+"""The search space is centred on the paper's values and says why each range is as wide as it is."""
+import math
+
+from search_spaces import SEARCH_SPACE, optuna_distributions, space_table
+from trainables import PAPER_DEFAULTS
+
+
+def test_every_range_contains_the_papers_value_and_has_a_reason():
+    for item in SEARCH_SPACE:
+        assert item.low < PAPER_DEFAULTS[item.name] < item.high, item.name
+        assert len(item.reason) > 20
+
+
+def test_log_ranges_are_centred_on_the_paper_in_log_space():
+    for item in SEARCH_SPACE:
+        if item.log:
+            centre = math.sqrt(item.low * item.high)
+            assert math.isclose(centre, PAPER_DEFAULTS[item.name], rel_tol=1e-9), item.name
+
+
+def test_optuna_distributions_match_the_table():
+    distributions = optuna_distributions()
+    assert set(distributions) == {"lr", "weight_decay", "dropout", "aug_strength"}
+    assert distributions["lr"].low == 1e-6 and distributions["lr"].high == 1e-4 and distributions["lr"].log
+    assert not distributions["dropout"].log
+    assert [row["paper"] for row in space_table()] == [1e-5, 1e-3, 0.3, 1.0]
