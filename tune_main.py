@@ -30,7 +30,7 @@ log = logging.getLogger("tune_main")
 
 # The demo: small phantoms, coarse voxels, a few epochs, batch 4 — shortened so it ends on 2 CPU cores.
 DEMO_DATA = {"n_hgg": 20, "n_lgg": 20, "n_healthy": 20, "seed": 0, "downsample": 4.0}
-DEMO_OPTIONS = {"spacing": 10.0, "epochs": 8, "num_samples": 2, "search_models": ("r2plus1d_18",),
+DEMO_OPTIONS = {"spacing": 10.0, "epochs": 8, "num_samples": 2, "search_models": ("mc3_18",),
                 "overrides": {"batch_size": 4, "lr": 3e-4}}
 
 
@@ -141,7 +141,7 @@ def save_experiment_record(config: ExperimentConfig, data, studies: list[dict]) 
               "planned_trials": planned_trials(config, len(data.plan.folds)),
               "paper_config_id": config.paper_config_id(),
               "paper_defaults": {k: config.training_constants()[k] for k in ("lr", "weight_decay", "dropout", "augmentation", "aug_strength")},
-              "search_space": space_table(), "optuna_studies": studies,
+              "search_space": space_table(config.training_constants()), "optuna_studies": studies,
               "excluded_subjects": list(data.excluded), "cache": data.cache_dir,
               "options": config.to_dict()}  # as given, compared on resume
     write_text_atomic(config.output_path / "experiment.json", json.dumps(record, indent=2))

@@ -18,6 +18,19 @@ class SearchRange:
     log: bool
     reason: str
 
+    def bounds(self, centre: float | None = None) -> tuple[float, float]:
+        """The range around ``centre`` (a --set value) instead of the paper's value.
+
+        Log ranges keep their width in decades and move with the centre; linear ranges stay, and
+        widen only if the centre lies outside them.
+        """
+        paper = PAPER_DEFAULTS[self.name]
+        if centre is None or centre == paper:
+            return self.low, self.high
+        if self.log:
+            return self.low * centre / paper, self.high * centre / paper
+        return min(self.low, centre), max(self.high, centre)
+
 
 SEARCH_SPACE: tuple[SearchRange, ...] = (
     SearchRange("lr", 1e-6, 1e-4, True,
@@ -31,12 +44,16 @@ SEARCH_SPACE: tuple[SearchRange, ...] = (
 )
 
 
-def optuna_distributions() -> dict[str, Any]:
+def optuna_distributions(centres: dict[str, float] | None = None) -> dict[str, Any]:
     """The space as Optuna distributions (a dict, so known results can be added as evaluated trials)."""
     from optuna.distributions import FloatDistribution
 
-    return {item.name: FloatDistribution(item.low, item.high, log=item.log) for item in SEARCH_SPACE}
+    centres = centres or {}
+    return {item.name: FloatDistribution(*item.bounds(centres.get(item.name)), log=item.log) for item in SEARCH_SPACE}
 
 
-def space_table() -> list[dict[str, Any]]:
-    return [{**asdict(item), "paper": PAPER_DEFAULTS[item.name]} for item in SEARCH_SPACE]
+def space_table(centres: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    centres = centres or {}
+    return [{**asdict(item), "paper": PAPER_DEFAULTS[item.name],
+             "searched_low": item.bounds(centres.get(item.name))[0],
+             "searched_high": item.bounds(centres.get(item.name))[1]} for item in SEARCH_SPACE]

@@ -136,7 +136,7 @@ def run_search(config: ExperimentConfig, data: PreparedData, resources: dict[str
         # Built only for a fresh run: constructing OptunaSearch enqueues points_to_evaluate in the
         # persistent study, which on a restore would evaluate the paper's point a second time.
         searcher = OptunaSearch(
-            optuna_distributions(), metric=METRIC, mode=MODE,
+            optuna_distributions(constants), metric=METRIC, mode=MODE,
             # The grid's configuration (the paper's, plus any --set) first: the search can only improve on it.
             points_to_evaluate=[{key: constants[key] for key in searched}],
             evaluated_rewards=[grid_value] if grid_value is not None else None,

@@ -24,3 +24,10 @@ def test_optuna_distributions_match_the_table():
     assert distributions["lr"].low == 1e-6 and distributions["lr"].high == 1e-4 and distributions["lr"].log
     assert not distributions["dropout"].log
     assert [row["paper"] for row in space_table()] == [1e-5, 1e-3, 0.3, 1.0]
+
+
+def test_ranges_follow_a_set_value():
+    distributions = optuna_distributions({"lr": 3e-4, "weight_decay": 1e-3, "dropout": 0.8, "aug_strength": 1.0})
+    assert math.isclose(distributions["lr"].low, 3e-5) and math.isclose(distributions["lr"].high, 3e-3)
+    assert (distributions["weight_decay"].low, distributions["weight_decay"].high) == (1e-5, 1e-1)
+    assert (distributions["dropout"].low, distributions["dropout"].high) == (0.0, 0.8)
