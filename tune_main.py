@@ -245,7 +245,10 @@ def run_experiment(config: ExperimentConfig) -> int:
         except ImportError:
             print("The analysis module is not available; the fold results are in the CSV files above.")
         else:
+            from analysis.__main__ import summary
+
             report = build_report(out)
+            print(summary(report))
             print(f"Report: {report / 'report.md'} and {report / 'report.html'}")
     print(f"TensorBoard: tensorboard --logdir {config.storage or out / 'ray'}")
     return 0 if failed.empty else 1

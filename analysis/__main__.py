@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 
-def _summary(report_dir: Path) -> str:
+def summary(report_dir: Path) -> str:
     """One screen: macro F1 per arm, ours beside the published value."""
     import pandas as pd
 
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"report written to {report_dir / 'report.md'} and {report_dir / 'report.html'}")
-    print(_summary(report_dir))
+    print(summary(report_dir))
     return 0
 
 

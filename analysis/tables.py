@@ -241,9 +241,10 @@ def best_configs(exp: Experiment) -> pd.DataFrame:
         return pd.DataFrame(columns=BEST_COLUMNS)
     # MISSING rows carry only a name and a status; they have no arm to rank
     search = trials[~trials["experiment"].isin(["paper", ""]) & (trials["model"] != "")]
+    arms = sorted({(m, p) for m, p in zip(search["model"], search["pretrained"])}, key=arm_sort_key)
+    search = _with_grid_default(trials, search, arms, exp.paper_config_id)
     done = search[(search["status"] == "TERMINATED") & search["best_val_macro_f1"].notna()]
     rows = []
-    arms = sorted({(m, p) for m, p in zip(search["model"], search["pretrained"])}, key=arm_sort_key)
     for arm in arms:
         arm_done = done[arm_mask(done, arm)]
         if arm_done.empty:
@@ -260,6 +261,21 @@ def best_configs(exp: Experiment) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=BEST_COLUMNS)
 
 
+def _with_grid_default(trials: pd.DataFrame, search: pd.DataFrame, arms: list[Arm], paper_id: str | None) -> pd.DataFrame:
+    """Add the grid's trials of the default configuration where the search did not run it itself.
+
+    When the grid and the search run in one experiment, the search is handed the grid's score for the
+    default configuration instead of training it again; it is a candidate like any other.
+    """
+    if paper_id is None:
+        return search
+    extra = []
+    for arm in arms:
+        if not (arm_mask(search, arm) & (search["config_id"] == paper_id)).any():
+            extra.append(trials[(trials["experiment"] == "paper") & arm_mask(trials, arm) & (trials["config_id"] == paper_id)])
+    return pd.concat([search, *extra], ignore_index=True) if extra else search
+
+
 def _config_row(exp: Experiment, search: pd.DataFrame, arm: Arm, role: str, cid: str) -> dict:
     tr = search[arm_mask(search, arm) & (search["config_id"] == cid)]
     done = tr[(tr["status"] == "TERMINATED") & tr["best_val_macro_f1"].notna()]
@@ -269,6 +285,9 @@ def _config_row(exp: Experiment, search: pd.DataFrame, arm: Arm, role: str, cid:
         hp = {h: exp.paper_defaults.get(h, np.nan) for h in HYPERPARAMETERS}
     preds = exp.predictions
     sel = preds[arm_mask(preds, arm) & (preds["config_id"] == cid)]
+    # One trial per fold: the experiment whose trials were ranked (the search's own where it has them).
+    experiments = set(tr["experiment"]) or set(sel["experiment"])
+    sel = sel[sel["experiment"].isin(sorted(experiments)[:1])]
     fold_f1 = [f1_score(g["label"], g["pred"], labels=exp.classes, average="macro", zero_division=0)
                for _, g in sel.groupby("fold", sort=True)]
     fold_acc = [accuracy_score(g["label"], g["pred"]) for _, g in sel.groupby("fold", sort=True)]

@@ -237,3 +237,21 @@ def test_cli_missing_predictions_fails_naming_the_file(single_arm_dir):
     assert proc.returncode != 0
     assert str(single_arm_dir / "predictions.csv") in proc.stderr
     assert not (single_arm_dir / "report").exists()
+
+
+def test_grid_trials_of_the_default_configuration_compete_in_the_search(search_dir):
+    """Grid and search in one run (the demo): the search does not retrain the default, the grid's folds stand in."""
+    trials = pd.read_csv(search_dir / "trials.csv", dtype={"config_id": str})
+    predictions = pd.read_csv(search_dir / "predictions.csv", dtype={"config_id": str})
+    is_default = trials["config_id"] == PAPER_CONFIG
+    trials.loc[is_default, "experiment"] = "paper"
+    trials.loc[is_default, "best_val_macro_f1"] = 0.97  # better than every searched configuration
+    predictions.loc[predictions["config_id"] == PAPER_CONFIG, "experiment"] = "paper"
+    trials.to_csv(search_dir / "trials.csv", index=False)
+    predictions.to_csv(search_dir / "predictions.csv", index=False)
+    best = pd.read_csv(build_report(search_dir, bootstrap_samples=20) / "tables" / "best_configs.csv", dtype={"config_id": str})
+    for arm in best[["model", "pretrained"]].drop_duplicates().itertuples(index=False):
+        rows = _rows(best, model=arm.model, pretrained=arm.pretrained).set_index("role")
+        assert rows.loc["best", "config_id"] == PAPER_CONFIG
+        assert rows.loc["paper_default", "inner_val_macro_f1_mean"] == pytest.approx(0.97)
+        assert rows.loc["paper_default", "test_macro_f1_mean"] == pytest.approx(3 / 4)
