@@ -4,7 +4,8 @@
     python tune_main.py --experiment paper --data-root DIR --output OUT
     python tune_main.py --experiment search --data-root DIR --output OUT --num-samples 20
 
-Rerunning the same command with the same --output resumes an interrupted experiment.
+Rerunning the same command with the same --output resumes an interrupted experiment, as does
+    python tune_main.py --resume --output OUT                  # the options saved in OUT/experiment.json
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from datasets import DataSpec, InvalidDataError, PreprocessConfig, SplitSpec, pr
 from datasets.atomic import write_text_atomic
 from models import KineticsWeightsNotFound, resolve_weights_path
 from search_spaces import space_table
-from trainables.experiment import ExperimentConfig, parse_overrides
+from trainables.experiment import ExperimentConfig, field_names, parse_overrides
 from trainables.ray_trainable import trial_name
 
 log = logging.getLogger("tune_main")
@@ -36,8 +37,10 @@ DEMO_OPTIONS = {"spacing": 10.0, "epochs": 8, "num_samples": 2, "search_models":
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--experiment", choices=["paper", "search", "demo"], default="demo")
+    p.add_argument("--experiment", choices=["paper", "search", "demo"], help="default demo")
     p.add_argument("--output", help="experiment folder (default runs/<experiment>); reuse it to resume")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the experiment in --output with the options saved there (no need to repeat them)")
     data = p.add_argument_group("data")
     source = data.add_mutually_exclusive_group()
     source.add_argument("--data-root", help="folder with BraTS 2019 {HGG,LGG}/<subject>/ and IXI IXI*-T1.nii.gz")
@@ -70,13 +73,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def saved_options(output: Path) -> dict:
+    """The options an experiment folder was started with, for ``--resume``."""
+    record = output / "experiment.json"
+    if not record.is_file():
+        raise ValueError(f"--resume: {output} holds no experiment ({record} is missing); "
+                         "start it without --resume, or give the --output of an existing run")
+    saved = json.loads(record.read_text()).get("options", {})
+    names = set(field_names())
+    return {k: v for k, v in saved.items() if k in names}
+
+
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
-    options: dict = {"experiment": args.experiment}
-    if args.experiment == "demo":
-        options.update(DEMO_OPTIONS)
-    elif not (args.data_root or args.manifest):
-        raise ValueError(f"--experiment {args.experiment} needs --data-root DIR or --manifest CSV "
-                         "(or run --experiment demo on the built-in synthetic data)")
+    experiment = args.experiment or "demo"
+    output = Path(args.output or f"runs/{experiment}").resolve()
+    if args.resume:
+        options = saved_options(output)  # options given on the command line below must agree with these
+        if args.experiment:
+            options["experiment"] = args.experiment
+    else:
+        options = {"experiment": experiment}
+        if experiment == "demo":
+            options.update(DEMO_OPTIONS)
+        elif not (args.data_root or args.manifest):
+            raise ValueError(f"--experiment {experiment} needs --data-root DIR or --manifest CSV "
+                             "(or run --experiment demo on the built-in synthetic data)")
     split_list = lambda text: tuple(x.strip() for x in text.split(",") if x.strip())
     given = {
         "data_root": args.data_root and str(Path(args.data_root).resolve()),
@@ -94,7 +115,7 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     options.update({k: v for k, v in given.items() if v is not None})
     if args.set:
         options["overrides"] = {**options.get("overrides", {}), **parse_overrides(args.set)}
-    options["output"] = str(Path(args.output or f"runs/{args.experiment}").resolve())
+    options["output"] = str(output)
     options["report"] = not args.no_report
     return ExperimentConfig(**options)
 

@@ -54,6 +54,11 @@ class ExperimentConfig:
     report: bool = True
 
     def __post_init__(self) -> None:
+        # Lists arrive from JSON (a resumed run's saved options); keep one type so comparisons hold.
+        for name in ("contrasts", "classes", "models", "search_models"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, tuple(value))
         if self.experiment not in EXPERIMENTS:
             raise ValueError(f"--experiment must be one of {', '.join(EXPERIMENTS)}, got {self.experiment!r}")
         unknown = [m for m in self.models if m not in MODEL_NAMES]

@@ -98,6 +98,23 @@ def test_rerunning_a_finished_experiment_runs_nothing_again(grid_run):
     assert len(pd.read_csv(out / "trials.csv")) == 4
 
 
+def test_resume_reads_the_saved_options_and_runs_nothing_again(grid_run, capsys):
+    out, _ = grid_run
+    before = {p.name: (p / "progress.csv").read_text() for p in trial_folders(out / "ray" / "paper")}
+    assert tune_main.main(["--resume", "--output", str(out), "--no-report"]) == 0
+    printed = capsys.readouterr().out
+    assert '"experiment": "paper"' in printed and '"epochs": 1' in printed and '"batch_size": 4' in printed
+    assert {p.name: (p / "progress.csv").read_text() for p in trial_folders(out / "ray" / "paper")} == before
+    assert tune_main.main(["--resume", "--output", str(out), "--epochs", "5"]) == 2
+    assert "other options (epochs)" in capsys.readouterr().err
+
+
+def test_resume_without_a_saved_experiment_says_so(tmp_path, capsys):
+    assert tune_main.main(["--resume", "--output", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert "--resume:" in err and "experiment.json is missing" in err
+
+
 def test_changed_options_on_the_same_output_are_refused(grid_run, capsys):
     out, argv = grid_run
     assert tune_main.main([*argv, "--seed", "9"]) == 2
@@ -118,7 +135,7 @@ def test_bad_set_option_is_named(phantom_root, tmp_path, capsys):
     assert "--set learning_rate: not a training option" in capsys.readouterr().err
 
 
-def finished_trials(storage: Path) -> list[Path]:
+def logged_finished(storage: Path) -> list[Path]:
     """Trial folders whose progress.csv (written by the driver) records the fold as finished."""
     done = []
     for progress in storage.glob("*/progress.csv"):
@@ -129,6 +146,17 @@ def finished_trials(storage: Path) -> list[Path]:
         if "fold_finished" in rows and rows["fold_finished"].astype(str).eq("True").any():
             done.append(progress.parent)
     return done
+
+
+def recorded_terminated(storage: Path) -> list[Path]:
+    """Trial folders that Tune's saved experiment state records as TERMINATED: what a restore honours.
+
+    Tune logs a result (progress.csv) before it registers that result's checkpoint and marks the trial
+    done; a Ctrl-C between the two leaves the last epoch to be recomputed from the previous checkpoint.
+    """
+    from ray.tune import ExperimentAnalysis
+
+    return [Path(t.path) for t in ExperimentAnalysis(str(storage.resolve())).trials if t.status == "TERMINATED"]
 
 
 def _search_argv(phantom_root, out):
@@ -145,15 +173,17 @@ def test_search_interrupted_and_resumed_runs_each_trial_once_and_feeds_optuna_th
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     storage = out / "ray" / "search-r2plus1d_18-scratch"
     deadline = time.time() + 300
-    # Interrupt as soon as Tune has recorded one finished fold: the others are running or pending.
-    while time.time() < deadline and not finished_trials(storage):
+    # Interrupt soon after one fold has logged its last epoch (the others are running or pending),
+    # leaving Tune a moment to register that fold's checkpoint and mark it done.
+    while time.time() < deadline and not logged_finished(storage):
         assert process.poll() is None, process.stdout.read()
         time.sleep(0.5)
+    time.sleep(3)
     process.send_signal(signal.SIGINT)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 130, output
     assert "rerun the same command" in output
-    finished_first = {folder.name: (folder / "progress.csv").read_text() for folder in finished_trials(storage)}
+    finished_first = {folder.name: (folder / "progress.csv").read_text() for folder in recorded_terminated(storage)}
     assert 1 <= len(finished_first) < 4
 
     assert tune_main.main(argv) == 0
