@@ -85,12 +85,29 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _amp_setup(device: torch.device, enabled: bool) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
+def amp_setup(device: torch.device, enabled: bool) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
     if device.type != "cuda" or not enabled:
         return None, None
     if torch.cuda.is_bf16_supported():
         return torch.bfloat16, None  # bf16 has fp32's range: no loss scaling needed
     return torch.float16, torch.amp.GradScaler("cuda")
+
+
+def train_step(model: nn.Module, batch: torch.Tensor, labels: torch.Tensor, criterion: nn.Module,
+               optimizer: torch.optim.Optimizer, amp_dtype: torch.dtype | None,
+               scaler: torch.amp.GradScaler | None) -> float:
+    """One optimisation step under autocast; returns the batch's mean loss (shared with the benchmark)."""
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(batch.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        loss = criterion(model(batch).float(), labels)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return loss.item()
 
 
 @dataclass
@@ -207,7 +224,7 @@ def train_fold(
     weights = torch.tensor(class_weights(train_y, len(classes)), dtype=torch.float32, device=device)
     criterion = nn.CrossEntropyLoss(weight=weights)
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
-    amp_dtype, scaler = _amp_setup(device, config["amp"])
+    amp_dtype, scaler = amp_setup(device, config["amp"])
 
     state = _State()
     finished = False
@@ -225,17 +242,7 @@ def train_fold(
         train_loss, seen = 0.0, 0
         for batch, labels in train_loader:
             batch, labels = batch.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss = criterion(model(batch).float(), labels)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            train_loss += loss.item() * len(labels)
+            train_loss += train_step(model, batch, labels, criterion, optimizer, amp_dtype, scaler) * len(labels)
             seen += len(labels)
         val_loss, val_probs, val_y = _evaluate(model, loaders["val"], criterion, device, amp_dtype)
         metrics = {"epoch": state.epoch, "train_loss": train_loss / seen, "val_loss": val_loss,
