@@ -115,6 +115,30 @@ def test_resume_without_a_saved_experiment_says_so(tmp_path, capsys):
     assert "--resume:" in err and "experiment.json is missing" in err
 
 
+def test_a_binary_manifest_runs_end_to_end_with_its_own_labels(phantom_root, tmp_path):
+    """Any label set from a CSV manifest: here tumour vs healthy, through training, predictions and report."""
+    rows = [{"subject_id": p.name.split("_t1ce")[0], "label": "tumour", "path": str(p)}
+            for p in sorted(phantom_root.rglob("*_t1ce.nii.gz"))]
+    rows += [{"subject_id": p.name.split("-T1")[0], "label": "healthy", "path": str(p)}
+             for p in sorted(phantom_root.rglob("IXI*-T1.nii*"))]
+    manifest = tmp_path / "binary.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    out = tmp_path / "binary"
+    argv = ["--experiment", "paper", "--manifest", str(manifest), "--classes", "healthy,tumour", "--output", str(out),
+            "--models", "mc3_18", "--pretrained", "none", "--folds", "2", *[a for a in TINY if a != "--no-report"]]
+    assert tune_main.main(argv) == 0
+    predictions = pd.read_csv(out / "predictions.csv")
+    assert len(predictions) == len(rows)  # every subject tested once over the two folds
+    assert [c for c in predictions.columns if c.startswith("prob_")] == ["prob_healthy", "prob_tumour"]
+    assert set(predictions["label"]) == {"healthy", "tumour"}
+    per_class = pd.read_csv(out / "report" / "tables" / "per_class.csv")
+    assert set(per_class["class"]) == {"healthy", "tumour"}
+    overall = pd.read_csv(out / "report" / "tables" / "overall.csv")
+    macro = overall[overall["metric"] == "macro_f1"].iloc[0]
+    f1 = per_class[per_class["metric"] == "f1"]
+    assert macro["pooled"] == pytest.approx(f1["pooled"].mean())  # macro F1 = mean of the two classes' F1
+
+
 def test_changed_options_on_the_same_output_are_refused(grid_run, capsys):
     out, argv = grid_run
     assert tune_main.main([*argv, "--seed", "9"]) == 2
