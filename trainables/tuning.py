@@ -6,7 +6,6 @@ a GPU runs trials on CPUs instead of leaving them pending for ever.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any, Callable
 
 import optuna
@@ -63,11 +62,16 @@ def _tune_config(**kwargs: Any) -> tune.TuneConfig:
                            **kwargs)
 
 
-def _fit_or_restore(path: Path, trainable, make_tuner: Callable[[], tune.Tuner]) -> tune.ResultGrid:
+def experiment_path(config: ExperimentConfig, name: str) -> str:
+    """Where Tune keeps run ``name``; joined as text so that a ``--storage`` URI (s3://...) stays one."""
+    return f"{(config.storage or str(config.output_path / 'ray')).rstrip('/')}/{name}"
+
+
+def _fit_or_restore(path: str, trainable, make_tuner: Callable[[], tune.Tuner]) -> tune.ResultGrid:
     """Restore an interrupted run (only unfinished trials run again), else start it."""
-    if tune.Tuner.can_restore(str(path)):
+    if tune.Tuner.can_restore(path):
         log.info("Restoring %s: finished trials are kept, unfinished and errored ones resume", path)
-        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         tuner = make_tuner()
     return tuner.fit()
@@ -84,9 +88,8 @@ def run_grid(config: ExperimentConfig, data: PreparedData, resources: dict[str, 
         "pretrained": tune.grid_search(sorted({p for _, p in arms})),
         "fold": tune.grid_search(list(range(len(data.plan.folds)))),
     }
-    storage = Path(config.storage or config.output_path / "ray")
     return _fit_or_restore(
-        storage / "paper", trainable,
+        experiment_path(config, "paper"), trainable,
         lambda: tune.Tuner(trainable, param_space=param_space,
                            tune_config=_tune_config(max_concurrent_trials=config.max_concurrent),
                            run_config=_run_config(config, "paper", ["model", "pretrained", "fold"])),
@@ -130,7 +133,6 @@ def run_search(config: ExperimentConfig, data: PreparedData, resources: dict[str
     fixed = {k: v for k, v in constants.items() if k not in searched}
     param_space = {**fixed, "_experiment": "search", "model": model, "pretrained": pretrained}
     name = f"search-{arm_label(model, pretrained)}"
-    storage = Path(config.storage or config.output_path / "ray")
 
     def new_tuner() -> tune.Tuner:
         # Built only for a fresh run: constructing OptunaSearch enqueues points_to_evaluate in the
@@ -151,4 +153,4 @@ def run_search(config: ExperimentConfig, data: PreparedData, resources: dict[str
             run_config=_run_config(config, name, ["__trial_index__", *searched]),
         )
 
-    return _fit_or_restore(storage / name, trainable, new_tuner)
+    return _fit_or_restore(experiment_path(config, name), trainable, new_tuner)

@@ -250,3 +250,11 @@ def test_a_search_after_the_grid_reuses_its_score_for_the_default_configuration(
     values = [t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert values[0] == 0.4321 and study.trials[0].params["lr"] == 1e-5
     assert len(values) == 2 and values[1] == pytest.approx(np.mean([r.metrics["val_macro_f1_best"] for r in grid]))
+
+
+def test_run_paths_keep_a_storage_uri_intact(tmp_path):
+    from trainables.experiment import ExperimentConfig
+    from trainables.tuning import experiment_path
+
+    assert experiment_path(ExperimentConfig(output=str(tmp_path), storage="s3://bucket/runs/"), "paper") == "s3://bucket/runs/paper"
+    assert experiment_path(ExperimentConfig(output=str(tmp_path)), "search-mc3_18-scratch") == f"{tmp_path}/ray/search-mc3_18-scratch"
