@@ -7,6 +7,7 @@ through pyplot's global state, so the orchestrator's own plotting is not disturb
 from __future__ import annotations
 
 import io
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -194,15 +195,15 @@ def macro_f1_figure(metrics: ArmMetrics, arms: list[Arm], path: Path, paper_look
         return save_figure(fig, path)
 
 
-def best_vs_default_figure(best: pd.DataFrame, path: Path) -> Path | None:
-    """Search: test macro F1 of the inner-validation best configuration against the paper defaults."""
+def best_vs_default_figure(best: pd.DataFrame, path: Path, default_label: str = "paper defaults") -> Path | None:
+    """Search: test macro F1 of the inner-validation best configuration against the grid's defaults."""
     if best.empty:
         return None
     arms = list(dict.fromkeys(zip(best["model"], best["pretrained"])))
     with matplotlib.rc_context(RC):
         fig = Figure(figsize=(3.6 + 1.3 * len(arms), 3.6), layout="constrained")
         ax = fig.subplots()
-        for k, (role, colour, label) in enumerate((("paper_default", "tab:gray", "paper defaults"),
+        for k, (role, colour, label) in enumerate((("paper_default", "tab:gray", textwrap.fill(default_label, 28)),
                                                    ("best", "tab:blue", "best (inner validation)"))):
             xs, ys, es = [], [], []
             for i, arm in enumerate(arms):
@@ -217,7 +218,7 @@ def best_vs_default_figure(best: pd.DataFrame, path: Path) -> Path | None:
         ax.set_ylabel("Test macro F1 (mean ± std over folds)")
         ax.set_ylim(0, 1.02)
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
-        ax.set_title("Search: best configuration vs paper defaults")
+        ax.set_title("Search: best configuration vs defaults")
         return save_figure(fig, path)
 
 

@@ -64,6 +64,17 @@ class Experiment:
         return dict(self.meta.get("paper_defaults") or {})
 
     @property
+    def default_label(self) -> str:
+        """How to name the grid's configuration: the paper's recipe, plus any ``--set`` overrides.
+
+        The demo, for one, trains with lr=3e-4 and batch 4; calling that "the paper's" would mislead.
+        """
+        overrides = self.meta.get("overrides") or {}
+        if not overrides:
+            return "paper defaults"
+        return "paper defaults with --set " + ", ".join(f"{k}={v}" for k, v in sorted(overrides.items()))
+
+    @property
     def optuna_studies(self) -> list[dict]:
         return list(self.meta.get("optuna_studies") or [])
 

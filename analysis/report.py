@@ -122,7 +122,7 @@ def build_report(out_dir: str | Path, bootstrap_samples: int = 2000, seed: int =
     studies = []
     if is_search:
         w.csv("best_configs.csv", best)
-        fig_best = w.figure(figs.best_vs_default_figure(best, fig_dir / "search_best_vs_default.png"))
+        fig_best = w.figure(figs.best_vs_default_figure(best, fig_dir / "search_best_vs_default.png", exp.default_label))
     if exp.optuna_studies:
         from analysis.optuna_plots import study_figures  # optuna is only needed for searches
 
@@ -195,8 +195,8 @@ def _what_ran(doc: Document, exp: Experiment, arms: list[Arm], partial: PartialR
         counts = exp.trials["status"].value_counts().sort_index()
         items.append("trials.csv statuses: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + ".")
     if exp.paper_defaults:
-        items.append("Paper default hyperparameters: " + ", ".join(f"{k}={tb.fmt_hp(v)}" for k, v in
-                                                                    sorted(exp.paper_defaults.items())) + ".")
+        items.append(f"Grid hyperparameters ({exp.default_label}): " + ", ".join(
+            f"{k}={tb.fmt_hp(v)}" for k, v in sorted(exp.paper_defaults.items())) + ".")
     items.append(f"Published values: {PAPER_CITATION}.")
     doc.bullets(items)
     notes = list(exp.notes)
@@ -299,15 +299,15 @@ def _figures(doc, exp, result_arms, arms, auc, roc_notes, fig_conf, fig_heat, fi
 
 def _search(doc, exp, best, fig_best, studies, report_dir) -> None:
     doc.heading("Hyperparameter search", 2)
-    doc.heading("Best configuration per arm against the paper defaults", 3)
+    doc.heading(f"Best configuration per arm against the {exp.default_label}", 3)
     doc.para("The best configuration of an arm is the one with the highest mean inner-validation macro F1 "
              "(trials.csv best_val_macro_f1, mean over its folds; configurations with all folds finished rank first). "
              "Test folds played no part in the choice; their scores are shown for the chosen configuration and for "
-             "the paper defaults on the same folds. Hyperparameters that differ from the paper's show the paper "
+             f"the {exp.default_label} on the same folds. Hyperparameters that differ from those show the default "
              "value in brackets.")
-    doc.table(tb.best_configs_display(best, exp.paper_defaults), empty="No finished search trials.")
+    doc.table(tb.best_configs_display(best, exp.paper_defaults, exp.default_label), empty="No finished search trials.")
     if fig_best is not None:
-        doc.image(fig_best, _rel(fig_best, report_dir), "Test macro F1: best configuration vs paper defaults.")
+        doc.image(fig_best, _rel(fig_best, report_dir), f"Test macro F1: best configuration vs {exp.default_label}.")
     if studies:
         doc.heading("Optuna studies", 3)
     for st in studies:

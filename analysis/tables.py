@@ -304,17 +304,17 @@ def _config_row(exp: Experiment, search: pd.DataFrame, arm: Arm, role: str, cid:
             "test_accuracy_pooled": float(accuracy_score(sel["label"], sel["pred"])) if len(sel) else np.nan}
 
 
-def best_configs_display(best: pd.DataFrame, paper_defaults: dict) -> pd.DataFrame:
+def best_configs_display(best: pd.DataFrame, paper_defaults: dict, default_label: str = "paper defaults") -> pd.DataFrame:
     rows = []
     for r in best.to_dict("records"):
         row = {"Model": display_name(r["model"]), "Pre-trained": "yes" if r["pretrained"] else "no",
-               "Config": ("best (inner validation)" if r["role"] == "best" else "paper defaults") + f" `{r['config_id']}`"}
+               "Config": ("best (inner validation)" if r["role"] == "best" else default_label) + f" `{r['config_id']}`"}
         for h in HYPERPARAMETERS:
             value = r[h]
             text = fmt_hp(value)
             default = paper_defaults.get(h)
             if r["role"] == "best" and default is not None and text != fmt_hp(default):
-                text = f"{text} (paper {fmt_hp(default)})"
+                text = f"{text} (default {fmt_hp(default)})"
             row[h] = text
         row["Inner-val macro F1"] = f"{fmt_pm(r['inner_val_macro_f1_mean'], r['inner_val_macro_f1_std'])} ({r['inner_folds']} folds)"
         row["Test macro F1"] = f"{fmt_pm(r['test_macro_f1_mean'], r['test_macro_f1_std'])} ({r['test_folds']} folds)"
