@@ -17,6 +17,7 @@ import copy
 import json
 import logging
 import math
+import numbers
 import os
 import random
 import tempfile
@@ -29,11 +30,12 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader
 
 from datasets import PreparedData, VolumeDataset, build_augmentation
 from datasets.atomic import write_csv_atomic, write_text_atomic
-from models import build_model
+from models import MODEL_NAMES, build_model
 from trainables.metrics import class_weights, classification_metrics
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,10 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "fold": 0,
     "num_workers": 0,
     "amp": True,  # on CUDA only; bf16 where supported, else fp16 with a GradScaler
+    # Recompute BatchNorm running statistics on the training part before each evaluation. Off for the
+    # paper's protocol; short runs (the demo: 64 steps) need it, or their running averages lag so far
+    # behind the weights that evaluation predicts one class whatever the model has learned.
+    "bn_recalibration": False,
 }
 
 
@@ -71,12 +77,50 @@ def resolve_config(config: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"Unknown training option(s) {unknown}; known: {sorted(DEFAULT_CONFIG)}")
     resolved = {**DEFAULT_CONFIG, **{k: v for k, v in config.items() if k in DEFAULT_CONFIG}}
+    _check_types(resolved)
     for key in ("lr", "epochs", "batch_size"):
         if not resolved[key] > 0:
             raise ValueError(f"{key} must be positive, got {resolved[key]}")
     if resolved["weight_decay"] < 0:
         raise ValueError(f"weight_decay must be >= 0, got {resolved['weight_decay']}")
+    if not 0 <= resolved["dropout"] < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {resolved['dropout']}")
+    if resolved["num_workers"] < 0:
+        raise ValueError(f"num_workers must be >= 0, got {resolved['num_workers']}")
+    if resolved["patience"] is not None and resolved["patience"] < 1:
+        raise ValueError(f"patience must be at least 1 (or null for none), got {resolved['patience']}")
+    if resolved["model"] not in MODEL_NAMES:
+        raise ValueError(f"model must be one of {', '.join(MODEL_NAMES)}, got {resolved['model']!r}")
+    build_augmentation(resolved["augmentation"], resolved["aug_strength"])  # its own ValueError names the problem
     return resolved
+
+
+_NUMBERS = ("lr", "weight_decay", "dropout", "aug_strength")
+_INTEGERS = ("batch_size", "epochs", "seed", "fold", "num_workers")
+_BOOLEANS = ("amp", "bn_recalibration")
+
+
+def _check_types(config: dict[str, Any]) -> None:
+    """Wrong types fail here, in the driver, not as a TypeError inside a worker hours later."""
+    def is_number(value: Any) -> bool:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+    def is_integer(value: Any) -> bool:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+    for key in _NUMBERS:
+        if not is_number(config[key]):
+            raise ValueError(f"{key} must be a number, got {config[key]!r}")
+    for key in _INTEGERS:
+        if not is_integer(config[key]):
+            raise ValueError(f"{key} must be a whole number, got {config[key]!r}")
+    if config["patience"] is not None and not is_integer(config["patience"]):
+        raise ValueError(f"patience must be a whole number or null, got {config['patience']!r}")
+    for key in _BOOLEANS:
+        if not isinstance(config[key], bool):
+            raise ValueError(f"{key} must be true or false, got {config[key]!r}")
+    if not isinstance(config["augmentation"], str):
+        raise ValueError(f"augmentation must be none, light or heavy, got {config['augmentation']!r}")
 
 
 def seed_everything(seed: int) -> None:
@@ -216,6 +260,9 @@ def train_fold(
     # Evaluation never augments and its batch size does not change results: use the training one.
     loaders = {part: DataLoader(datasets[part], batch_size=config["batch_size"], shuffle=False, **loader_options)
                for part in ("val", "test")}
+    if config["bn_recalibration"]:
+        unaugmented = VolumeDataset(volumes, train_idx, train_y, data.spacing)
+        loaders["bn"] = DataLoader(unaugmented, batch_size=config["batch_size"], shuffle=False, **loader_options)
 
     pretrained = config["pretrained"]
     model = build_model(config["model"], num_classes=len(classes), in_channels=data.cached.meta["channels"],
@@ -244,6 +291,8 @@ def train_fold(
             batch, labels = batch.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             train_loss += train_step(model, batch, labels, criterion, optimizer, amp_dtype, scaler) * len(labels)
             seen += len(labels)
+        if "bn" in loaders:
+            update_bn(loaders["bn"], model, device=device)
         val_loss, val_probs, val_y = _evaluate(model, loaders["val"], criterion, device, amp_dtype)
         metrics = {"epoch": state.epoch, "train_loss": train_loss / seen, "val_loss": val_loss,
                    **classification_metrics("val", val_y, val_probs.argmax(1), classes),

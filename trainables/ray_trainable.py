@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,7 +21,8 @@ from trainables.fold_training import train_fold
 
 OUTPUT_FILES = ("predictions.csv", "epochs.csv", "result.json")
 # The hyperparameters that make two trials "the same configuration" (folds of one config share an id).
-CONFIG_ID_KEYS = ("lr", "weight_decay", "dropout", "augmentation", "aug_strength", "batch_size", "epochs", "patience")
+CONFIG_ID_KEYS = ("lr", "weight_decay", "dropout", "augmentation", "aug_strength", "batch_size", "epochs", "patience",
+                  "bn_recalibration")
 # Test hook: crash once in this epoch (after its training, before its report), so Tune's retry
 # must resume from the previous epoch's checkpoint.
 FAIL_ONCE_KEY = "_fail_once_in_epoch"
@@ -46,6 +48,8 @@ def trial_name(config: dict[str, Any]) -> str:
 
 def fold_trial(config: dict[str, Any], data: PreparedData) -> None:
     """Run by Tune in a worker; ``data`` arrives through the object store (``tune.with_parameters``)."""
+    # One "Checkpoint successfully created" line per trial and epoch would bury the progress table.
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     train_config = {k: v for k, v in config.items() if not k.startswith("_")}
     train_config["fold"] = fold_of(config)
     fail_in = config.get(FAIL_ONCE_KEY)

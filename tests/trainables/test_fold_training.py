@@ -32,6 +32,23 @@ def test_unknown_or_bad_options_are_refused():
     assert resolve_config({"_experiment": "paper"})["lr"] == 1e-5  # private keys pass through untouched
 
 
+@pytest.mark.parametrize("option, message", [
+    ({"lr": "abc"}, "lr must be a number, got 'abc'"),
+    ({"batch_size": 2.5}, "batch_size must be a whole number, got 2.5"),
+    ({"epochs": True}, "epochs must be a whole number, got True"),
+    ({"amp": "yes"}, "amp must be true or false, got 'yes'"),
+    ({"bn_recalibration": 1}, "bn_recalibration must be true or false, got 1"),
+    ({"dropout": 1.0}, "dropout must be in \\[0, 1\\), got 1.0"),
+    ({"patience": 0}, "patience must be at least 1"),
+    ({"augmentation": "medium"}, "augmentation must be one of none, light, heavy, got 'medium'"),
+    ({"aug_strength": 9}, "aug_strength must be in \\[0, 4.0\\], got 9"),
+    ({"model": "resnet50"}, "model must be one of r2plus1d_18, mc3_18, r3d_18, got 'resnet50'"),
+])
+def test_every_bad_value_is_named_before_training(option, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_config(option)
+
+
 @pytest.fixture(scope="module")
 def learnable_data(tmp_path_factory):
     from datasets.synthetic import write_synthetic_dataset
@@ -97,3 +114,30 @@ def test_patience_stops_when_validation_stops_improving(learnable_data, tmp_path
             break
     assert result.epochs_run == expected_stop == len(epochs)
     assert result.best_epoch == best_epoch
+
+
+def test_bn_recalibration_sets_running_statistics_from_the_unaugmented_training_part(phantom_root, tmp_path):
+    import torch
+
+    from datasets import VolumeDataset
+    from models import build_model
+
+    data = prepare_data(DataSpec(data_root=str(phantom_root)), PreprocessConfig(spacing=16.0), SplitSpec(n_splits=2),
+                        tmp_path / "cache", num_workers=1)
+    config = {"model": "mc3_18", "fold": 0, "epochs": 1, "batch_size": 1, "lr": 1e-3}
+    train_idx, train_y, _ = data.fold_indices(0)["train"]
+    stem_means = {}
+    for recalibrate in (False, True):
+        out = tmp_path / f"recalibrate_{recalibrate}"
+        train_fold({**config, "bn_recalibration": recalibrate}, data, out)
+        weights = torch.load(out / "checkpoint" / "fold_state.pt", weights_only=False)["best_weights"]
+        model = build_model("mc3_18")
+        model.load_state_dict(weights)
+        volumes = VolumeDataset(data.cached.volumes(), train_idx, train_y, data.spacing)
+        with torch.no_grad():  # the stem convolution's output, averaged per channel over every training volume
+            stem_means[recalibrate] = torch.stack([model.stem[0](volumes[i][0][None]).mean(dim=(0, 2, 3, 4))
+                                                   for i in range(len(volumes))]).mean(0)
+        running = weights["stem.1.running_mean"]
+        matches = torch.allclose(running, stem_means[recalibrate], rtol=1e-4, atol=1e-6)
+        # Recalibrated: the exact mean over the training part with the final weights; otherwise a lagging average.
+        assert matches == recalibrate, (recalibrate, running[:4], stem_means[recalibrate][:4])
