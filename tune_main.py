@@ -20,7 +20,7 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the compact CLIReporter tabl
 # Every epoch checkpoints (that is what makes trials resumable); Tune's warning about it is noise here.
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
-from datasets import DataSpec, InvalidDataError, PreprocessConfig, SplitSpec, prepare_data
+from datasets import DataSpec, InvalidDataError, PreprocessConfig, prepare_data
 from datasets.atomic import write_text_atomic
 from models import KineticsWeightsNotFound, resolve_weights_path
 from search_spaces import space_table
@@ -217,7 +217,7 @@ def run_experiment(config: ExperimentConfig) -> int:
         data = prepare_data(
             DataSpec(config.data_root, config.manifest, tuple(config.contrasts), config.classes, config.skip_invalid),
             PreprocessConfig(spacing=config.spacing),
-            SplitSpec(config.split, config.folds, config.test_size, config.val_fraction, config.seed),
+            config.split_spec(),
             config.cache_path, splits_file=out / "splits.json", num_workers=config.preprocess_workers,
         )
     except (InvalidDataError, ValueError, FileNotFoundError) as error:

@@ -72,7 +72,7 @@ class Experiment:
         overrides = self.meta.get("overrides") or {}
         if not overrides:
             return "paper defaults"
-        return "paper defaults with --set " + ", ".join(f"{k}={v}" for k, v in sorted(overrides.items()))
+        return "paper defaults with --set " + " ".join(f"{k}={json.dumps(v)}" for k, v in sorted(overrides.items()))
 
     @property
     def optuna_studies(self) -> list[dict]:

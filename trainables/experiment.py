@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from datasets import PreprocessConfig, SplitSpec
 from models import MODEL_NAMES
 from trainables.fold_training import DEFAULT_CONFIG, PAPER_DEFAULTS, resolve_config
 from trainables.ray_trainable import config_id
@@ -70,7 +71,14 @@ class ExperimentConfig:
             raise ValueError(f"--num-samples must be at least 1, got {self.num_samples}")
         if self.gpus_per_trial <= 0 or (self.gpus_per_trial > 1 and not float(self.gpus_per_trial).is_integer()):
             raise ValueError(f"--gpus-per-trial must be a fraction in (0, 1] or a whole number, got {self.gpus_per_trial}")
-        self.training_constants()  # validates --set keys and values now, not hours later in a worker
+        # Data, split and --set options are checked now, not after preprocessing or hours later in a worker.
+        self.split_spec()
+        PreprocessConfig(spacing=self.spacing)
+        # A missing --weights-dir is left to the Kinetics check, whose message says where it looked and how to fix it.
+        for option, path, kind in (("--data-root", self.data_root, "folder"), ("--manifest", self.manifest, "file")):
+            if path is not None and not (Path(path).is_dir() if kind == "folder" else Path(path).is_file()):
+                raise ValueError(f"{option} {path}: no such {kind}")
+        self.training_constants()
 
     @property
     def output_path(self) -> Path:
@@ -79,6 +87,9 @@ class ExperimentConfig:
     @property
     def cache_path(self) -> Path:
         return Path(self.cache_dir).resolve() if self.cache_dir else self.output_path / "cache"
+
+    def split_spec(self) -> SplitSpec:
+        return SplitSpec(self.split, self.folds, self.test_size, self.val_fraction, self.seed)
 
     def arms(self) -> list[tuple[str, bool]]:
         return [(m, p) for m in self.models for p in PRETRAINED_CHOICES[self.pretrained]]

@@ -213,12 +213,12 @@ def test_search_report_best_config_and_optuna(search_dir, tmp_path):
 def test_set_overrides_are_not_called_the_papers_defaults(search_dir):
     """The demo trains with --set lr=3e-4: the report must name that, not pass it off as the paper's recipe."""
     meta = json.loads((search_dir / "experiment.json").read_text())
-    meta["overrides"] = {"lr": 3e-4, "batch_size": 4}
+    meta["overrides"] = {"lr": 3e-4, "batch_size": 4, "bn_recalibration": True}
     (search_dir / "experiment.json").write_text(json.dumps(meta))
     md = (build_report(search_dir, bootstrap_samples=20, seed=0) / "report.md").read_text()
-    assert "Grid hyperparameters (paper defaults with --set batch_size=4, lr=0.0003):" in md
-    assert "Best configuration per arm against the paper defaults with --set batch_size=4, lr=0.0003" in md
-    assert "paper defaults with --set batch_size=4, lr=0.0003 `" + PAPER_CONFIG + "`" in md
+    assert "Grid hyperparameters (paper defaults with --set batch_size=4 bn_recalibration=true lr=0.0003):" in md
+    assert "Best configuration per arm against the paper defaults with --set batch_size=4 bn_recalibration=true lr=0.0003" in md
+    assert "paper defaults with --set batch_size=4 bn_recalibration=true lr=0.0003 `" + PAPER_CONFIG + "`" in md
 
 
 def test_missing_optuna_db_is_a_sentence_and_is_not_created(tmp_path):

@@ -159,6 +159,25 @@ def test_bad_set_option_is_named(phantom_root, tmp_path, capsys):
     assert "--set learning_rate: not a training option" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("options, message", [
+    (["--folds", "1"], "--folds must be at least 2 for --split kfold, got 1"),
+    (["--split", "shuffle", "--folds", "0"], "--folds must be at least 1 for --split shuffle, got 0"),
+    (["--set", "augmentation=medium"], "augmentation must be one of none, light, heavy, got 'medium'"),
+    (["--set", "lr=abc"], "lr must be a number, got 'abc'"),
+])
+def test_bad_options_stop_before_any_file_is_read_or_written(phantom_root, tmp_path, capsys, options, message):
+    out = tmp_path / "never"
+    argv = ["--experiment", "paper", "--data-root", str(phantom_root), "--output", str(out), "--pretrained", "none"]
+    assert tune_main.main([*argv, *options]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_missing_data_root_is_named(tmp_path, capsys):
+    assert tune_main.main(["--experiment", "paper", "--data-root", str(tmp_path / "brats"), "--pretrained", "none"]) == 2
+    assert f"--data-root {tmp_path / 'brats'}: no such folder" in capsys.readouterr().err
+
+
 def logged_finished(storage: Path) -> list[Path]:
     """Trial folders whose progress.csv (written by the driver) records the fold as finished."""
     done = []
