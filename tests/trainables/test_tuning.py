@@ -73,6 +73,22 @@ def test_trials_get_cpu_only_resources_without_a_gpu(grid_run):
     assert '"GPU": 0' not in state and "'GPU'" not in state.replace("'GPU': 0", "")
 
 
+def test_trials_get_a_gpu_share_where_the_cluster_has_a_gpu(tmp_path):
+    """Four trials per device by default: Ray counts the GPU (declared here, as a GPU node reports it)."""
+    import ray
+
+    from trainables.experiment import ExperimentConfig
+    from trainables.tuning import trial_resources
+
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False)
+    try:
+        assert trial_resources(ExperimentConfig(output=str(tmp_path))) == {"cpu": 1.0, "gpu": 0.25}
+        assert trial_resources(ExperimentConfig(output=str(tmp_path), gpus_per_trial=0.5, cpus_per_trial=4)) == \
+            {"cpu": 4, "gpu": 0.5}
+    finally:
+        ray.shutdown()
+
+
 def test_tensorboard_tags_read_back_from_event_files(grid_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
