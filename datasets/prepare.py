@@ -16,7 +16,7 @@ import numpy as np
 from datasets.preprocessing import CachedDataset, PreprocessConfig, preprocess
 from datasets.records import SubjectRecord
 from datasets.sources import class_order, discover_brats_ixi, read_manifest
-from datasets.splits import SCHEMES, SplitPlan, audit_splits, plan_splits
+from datasets.splits import SplitPlan, audit_splits, check_split_options, plan_splits
 from datasets.validation import ValidationReport, require_valid, validate_records
 
 log = logging.getLogger(__name__)
@@ -48,15 +48,7 @@ class SplitSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.scheme not in SCHEMES:
-            raise ValueError(f"--split must be one of {', '.join(SCHEMES)}, got {self.scheme!r}")
-        fewest = 2 if self.scheme == "kfold" else 1
-        if self.n_splits < fewest:
-            raise ValueError(f"--folds must be at least {fewest} for --split {self.scheme}, got {self.n_splits}")
-        if not 0 < self.test_size < 1:
-            raise ValueError(f"test_size must be in (0, 1), got {self.test_size}")
-        if not 0 < self.val_fraction < 1:
-            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        check_split_options(self.scheme, self.n_splits, self.test_size, self.val_fraction)
 
 
 @dataclass(frozen=True)

@@ -64,16 +64,25 @@ class StratifiedGroupShuffleSplit:
             yield np.flatnonzero(~test_mask), np.flatnonzero(test_mask)
 
 
+def check_split_options(scheme: str, n_splits: int, test_size: float, val_fraction: float) -> None:
+    """The one place split options are validated: by ``SplitSpec`` before any file is read, and by ``plan_splits``."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"--split must be one of {', '.join(SCHEMES)}, got {scheme!r}")
+    fewest = 2 if scheme == "kfold" else 1
+    if n_splits < fewest:
+        raise ValueError(f"--folds must be at least {fewest} for --split {scheme}, got {n_splits}")
+    if not 0 < test_size < 1:
+        raise ValueError(f"test_size must be in (0, 1), got {test_size}")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+
+
 def outer_splitter(scheme: str, n_splits: int, test_size: float, seed: int, grouped: bool):
     """The paper's two readings: k-fold CV (2:1 for k=3), or k random 70:30 splits."""
     if scheme == "kfold":
-        if n_splits < 2:
-            raise ValueError(f"--folds must be at least 2 for k-fold, got {n_splits}")
         cls = StratifiedGroupKFold if grouped else StratifiedKFold
         return cls(n_splits=n_splits, shuffle=True, random_state=seed)
-    if scheme == "shuffle":
-        return StratifiedGroupShuffleSplit(n_splits=n_splits, test_size=test_size, random_state=seed)
-    raise ValueError(f"--split must be one of {', '.join(SCHEMES)}, got {scheme!r}")
+    return StratifiedGroupShuffleSplit(n_splits=n_splits, test_size=test_size, random_state=seed)
 
 
 @dataclass
@@ -126,8 +135,7 @@ def plan_splits(
     ``table`` needs ``subject_id``, ``label`` and ``group`` columns; rows are sorted by subject id
     first, so the plan depends on the data and the seed only, never on file-system order.
     """
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    check_split_options(scheme, n_splits, test_size, val_fraction)
     table = table.sort_values("subject_id").reset_index(drop=True)
     ids, y, groups = table["subject_id"].to_numpy(), table["label"].to_numpy(), table["group"].to_numpy()
     small = table["label"].value_counts()
