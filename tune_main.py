@@ -20,8 +20,9 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the compact CLIReporter tabl
 # Every epoch checkpoints (that is what makes trials resumable); Tune's warning about it is noise here.
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
-from datasets import DataSpec, InvalidDataError, PreprocessConfig, prepare_data
-from datasets.atomic import write_text_atomic
+from datasets import DataSpec, InvalidDataError, prepare_data
+from datasets.atomic import write_csv_atomic, write_text_atomic
+from datasets.cohort import parse_max_per_class
 from models import KineticsWeightsNotFound, resolve_weights_path
 from search_spaces import space_table
 from trainables.experiment import ExperimentConfig, field_names, parse_overrides
@@ -49,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--contrasts", default="t1ce", help="comma list of BraTS contrasts as input channels")
     data.add_argument("--classes", help="comma list of labels in output order (default: from the data)")
     data.add_argument("--skip-invalid", action="store_true", help="leave invalid volumes out instead of stopping")
+    data.add_argument("--allow-unstripped", action="store_true",
+                      help="go on although skull-stripped and unstripped volumes are mixed (a confound; the report says so)")
+    data.add_argument("--register", choices=["none", "mni"],
+                      help="mni: N4 bias correction + affine registration to MNI152 with ANTsPy, cached (default none)")
+    data.add_argument("--max-per-class", action="append", default=[], metavar="CLASS=N",
+                      help="draw N subjects of CLASS at random with the seed, before splitting (repeatable; "
+                           "e.g. Healthy=259, the paper's cohort)")
     data.add_argument("--cache-dir", help="preprocessing cache (default OUT/cache)")
     data.add_argument("--spacing", type=float, help="voxel size in mm after resampling (default 2.0)")
     proto = p.add_argument_group("protocol")
@@ -104,7 +112,9 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
         "data_root": args.data_root and str(Path(args.data_root).resolve()),
         "manifest": args.manifest and str(Path(args.manifest).resolve()),
         "contrasts": split_list(args.contrasts), "classes": split_list(args.classes) if args.classes else None,
-        "skip_invalid": args.skip_invalid or None, "cache_dir": args.cache_dir and str(Path(args.cache_dir).resolve()),
+        "skip_invalid": args.skip_invalid or None, "allow_unstripped": args.allow_unstripped or None,
+        "register": args.register, "max_per_class": parse_max_per_class(args.max_per_class) or None,
+        "cache_dir": args.cache_dir and str(Path(args.cache_dir).resolve()),
         "spacing": args.spacing, "models": split_list(args.models) if args.models else None,
         "pretrained": args.pretrained, "weights_dir": args.weights_dir and str(Path(args.weights_dir).resolve()),
         "folds": args.folds, "split": args.split, "epochs": args.epochs, "patience": args.patience,
@@ -165,6 +175,8 @@ def save_experiment_record(config: ExperimentConfig, data, studies: list[dict]) 
               "paper_defaults": {k: config.training_constants()[k] for k in ("lr", "weight_decay", "dropout", "augmentation", "aug_strength")},
               "search_space": space_table(config.training_constants()), "optuna_studies": studies,
               "excluded_subjects": list(data.excluded), "cache": data.cache_dir,
+              "stripping": data.stripping,
+              "cohort": {k: data.cohort[k] for k in ("max_per_class", "available", "drawn")},
               "options": config.to_dict()}  # as given, compared on resume
     write_text_atomic(config.output_path / "experiment.json", json.dumps(record, indent=2))
 
@@ -205,6 +217,18 @@ def main(argv: list[str] | None = None) -> int:
     return run_experiment(config)
 
 
+def fit_baselines(data, config: ExperimentConfig, out: Path) -> None:
+    """The two scikit-learn baselines every deep arm must beat, on the same outer folds (seconds; before Ray)."""
+    from trainables.baselines import run_baselines
+
+    predictions, selection = run_baselines(data.subjects, data.cached, data.plan, data.classes, seed=config.seed)
+    write_csv_atomic(predictions, out / "baseline_predictions.csv")
+    write_csv_atomic(selection, out / "baseline_selection.csv")
+    scores = selection.groupby("model")["val_macro_f1"].mean()
+    print("Baselines (inner-validation macro F1, mean over folds; test scores in the report): "
+          + ", ".join(f"{name} {value:.3f}" for name, value in scores.items()), flush=True)
+
+
 def run_experiment(config: ExperimentConfig) -> int:
     import ray
 
@@ -215,16 +239,20 @@ def run_experiment(config: ExperimentConfig) -> int:
     out.mkdir(parents=True, exist_ok=True)
     try:
         data = prepare_data(
-            DataSpec(config.data_root, config.manifest, tuple(config.contrasts), config.classes, config.skip_invalid),
-            PreprocessConfig(spacing=config.spacing),
+            DataSpec(config.data_root, config.manifest, tuple(config.contrasts), config.classes, config.skip_invalid,
+                     config.allow_unstripped, config.max_per_class),
+            config.preprocess_config(),
             config.split_spec(),
             config.cache_path, splits_file=out / "splits.json", num_workers=config.preprocess_workers,
+            cohort_file=out / "cohort.json",
         )
     except (InvalidDataError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"Data: {len(data.cached.table)} subjects, classes {', '.join(data.classes)}, cache {data.cache_dir}; "
           f"{config.split} with {len(data.plan.folds)} folds, splits in {out / 'splits.json'}", flush=True)
+    write_csv_atomic(data.subjects, out / "subjects.csv")
+    fit_baselines(data, config, out)
     studies = []
     search_arms = [(m, p) for m, p in config.arms()
                    if config.experiment == "search" or (config.experiment == "demo" and m in (config.search_models or config.models))]
@@ -253,7 +281,7 @@ def run_experiment(config: ExperimentConfig) -> int:
                 return stop_interrupted(config)
     finally:
         ray.shutdown()
-    tables = collect(grids, planned_trials(config, len(data.plan.folds)))
+    tables = collect(grids, planned_trials(config, len(data.plan.folds)), subjects=data.subjects)
     write_tables(tables, out)
     trials = tables["trials"]
     print(f"\n{(trials['status'] == 'TERMINATED').sum()} of {len(trials)} trials finished; "

@@ -5,7 +5,9 @@ import argparse
 import logging
 import sys
 
+from datasets.cohort import parse_max_per_class
 from datasets.prepare import DataSpec, PreprocessConfig, SplitSpec, check_data, prepare_data
+from datasets.stripping import check_stripping
 
 
 def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,6 +17,8 @@ def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--contrasts", default="t1ce", help="comma list of BraTS contrasts used as channels (default t1ce)")
     parser.add_argument("--classes", default=None, help="comma list of labels, in output order (default: from the data)")
     parser.add_argument("--skip-invalid", action="store_true", help="leave invalid files out instead of failing")
+    parser.add_argument("--allow-unstripped", action="store_true",
+                        help="accept a mix of skull-stripped and unstripped volumes (a confound; see README)")
 
 
 def _spec(args: argparse.Namespace) -> DataSpec:
@@ -22,7 +26,8 @@ def _spec(args: argparse.Namespace) -> DataSpec:
         data_root=args.data_root, manifest=args.manifest,
         contrasts=tuple(c.strip() for c in args.contrasts.split(",") if c.strip()),
         classes=tuple(c.strip() for c in args.classes.split(",")) if args.classes else None,
-        skip_invalid=args.skip_invalid,
+        skip_invalid=args.skip_invalid, allow_unstripped=args.allow_unstripped,
+        max_per_class=parse_max_per_class(getattr(args, "max_per_class", [])),
     )
 
 
@@ -42,11 +47,16 @@ def main(argv: list[str] | None = None) -> int:
     synthetic.add_argument("--seed", type=int, default=0)
     synthetic.add_argument("--downsample", type=float, default=1.0, help="divide image sizes by this (tests use 4)")
     synthetic.add_argument("--contrasts", default="t1ce", help="BraTS contrasts to write, comma list (t1ce,t1,flair)")
+    synthetic.add_argument("--ixi", default="stripped", choices=["stripped", "raw", "raw+brain"],
+                           help="IXI phantoms: skull-stripped (default), raw heads with skull and noisy background, "
+                                "or both (raw -T1 and BET-like -T1_brain)")
 
     prepare = commands.add_parser("prepare", help="validate, preprocess into the cache and draw the splits")
     _add_source_arguments(prepare)
     prepare.add_argument("--cache-dir", required=True)
     prepare.add_argument("--spacing", type=float, default=2.0)
+    prepare.add_argument("--register", default="none", choices=["none", "mni"])
+    prepare.add_argument("--max-per-class", action="append", default=[], metavar="CLASS=N")
     prepare.add_argument("--folds", type=int, default=3)
     prepare.add_argument("--split", default="kfold", choices=["kfold", "shuffle"])
     prepare.add_argument("--seed", type=int, default=0)
@@ -58,18 +68,25 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "check":
             report = check_data(_spec(args), args.cache_dir)
             print(report.format())
+            stripping = check_stripping(report.valid, report.profiles, report.classes)
+            print(stripping.format())
+            refused = stripping.mixed and not args.allow_unstripped
+            if refused:
+                print("Stripped and unstripped volumes are mixed: a run stops on this (skull and background would tell "
+                      "the classes apart); strip the volumes listed, or pass --allow-unstripped.")
             if report.problems and args.skip_invalid:
                 print(f"--skip-invalid: {len(report.problems)} subject(s) will be left out")
-                return 0
-            return 1 if report.problems else 0
+            return 1 if refused or (report.problems and not args.skip_invalid) else 0
         if args.command == "synthetic":
             from datasets.synthetic import write_synthetic_dataset
 
             root = write_synthetic_dataset(args.out, args.hgg, args.lgg, args.healthy, seed=args.seed,
-                                           downsample=args.downsample, contrasts=tuple(args.contrasts.split(",")))
-            print(f"Synthetic BraTS/IXI tree written to {root} (HGG {args.hgg}, LGG {args.lgg}, Healthy {args.healthy})")
+                                           downsample=args.downsample, contrasts=tuple(args.contrasts.split(",")),
+                                           ixi=args.ixi)
+            print(f"Synthetic BraTS/IXI tree written to {root} (HGG {args.hgg}, LGG {args.lgg}, Healthy {args.healthy}; "
+                  f"IXI {args.ixi})")
             return 0
-        prepared = prepare_data(_spec(args), PreprocessConfig(spacing=args.spacing),
+        prepared = prepare_data(_spec(args), PreprocessConfig(spacing=args.spacing, register=args.register),
                                 SplitSpec(args.split, args.folds, seed=args.seed), args.cache_dir, args.splits_file)
         cached = prepared.cached
         print(f"Cache: {cached.directory} shape {cached.meta['shape']} ({len(cached.table)} subjects)")

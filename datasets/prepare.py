@@ -12,12 +12,16 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
 
+from datasets.acquisition import PROFILE_COLUMNS, looks_stripped
+from datasets.cohort import check_max_per_class, draw_cohort, save_cohort
 from datasets.preprocessing import CachedDataset, PreprocessConfig, preprocess
 from datasets.records import SubjectRecord
 from datasets.sources import class_order, discover_brats_ixi, read_manifest
 from datasets.splits import SplitPlan, audit_splits, check_split_options, plan_splits
-from datasets.validation import ValidationReport, require_valid, validate_records
+from datasets.stripping import StrippingCheck, check_stripping, require_consistent_stripping
+from datasets.validation import InvalidDataError, Problem, ValidationReport, require_valid, validate_records
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +35,13 @@ class DataSpec:
     contrasts: tuple[str, ...] = ("t1ce",)
     classes: tuple[str, ...] | None = None
     skip_invalid: bool = False
+    allow_unstripped: bool = False  # go on when stripped and unstripped volumes are mixed (the report says so)
+    max_per_class: dict[str, int] = field(default_factory=dict)  # class -> N subjects drawn with the split seed
 
     def __post_init__(self) -> None:
         if (self.data_root is None) == (self.manifest is None):
             raise ValueError("Give exactly one of --data-root and --manifest")
+        object.__setattr__(self, "max_per_class", check_max_per_class(self.max_per_class))
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,12 @@ class PreparedData:
     plan: SplitPlan
     spacing: float
     excluded: tuple[str, ...] = field(default=())
+    register: str = "none"
+    stripping: dict = field(default_factory=dict, compare=False)  # StrippingCheck.to_dict() of the run's subjects
+    cohort: dict = field(default_factory=dict, compare=False)  # draw_cohort's record: available and drawn per class
+    # One row per subject: ids, label, source, site, stripped and the raw files' acquisition profile
+    # (written to OUT/subjects.csv; the acquisition-only baseline's features).
+    subjects: pd.DataFrame | None = field(default=None, compare=False, repr=False)
 
     @property
     def cached(self) -> CachedDataset:
@@ -91,6 +104,34 @@ def check_data(spec: DataSpec, cache_root: str | os.PathLike | None = None) -> V
     return validate_records(records, classes, cache_file)
 
 
+def subject_table(records: list[SubjectRecord], report: ValidationReport) -> pd.DataFrame:
+    """The run's cohort with each subject's first file's acquisition profile (all files decide ``stripped``)."""
+    rows = []
+    for record in sorted(records, key=lambda r: r.subject_id):
+        profile = report.profiles[record.paths[0]]
+        rows.append({"subject_id": record.subject_id, "label": record.label, "group": record.group,
+                     "source": record.source, "site": record.site,
+                     "stripped": all(looks_stripped(report.profiles[p]) for p in record.paths),
+                     **{c: profile[c] for c in PROFILE_COLUMNS}})
+    return pd.DataFrame(rows, columns=["subject_id", "label", "group", "source", "site", "stripped", *PROFILE_COLUMNS])
+
+
+def _register(records: list[SubjectRecord], spec: DataSpec, config: PreprocessConfig, cache_root,
+              num_workers: int | None) -> tuple[list[SubjectRecord], list[Problem]]:
+    """N4 + affine registration to MNI152 (cached per file); failures stop the run or, with --skip-invalid, drop out."""
+    from datasets.registration import register_records  # ANTsPy is imported only when asked for
+
+    registered, problems = register_records(records, cache_root, method=config.register, spacing=config.spacing,
+                                            num_workers=num_workers)
+    if problems and not spec.skip_invalid:
+        raise InvalidDataError("Registration to MNI152 failed; fix or remove these files, or pass --skip-invalid "
+                               "to leave them out:\n" + "\n".join(f"  {p.path}: {p.reason} (subject {p.subject_id})"
+                                                                  for p in problems))
+    for problem in problems:
+        log.warning("Left out (--skip-invalid): %s: %s", problem.path, problem.reason)
+    return registered, problems
+
+
 def prepare_data(
     spec: DataSpec,
     preprocess_config: PreprocessConfig,
@@ -98,12 +139,29 @@ def prepare_data(
     cache_root: str | os.PathLike,
     splits_file: str | os.PathLike | None = None,
     num_workers: int | None = None,
+    cohort_file: str | os.PathLike | None = None,
 ) -> PreparedData:
-    """Validate, preprocess (cached), split and audit. Reuses ``splits_file`` if it exists (resume)."""
+    """Validate, check stripping, draw the cohort, register (optional), preprocess (cached), split and audit.
+
+    Every refusal (invalid files, mixed skull stripping, an unknown class in ``max_per_class``) comes
+    before the first volume is preprocessed. Reuses ``splits_file`` and ``cohort_file`` if they exist (resume).
+    """
     report = check_data(spec, cache_root)
     if report.problems:
         log.warning("%s", report.format())
     records = require_valid(report, spec.skip_invalid)
+    records, cohort = draw_cohort(records, spec.max_per_class, split_spec.seed, report.classes, cohort_file)
+    stripping = check_stripping(records, report.profiles, report.classes)
+    require_consistent_stripping(stripping, spec.allow_unstripped)
+    _log_stripping(stripping, spec.allow_unstripped)
+    if cohort_file is not None:
+        save_cohort(cohort_file, cohort)
+    subjects = subject_table(records, report)
+    excluded = [p.subject_id for p in report.problems]
+    if preprocess_config.register != "none":
+        records, failed = _register(records, spec, preprocess_config, cache_root, num_workers)
+        excluded += [p.subject_id for p in failed]
+        subjects = subjects[~subjects["subject_id"].isin({p.subject_id for p in failed})].reset_index(drop=True)
     cached = preprocess(records, preprocess_config, cache_root, num_workers=num_workers)
     table = cached.table
     if splits_file is not None and Path(splits_file).is_file():
@@ -118,4 +176,16 @@ def prepare_data(
         if splits_file is not None:
             plan.save(splits_file)
     return PreparedData(str(cached.directory), report.classes, plan, preprocess_config.spacing,
-                        excluded=tuple(p.subject_id for p in report.problems))
+                        excluded=tuple(excluded), register=preprocess_config.register,
+                        stripping=stripping.to_dict(), cohort=cohort, subjects=subjects)
+
+
+def _log_stripping(check: StrippingCheck, allowed: bool) -> None:
+    if not check.unstripped:
+        log.info("Skull stripping: every volume has an exact-zero background (%s)", check.summary())
+    elif check.mixed:
+        log.warning("--allow-unstripped: going on with mixed skull stripping; the report says so at its top.\n%s",
+                    check.format(limit=10))
+    else:
+        log.warning("No volume is skull-stripped: the preprocessing crops each head to its whole field of view.\n%s",
+                    check.format(limit=10))

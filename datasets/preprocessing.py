@@ -30,7 +30,7 @@ from datasets.records import SubjectRecord
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: subjects.csv carries source and site
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,11 @@ class PreprocessConfig:
     spacing: float = 2.0
     percentiles: tuple[float, float] = (0.5, 99.5)
     target_shape: tuple[int, int, int] | None = None  # None: the largest brain bounding box in the data
+    register: str = "none"  # "mni": inputs were N4-corrected and affinely registered first (datasets.registration)
 
     def __post_init__(self) -> None:
+        if self.register not in ("none", "mni"):
+            raise ValueError(f"--register must be none or mni, got {self.register!r}")
         if not self.spacing > 0:
             raise ValueError(f"spacing must be positive (mm), got {self.spacing}")
         low, high = self.percentiles
@@ -53,13 +56,14 @@ class PreprocessConfig:
 
 @dataclass(frozen=True)
 class CachedDataset:
-    """A finished cache entry: ``volumes.npy`` (N, C, X, Y, Z) float16 in RAS order, and its subject table."""
+    """A finished cache entry: ``volumes.npy`` (N, C, X, Y, Z) float16 in RAS order, and its subject table
+    (``index, subject_id, label, group, source, site``)."""
 
     directory: Path
 
     @property
     def table(self) -> pd.DataFrame:
-        return pd.read_csv(self.directory / "subjects.csv", dtype={"subject_id": str, "label": str, "group": str})
+        return pd.read_csv(self.directory / "subjects.csv", dtype=str, keep_default_na=False).astype({"index": int})
 
     @property
     def meta(self) -> dict:
@@ -162,7 +166,8 @@ def preprocess(
         del volumes
         table = pd.DataFrame(
             {"index": range(len(records)), "subject_id": [r.subject_id for r in records],
-             "label": [r.label for r in records], "group": [r.group for r in records]}
+             "label": [r.label for r in records], "group": [r.group for r in records],
+             "source": [r.source for r in records], "site": [r.site for r in records]}
         )
         table.to_csv(partial / "subjects.csv", index=False)
         meta = {"key": key, "config": asdict(config), "shape": list(shape), "channels": int(cropped[0].shape[0]),

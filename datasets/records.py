@@ -18,6 +18,8 @@ class SubjectRecord:
     paths: tuple[str, ...]
     group: str
     source: str = "manifest"
+    # Acquisition site (BraTS: the <site> of BraTS19_<site>_<n>_1; IXI: Guys/HH/IOP); "" when unknown.
+    site: str = ""
 
 
 def records_to_frame(records: list[SubjectRecord]) -> pd.DataFrame:
@@ -28,6 +30,7 @@ def records_to_frame(records: list[SubjectRecord]) -> pd.DataFrame:
             "label": [r.label for r in records],
             "group": [r.group for r in records],
             "source": [r.source for r in records],
+            "site": [r.site for r in records],
             "paths": [";".join(r.paths) for r in records],
         }
     )

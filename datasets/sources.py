@@ -15,8 +15,39 @@ import pandas as pd
 from datasets.records import PAPER_CLASSES, SubjectRecord
 
 BRATS_GRADES = ("HGG", "LGG")
-IXI_PATTERN = re.compile(r"^(IXI\d+-[A-Za-z]+-\d+)-T1\.nii(\.gz)?$")
+# IXI<nnn>-<Site>-<nnnn>-T1.nii[.gz] as downloaded, or FSL BET's skull-stripped ...-T1_brain.nii[.gz].
+IXI_PATTERN = re.compile(r"^(IXI\d+-([A-Za-z]+)-\d+)-T1(_brain)?\.nii(\.gz)?$")
+# BraTS19_<site>_<n>_1: the release names the contributing institution in the id (CBICA, TCIA01, 2013, ...).
+BRATS_SITE = re.compile(r"^BraTS\d*_([A-Za-z0-9]+)_")
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def brats_site(subject_id: str) -> str:
+    """The contributing site of a BraTS subject id, or "" when the id does not follow the release's pattern."""
+    match = BRATS_SITE.match(subject_id)
+    return match.group(1) if match else ""
+
+
+def ixi_site(subject_id: str) -> str:
+    """Guys, HH or IOP: the hospital part of an IXI id (``IXI002-Guys-0828``)."""
+    parts = subject_id.split("-")
+    return parts[1] if len(parts) >= 3 else ""
+
+
+def _ixi_preference(path: Path) -> tuple[int, int]:
+    """Lower is better: the stripped file first (the paper stripped IXI with BET), then .nii.gz."""
+    match = IXI_PATTERN.match(path.name)
+    return (0 if match.group(3) else 1, 0 if path.name.endswith(".gz") else 1)
+
+
+def _ixi_files(root: Path) -> dict[str, Path]:
+    """One T1 file per IXI subject: BET's ``..._brain`` output preferred to the raw head of the same subject."""
+    chosen: dict[str, Path] = {}
+    for path in sorted(p for p in root.rglob("IXI*-T1*.nii*") if IXI_PATTERN.match(p.name)):
+        sid = IXI_PATTERN.match(path.name).group(1)
+        if sid not in chosen or _ixi_preference(path) < _ixi_preference(chosen[sid]):
+            chosen[sid] = path
+    return dict(sorted(chosen.items()))
 
 
 def _find_nifti(folder: Path, stem: str) -> Path:
@@ -41,26 +72,25 @@ def discover_brats_ixi(data_root: str | os.PathLike, contrasts: Sequence[str] = 
         for subject_dir in sorted(p for p in grade_dir.iterdir() if p.is_dir()):
             sid = subject_dir.name
             paths = tuple(str(_find_nifti(subject_dir, f"{sid}_{c}")) for c in contrasts)
-            records.append(SubjectRecord(sid, grade_dir.name, paths, group=sid, source="brats"))
-    ixi_files = sorted(p for p in root.rglob("IXI*-T1.nii*") if IXI_PATTERN.match(p.name))
+            records.append(SubjectRecord(sid, grade_dir.name, paths, group=sid, source="brats", site=brats_site(sid)))
+    ixi_files = _ixi_files(root)
     if ixi_files and len(contrasts) > 1:
         raise ValueError(
             f"IXI provides T1 only, but {len(contrasts)} contrasts were asked for ({', '.join(contrasts)}); "
             "use one contrast with IXI, or a --manifest that names a file per contrast"
         )
-    for path in ixi_files:
-        sid = IXI_PATTERN.match(path.name).group(1)
-        records.append(SubjectRecord(sid, "Healthy", (str(path),), group=sid, source="ixi"))
+    for sid, path in ixi_files.items():
+        records.append(SubjectRecord(sid, "Healthy", (str(path),), group=sid, source="ixi", site=ixi_site(sid)))
     if not records:
         raise FileNotFoundError(
-            f"No BraTS ({'/'.join(BRATS_GRADES)}/<subject>/<subject>_{contrasts[0]}.nii.gz) or IXI (IXI*-T1.nii.gz) "
-            f"files found under {root}"
+            f"No BraTS ({'/'.join(BRATS_GRADES)}/<subject>/<subject>_{contrasts[0]}.nii.gz) or IXI "
+            f"(IXI*-T1.nii.gz or BET's IXI*-T1_brain.nii.gz) files found under {root}"
         )
     return records
 
 
 def read_manifest(manifest: str | os.PathLike) -> list[SubjectRecord]:
-    """Read a CSV with ``subject_id``, ``label``, ``path`` or ``path_<contrast>`` columns and an optional ``group``.
+    """Read a CSV with ``subject_id``, ``label``, ``path`` or ``path_<contrast>`` columns, optional ``group`` and ``site``.
 
     Several ``path_*`` columns become input channels in column order. Relative paths are taken
     relative to the manifest's folder, so a data set can be moved with its manifest.
@@ -78,7 +108,8 @@ def read_manifest(manifest: str | os.PathLike) -> list[SubjectRecord]:
     for _, row in frame.iterrows():
         paths = tuple(str((manifest.parent / row[c]).resolve()) if row[c] else "" for c in path_columns)
         group = row["group"] if "group" in frame.columns and row["group"] else row["subject_id"]
-        records.append(SubjectRecord(row["subject_id"], row["label"], paths, group=group, source="manifest"))
+        site = row["site"] if "site" in frame.columns else ""
+        records.append(SubjectRecord(row["subject_id"], row["label"], paths, group=group, source="manifest", site=site))
     return records
 
 

@@ -16,6 +16,7 @@ from typing import Sequence
 import nibabel as nib
 import numpy as np
 
+from datasets.acquisition import volume_profile
 from datasets.atomic import write_text_atomic
 from datasets.records import SubjectRecord
 
@@ -34,6 +35,8 @@ class ValidationReport:
     valid: list[SubjectRecord] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     classes: tuple[str, ...] = ()
+    # Per readable file: header and intensity profile (datasets.acquisition), measured while checking.
+    profiles: dict[str, dict] = field(default_factory=dict)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -58,39 +61,47 @@ class InvalidDataError(ValueError):
 
 def check_volume(path: str | os.PathLike) -> str | None:
     """Return why ``path`` is not a usable 3-D volume, or None when it is."""
+    return inspect_volume(path)[0]
+
+
+def inspect_volume(path: str | os.PathLike) -> tuple[str | None, dict | None]:
+    """(why ``path`` is not a usable 3-D volume or None, its acquisition profile when readable)."""
     path = Path(path)
     if not str(path) or not path.exists():
-        return "file not found"
+        return "file not found", None
     if path.stat().st_size == 0:
-        return "empty file (0 bytes)"
+        return "empty file (0 bytes)", None
     try:
         image = nib.load(str(path))
     except nib.filebasedimages.ImageFileError as error:
-        return f"not a NIfTI image ({error})"
+        return f"not a NIfTI image ({error})", None
     except (EOFError, OSError, zlib.error) as error:
-        return f"unreadable or truncated ({type(error).__name__}: {error})"
+        return f"unreadable or truncated ({type(error).__name__}: {error})", None
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
-        return f"not a NIfTI image ({type(image).__name__})"
+        return f"not a NIfTI image ({type(image).__name__})", None
     shape = tuple(image.shape)
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
     if len(shape) != 3:
-        return f"not 3-D (shape {tuple(image.shape)})"
+        return f"not 3-D (shape {tuple(image.shape)})", None
     if min(shape) == 0:
-        return f"empty image (shape {shape})"
+        return f"empty image (shape {shape})", None
     try:
-        data = np.asanyarray(image.dataobj, dtype=np.float32)
+        data = np.asanyarray(image.dataobj, dtype=np.float32).reshape(shape)
     except (EOFError, OSError, ValueError, zlib.error) as error:
-        return f"unreadable or truncated ({type(error).__name__}: {error})"
+        return f"unreadable or truncated ({type(error).__name__}: {error})", None
     if not np.isfinite(data).all():
-        return f"non-finite voxels ({int((~np.isfinite(data)).sum())} NaN/Inf)"
+        return f"non-finite voxels ({int((~np.isfinite(data)).sum())} NaN/Inf)", None
     if data.min() == data.max():
-        return f"constant image (every voxel is {float(data.min()):g})"
-    return None
+        return f"constant image (every voxel is {float(data.min()):g})", None
+    return None, volume_profile(image, data)
 
 
 class _CheckCache:
-    """Per-file results keyed by (size, mtime): a changed file is checked again."""
+    """Per-file results keyed by (size, mtime): a changed file is checked again.
+
+    Entries of an older format (no profile for a valid file) are checked again, once.
+    """
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
@@ -101,18 +112,19 @@ class _CheckCache:
             except json.JSONDecodeError:
                 self.entries = {}  # A damaged cache costs one re-check, never a wrong answer.
 
-    def check(self, file: str) -> str | None:
+    def check(self, file: str) -> tuple[str | None, dict | None]:
         try:
             stat = os.stat(file)
         except OSError:
-            return check_volume(file)
+            return inspect_volume(file)
         stamp = [stat.st_size, stat.st_mtime_ns]
         cached = self.entries.get(file)
-        if cached is not None and cached["stamp"] == stamp:
-            return cached["reason"]
-        reason = check_volume(file)
-        self.entries[file] = {"stamp": stamp, "reason": reason}
-        return reason
+        if (cached is not None and cached["stamp"] == stamp
+                and (cached["reason"] is not None or cached.get("profile") is not None)):
+            return cached["reason"], cached.get("profile")
+        reason, profile = inspect_volume(file)
+        self.entries[file] = {"stamp": stamp, "reason": reason, "profile": profile}
+        return reason, profile
 
     def save(self) -> None:
         if self.path is not None:
@@ -135,10 +147,11 @@ def validate_records(
             problem = Problem(record.subject_id, ";".join(record.paths), f"unknown label {record.label!r} (expected one of {', '.join(report.classes)})")
         else:
             for file in record.paths:
-                reason = cache.check(file)
+                reason, profile = cache.check(file)
                 if reason is not None:
                     problem = Problem(record.subject_id, file, reason)
                     break
+                report.profiles[file] = profile
         if problem is None:
             report.valid.append(record)
         else:

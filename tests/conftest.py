@@ -23,6 +23,19 @@ def write_ellipsoid(path: Path, shape=(24, 28, 20), zooms=(4.0, 4.0, 4.0), codes
     return path
 
 
+def write_head(path: Path, shape=(24, 28, 20), zooms=(4.0, 4.0, 4.0), seed=0) -> Path:
+    """An unstripped-looking head: the same blob inside a brighter skull shell, noise everywhere else."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
+    radius = (grid**2).sum(0)
+    data = np.abs(5 + 3 * rng.standard_normal(shape))  # scanner noise: never exactly zero
+    data[radius < 0.8] = 180 + 10 * rng.standard_normal(int((radius < 0.8).sum()))
+    data[radius < 0.6] = 100 + 20 * rng.standard_normal(int((radius < 0.6).sum()))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data.astype(np.float32), np.diag([*zooms, 1.0])), str(path))
+    return path
+
+
 @pytest.fixture(scope="session")
 def phantom_root(tmp_path_factory) -> Path:
     """A small synthetic BraTS + IXI tree (the project's own phantoms), shared by the session."""

@@ -1,7 +1,7 @@
 """Gather every trial's outputs into the experiment-level tables the analysis reads.
 
 OUT/predictions.csv: experiment, model, pretrained, fold, config_id, trial_name, subject_id,
-    label, pred, prob_<class>...
+    label, pred, prob_<class>..., source, site (from the run's subject table, for per-site results)
 OUT/epochs.csv: experiment, model, pretrained, fold, config_id, trial_name, epoch, train_loss,
     val_loss, val_accuracy, val_macro_f1, val_f1_<class>..., lr, seconds
 OUT/trials.csv: experiment, trial_name, model, pretrained, fold, config_id, status, error, lr,
@@ -45,7 +45,9 @@ def _read_outputs(result: tune.Result) -> dict[str, Any]:
                 "epochs": pd.read_csv(folder / "epochs.csv")}
 
 
-def collect(result_grids: Iterable[tune.ResultGrid], planned: Iterable[str] = ()) -> dict[str, pd.DataFrame]:
+def collect(result_grids: Iterable[tune.ResultGrid], planned: Iterable[str] = (),
+            subjects: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
+    """Predictions, epochs and trial statuses of every trial; ``subjects`` adds each subject's source and site."""
     predictions, epochs, trials = [], [], []
     seen = set()
     for grid in result_grids:
@@ -75,7 +77,12 @@ def collect(result_grids: Iterable[tune.ResultGrid], planned: Iterable[str] = ()
         return frame[KEY_COLUMNS + [c for c in frame.columns if c not in KEY_COLUMNS]]
 
     trials_frame = pd.DataFrame(trials, columns=TRIAL_COLUMNS).sort_values(["experiment", "trial_name"], na_position="last")
-    return {"predictions": ordered(predictions).sort_values(KEY_COLUMNS + ["subject_id"]) if predictions else ordered([]),
+    prediction_frame = ordered(predictions).sort_values(KEY_COLUMNS + ["subject_id"]) if predictions else ordered([])
+    if subjects is not None and "subject_id" in prediction_frame.columns:
+        origin = subjects[["subject_id", "source", "site"]].astype(str)
+        prediction_frame = prediction_frame.drop(columns=["source", "site"], errors="ignore").merge(
+            origin, on="subject_id", how="left", validate="many_to_one")
+    return {"predictions": prediction_frame,
             "epochs": ordered(epochs).sort_values(KEY_COLUMNS + ["epoch"]) if epochs else ordered([]),
             "trials": trials_frame}
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from datasets import PreprocessConfig, SplitSpec
+from datasets.cohort import check_max_per_class
 from models import MODEL_NAMES
 from trainables.fold_training import DEFAULT_CONFIG, PAPER_DEFAULTS, resolve_config
 from trainables.ray_trainable import config_id
@@ -28,8 +29,11 @@ class ExperimentConfig:
     contrasts: tuple[str, ...] = ("t1ce",)
     classes: tuple[str, ...] | None = None
     skip_invalid: bool = False
+    allow_unstripped: bool = False  # go on although stripped and unstripped volumes are mixed
     cache_dir: str | None = None
     spacing: float = 2.0
+    register: str = "none"  # "mni": N4 + affine registration to MNI152 (ANTsPy) before resampling
+    max_per_class: dict[str, int] = field(default_factory=dict)  # e.g. {"Healthy": 259}, drawn with the seed
     # protocol
     models: tuple[str, ...] = MODEL_NAMES
     pretrained: str = "both"
@@ -73,7 +77,8 @@ class ExperimentConfig:
             raise ValueError(f"--gpus-per-trial must be a fraction in (0, 1] or a whole number, got {self.gpus_per_trial}")
         # Data, split and --set options are checked now, not after preprocessing or hours later in a worker.
         self.split_spec()
-        PreprocessConfig(spacing=self.spacing)
+        self.preprocess_config()
+        self.max_per_class = check_max_per_class(self.max_per_class)
         # A missing --weights-dir is left to the Kinetics check, whose message says where it looked and how to fix it.
         for option, path, kind in (("--data-root", self.data_root, "folder"), ("--manifest", self.manifest, "file")):
             if path is not None and not (Path(path).is_dir() if kind == "folder" else Path(path).is_file()):
@@ -87,6 +92,9 @@ class ExperimentConfig:
     @property
     def cache_path(self) -> Path:
         return Path(self.cache_dir).resolve() if self.cache_dir else self.output_path / "cache"
+
+    def preprocess_config(self) -> PreprocessConfig:
+        return PreprocessConfig(spacing=self.spacing, register=self.register)
 
     def split_spec(self) -> SplitSpec:
         return SplitSpec(self.split, self.folds, self.test_size, self.val_fraction, self.seed)

@@ -51,3 +51,31 @@ def test_manifest_without_label_column_names_it(tmp_path):
     pd.DataFrame({"subject_id": ["a"], "path": ["x.nii.gz"]}).to_csv(tmp_path / "m.csv", index=False)
     with pytest.raises(ValueError, match="lacks column\\(s\\) label"):
         read_manifest(tmp_path / "m.csv")
+
+
+def test_bet_output_is_preferred_to_the_raw_ixi_file_of_the_same_subject(tmp_path):
+    write_ellipsoid(tmp_path / "IXI/IXI002-Guys-0828-T1.nii.gz")
+    write_ellipsoid(tmp_path / "IXI/IXI002-Guys-0828-T1_brain.nii.gz")
+    write_ellipsoid(tmp_path / "IXI/IXI012-HH-1211-T1.nii.gz")  # no stripped file: the raw one is used
+    write_ellipsoid(tmp_path / "stripped/IXI013-IOP-0764-T1_brain.nii")  # BET's output alone, uncompressed
+    records = {r.subject_id: r for r in discover_brats_ixi(tmp_path)}
+    assert sorted(records) == ["IXI002-Guys-0828", "IXI012-HH-1211", "IXI013-IOP-0764"]
+    assert records["IXI002-Guys-0828"].paths == (str(tmp_path / "IXI/IXI002-Guys-0828-T1_brain.nii.gz"),)
+    assert records["IXI012-HH-1211"].paths[0].endswith("IXI012-HH-1211-T1.nii.gz")
+    assert records["IXI013-IOP-0764"].paths[0].endswith("IXI013-IOP-0764-T1_brain.nii")
+
+
+def test_site_is_parsed_from_brats_and_ixi_ids_and_read_from_a_manifest(tmp_path):
+    for grade, sid in (("HGG", "BraTS19_CBICA_AAB_1"), ("HGG", "BraTS19_2013_10_1"), ("LGG", "BraTS19_TCIA10_103_1"),
+                       ("LGG", "Unusual")):
+        write_ellipsoid(tmp_path / f"MICCAI_BraTS_2019_Data_Training/{grade}/{sid}/{sid}_t1ce.nii.gz")
+    write_ellipsoid(tmp_path / "IXI/IXI002-Guys-0828-T1.nii.gz")
+    write_ellipsoid(tmp_path / "IXI/IXI035-IOP-0873-T1.nii.gz")
+    records = {r.subject_id: r for r in discover_brats_ixi(tmp_path)}
+    assert {k: (r.source, r.site) for k, r in records.items()} == {
+        "BraTS19_CBICA_AAB_1": ("brats", "CBICA"), "BraTS19_2013_10_1": ("brats", "2013"),
+        "BraTS19_TCIA10_103_1": ("brats", "TCIA10"), "Unusual": ("brats", ""),
+        "IXI002-Guys-0828": ("ixi", "Guys"), "IXI035-IOP-0873": ("ixi", "IOP")}
+    pd.DataFrame({"subject_id": ["a", "b"], "label": ["x", "y"], "path": ["IXI/IXI002-Guys-0828-T1.nii.gz"] * 2,
+                  "site": ["Leeds", ""]}).to_csv(tmp_path / "m.csv", index=False)
+    assert [(r.source, r.site) for r in read_manifest(tmp_path / "m.csv")] == [("manifest", "Leeds"), ("manifest", "")]
