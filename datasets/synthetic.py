@@ -11,6 +11,15 @@ them at 8 mm:
 * LGG: a homogeneous, non-enhancing, T1-hypointense (FLAIR-hyperintense) mass;
 * Healthy: no lesion (IXI-like file, T1 only).
 
+BraTS subjects are named like the release, ``BraTS19_<site>_<nnnn>_1``, with the contributing
+site drawn from a per-grade cycle (:data:`BRATS_SITES`) so that site and grade are confounded the
+way they are in BraTS 2019. BraTS volumes are always skull-stripped, as released. IXI was released
+as raw heads and is usually stripped with FSL BET by the user, so :func:`write_synthetic_dataset`
+can write IXI either way (``ixi=``): ``"stripped"`` (brain only, exact-zero background),
+``"raw"`` (a head: dark skull and bright scalp around the brain, Rician noise over the whole field
+of view) or ``"raw+brain"`` (both, named as BET leaves them side by side). Unstripped and mixed
+trees are what the pipeline's skull-stripping check and its BET-file preference must handle.
+
 Anatomy comes from the MNI152 (ICBM 2009a, symmetric) template shipped inside the nilearn wheel,
 so nothing is downloaded. Each subject is the template warped by a random affine + smooth
 displacement, with a random bias field, global intensity scale and Rician noise.
@@ -42,11 +51,17 @@ CONTRASTS = ("t1", "t1ce", "flair")
 BRATS_DIRNAME = "MICCAI_BraTS_2019_Data_Training"
 IXI_DIRNAME = "IXI"
 IXI_SITES = ("Guys", "HH", "IOP")
+# Contributing sites per grade, cycled with the index within the grade. BraTS 2019 is imbalanced
+# (CBICA sent only HGG, the TCIA LGG collections mostly LGG, the 2013 challenge data both), and a
+# site/grade confound is exactly what site-aware analyses must be able to see in the demo data.
+BRATS_SITES = {"HGG": ("CBICA", "CBICA", "TCIA02", "2013"), "LGG": ("TCIA10", "TCIA09", "2013")}
+# How IXI phantoms are written: BET output, the head as downloaded, or both side by side.
+IXI_MODES = ("stripped", "raw", "raw+brain")
 # BraTS segmentation codes, reused for the in-memory label map so tests speak the BraTS language.
 LABEL_NECROSIS, LABEL_OEDEMA, LABEL_ENHANCING = 1, 2, 4
 
 _MAX_IXI_SUBJECTS = 999  # IXI ids have three digits
-_MAX_BRATS_SUBJECTS = 9999  # BraTS19_SYN_<nnnn>
+_MAX_BRATS_SUBJECTS = 9999  # BraTS19_<site>_<nnnn>_1
 _DCT_SIZE = 4  # cosine frequencies 0..3 per axis: enough for smooth, brain-scale fields
 _DCT_BOX_MM = (-120.0, 120.0)  # fields live in world mm, so the same subject is the same anatomy
 _GZIP_LEVEL = 6
@@ -117,6 +132,21 @@ class LesionParameters:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class HeadParameters:
+    """Tissue outside the brain of an unstripped head, as shells at a distance from the brain.
+
+    On T1, CSF, dura and the skull's cortical bone are dark and the scalp (mostly fat) is bright;
+    beyond the scalp is air, i.e. noise only. Shells grown from the subject's own brain mask
+    follow its pose and shape for free, which is all a skull-stripping check and a BET-like mask
+    need; the exact anatomy of a head does not matter here.
+    """
+
+    bone_mm: float  # dark layer between brain and scalp (CSF, dura, skull)
+    scalp_mm: float  # bright layer outside the skull
+    scalp_level: float  # scalp intensity relative to white matter
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class SubjectParameters:
     """Everything random about one subject; applying it (:func:`synthesize_subject`) is deterministic."""
@@ -133,6 +163,7 @@ class SubjectParameters:
     noise_fraction: float  # Rician sigma relative to the white-matter intensity
     noise_seed: int
     lesion: LesionParameters | None
+    head: HeadParameters  # only rendered for unstripped IXI files (synthesize_head)
 
 
 def draw_subject_parameters(seed: int, index: int, label: str) -> SubjectParameters:
@@ -165,6 +196,13 @@ def draw_subject_parameters(seed: int, index: int, label: str) -> SubjectParamet
         lesion = _draw_hgg_lesion(rng)
     elif label == "LGG":
         lesion = _draw_lgg_lesion(rng)
+    # Drawn last so that every earlier draw, hence every stripped image, is what it was before
+    # heads existed.
+    head = HeadParameters(
+        bone_mm=float(rng.uniform(4.0, 8.0)),
+        scalp_mm=float(rng.uniform(4.0, 8.0)),
+        scalp_level=float(rng.uniform(0.8, 1.2)),
+    )
     return SubjectParameters(
         seed=int(seed),
         index=int(index),
@@ -178,6 +216,7 @@ def draw_subject_parameters(seed: int, index: int, label: str) -> SubjectParamet
         noise_fraction=noise_fraction,
         noise_seed=noise_seed,
         lesion=lesion,
+        head=head,
     )
 
 
@@ -659,41 +698,121 @@ def _to_volume(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return volume
 
 
+_BONE_LEVEL = 0.08  # CSF + cortical bone on T1, relative to white matter: nearly black
+_HEAD_NOISE_STREAM = 1  # keeps the head's noise independent of the brain's ([noise_seed, contrast])
+
+
+def synthesize_head(subject: SyntheticSubject, contrast: str = "t1") -> np.ndarray:
+    """The unstripped head around ``subject``'s brain: the image before skull stripping.
+
+    Brain voxels are copied unchanged, so masking the head with the brain mask (which is what BET
+    writes) gives ``subject.images[contrast]`` back exactly. Outside the brain, a dark skull and a
+    bright scalp (:class:`HeadParameters`) sit at a distance from the brain mask, so they follow
+    the subject's pose; the same bias field and scanner scale apply, and Rician noise covers the
+    whole field of view, so no voxel is exactly zero, as in a magnitude image. Deterministic: the
+    noise comes from the subject's ``noise_seed``.
+    """
+    if contrast not in subject.images:
+        raise ValueError(f"contrast {contrast!r} was not rendered; subject has {tuple(subject.images)}")
+    parameters = subject.parameters
+    geometry = Geometry(shape=subject.brain_mask.shape, affine=subject.affine)
+    outside = ~subject.brain_mask
+    distance = ndimage.distance_transform_edt(outside, sampling=geometry.voxel_mm)[outside]
+    # About half a voxel of partial volume at each shell's edge, as for lesions.
+    soft_mm = max(0.5, 0.4 * min(geometry.voxel_mm))
+    relative = _head_tissue(parameters.head, distance.astype(np.float32), soft_mm)
+    bias = np.exp(_smooth_field(parameters.bias_coefs[contrast], geometry)[outside])
+    scale = parameters.scales[contrast]
+    noise_rng = np.random.default_rng(
+        [parameters.noise_seed, CONTRASTS.index(contrast), _HEAD_NOISE_STREAM]
+    )
+    values = _rician(scale * bias * relative, parameters.noise_fraction * scale, noise_rng)
+    head = subject.images[contrast].copy()
+    head[outside] = _quantize(values)
+    return head
+
+
+def _head_tissue(head: HeadParameters, distance_mm: np.ndarray, soft_mm: float) -> np.ndarray:
+    """Relative T1 signal at ``distance_mm`` from the brain: dark bone, then bright scalp, then air."""
+    within_bone = special.expit((head.bone_mm - distance_mm) / soft_mm)
+    within_scalp = special.expit((head.bone_mm + head.scalp_mm - distance_mm) / soft_mm)
+    return _BONE_LEVEL * within_bone + head.scalp_level * (within_scalp - within_bone)
+
+
 # --------------------------------------------------------------------------------------------
 # Writing the tree
 # --------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class PlannedSubject:
-    """Where one subject goes: its class, index within the class, id and file per contrast."""
+    """Where one subject goes: its class, index within the class, id and files per contrast.
+
+    ``files`` receive the skull-stripped image, ``head_files`` the unstripped head
+    (:func:`synthesize_head`); an IXI subject in ``"raw+brain"`` mode has both.
+    """
 
     label: str
     index: int
     subject_id: str
     files: dict[str, pathlib.Path]
+    head_files: dict[str, pathlib.Path] = dataclasses.field(default_factory=dict)
+
+    @property
+    def contrasts(self) -> tuple[str, ...]:
+        """Every contrast that has to be rendered for this subject's files."""
+        return tuple(dict.fromkeys([*self.files, *self.head_files]))
 
 
 def plan_dataset(
     out_dir: str | os.PathLike, n_hgg: int, n_lgg: int, n_healthy: int,
-    contrasts: Sequence[str] = ("t1ce",),
+    contrasts: Sequence[str] = ("t1ce",), ixi: str = "stripped",
 ) -> list[PlannedSubject]:
     """File names of the tree :func:`write_synthetic_dataset` writes, without writing anything."""
     _check_counts(n_hgg, n_lgg, n_healthy)
     contrasts = _check_contrasts(contrasts)
+    _check_ixi(ixi)
     root = pathlib.Path(out_dir)
     plan = []
-    number = 0  # BraTS ids run across HGG and LGG, as in the real release
+    number = 0  # unique over the whole tree, so an id names one subject even without its grade
     for label, count in (("HGG", n_hgg), ("LGG", n_lgg)):
         for index in range(count):
             number += 1
-            sid = f"BraTS19_SYN_{number:04d}"
+            sid = brats_subject_id(label, index, number)
             folder = root / BRATS_DIRNAME / label / sid
             files = {c: folder / f"{sid}_{c}.nii.gz" for c in contrasts}
             plan.append(PlannedSubject(label, index, sid, files))
     for index in range(n_healthy):
-        sid = ixi_subject_id(index)
-        plan.append(PlannedSubject("Healthy", index, sid,
-                                   {"t1": root / IXI_DIRNAME / f"{sid}-T1.nii.gz"}))
+        plan.append(_plan_ixi_subject(root / IXI_DIRNAME, index, ixi))
     return plan
+
+
+def _plan_ixi_subject(folder: pathlib.Path, index: int, ixi: str) -> PlannedSubject:
+    """IXI's raw head keeps the download's name; BET's output adds ``_brain``, as FSL names it."""
+    sid = ixi_subject_id(index)
+    downloaded = {"t1": folder / f"{sid}-T1.nii.gz"}
+    if ixi == "stripped":
+        # Stripped data under the downloaded name: what the project has always generated.
+        return PlannedSubject("Healthy", index, sid, files=downloaded)
+    if ixi == "raw":
+        return PlannedSubject("Healthy", index, sid, files={}, head_files=downloaded)
+    brain = {"t1": folder / f"{sid}-T1_brain.nii.gz"}
+    return PlannedSubject("Healthy", index, sid, files=brain, head_files=downloaded)
+
+
+def brats_subject_id(grade: str, index: int, number: int) -> str:
+    """``BraTS19_<site>_<nnnn>_1``, shaped like the release's ``BraTS19_CBICA_AAB_1``.
+
+    The site cycles through ``BRATS_SITES[grade]`` with ``index`` (0-based, within the grade), so
+    the per-site grade imbalance of BraTS 2019 is reproduced and does not depend on how many
+    subjects of the other grade there are. ``number`` (1..9999) is the caller's running number:
+    real sites number their own cases, but a tree-wide number keeps ids unique even where two
+    sites (2013) contribute to both grades.
+    """
+    if grade not in BRATS_SITES:
+        raise ValueError(f"grade must be one of {tuple(BRATS_SITES)}, got {grade!r}")
+    if not 1 <= number <= _MAX_BRATS_SUBJECTS:
+        raise ValueError(f"number must be in 1..{_MAX_BRATS_SUBJECTS} (4 digits), got {number}")
+    sites = BRATS_SITES[grade]
+    return f"BraTS19_{sites[index % len(sites)]}_{number:04d}_1"
 
 
 def ixi_subject_id(index: int) -> str:
@@ -711,6 +830,7 @@ def write_synthetic_dataset(
     seed: int = 0,
     downsample: float = 1.0,
     contrasts: tuple[str, ...] = ("t1ce",),
+    ixi: str = "stripped",
 ) -> pathlib.Path:
     """Writes the tree under out_dir and returns out_dir as a Path.
 
@@ -718,18 +838,31 @@ def write_synthetic_dataset(
 
         out_dir/MICCAI_BraTS_2019_Data_Training/{HGG,LGG}/<sid>/<sid>_<contrast>.nii.gz
         out_dir/IXI/IXI<nnn>-<Site>-<nnnn>-T1.nii.gz        (Healthy, T1 only)
+        out_dir/IXI/IXI<nnn>-<Site>-<nnnn>-T1_brain.nii.gz  (ixi="raw+brain" only)
+
+    ``<sid>`` is ``BraTS19_<site>_<nnnn>_1`` (:func:`brats_subject_id`); numbers run over HGG
+    then LGG. BraTS volumes are skull-stripped. ``ixi`` (one of :data:`IXI_MODES`) says what the
+    IXI files hold:
+
+    * ``"stripped"``: the brain only, exact-zero background, under ``-T1`` (like BraTS);
+    * ``"raw"``: the unstripped head (:func:`synthesize_head`) under ``-T1``, as downloaded;
+    * ``"raw+brain"``: the head under ``-T1`` and the brain under ``-T1_brain``, as BET leaves
+      them; the ``_brain`` file is byte-identical to the ``"stripped"`` mode's ``-T1`` file.
 
     Existing files are overwritten with identical content for identical arguments.
     """
     _check_seed(seed)
     downsample = _check_downsample(downsample)
-    plan = plan_dataset(out_dir, n_hgg, n_lgg, n_healthy, contrasts)
+    plan = plan_dataset(out_dir, n_hgg, n_lgg, n_healthy, contrasts, ixi=ixi)
     for planned in plan:
         parameters = draw_subject_parameters(seed, planned.index, planned.label)
-        subject = synthesize_subject(parameters, tuple(planned.files), downsample)
+        subject = synthesize_subject(parameters, planned.contrasts, downsample)
         for contrast, path in planned.files.items():
             path.parent.mkdir(parents=True, exist_ok=True)
             save_nifti_atomic(subject.images[contrast], subject.affine, path)
+        for contrast, path in planned.head_files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_nifti_atomic(synthesize_head(subject, contrast), subject.affine, path)
         logger.debug("wrote %s (%s)", planned.subject_id, planned.label)
     return pathlib.Path(out_dir)
 
@@ -770,6 +903,11 @@ def _check_counts(n_hgg: int, n_lgg: int, n_healthy: int) -> None:
         raise ValueError(f"n_healthy must be <= {_MAX_IXI_SUBJECTS} (3-digit IXI ids), got {n_healthy}")
     if n_hgg + n_lgg > _MAX_BRATS_SUBJECTS:
         raise ValueError(f"n_hgg + n_lgg must be <= {_MAX_BRATS_SUBJECTS} (4-digit BraTS ids)")
+
+
+def _check_ixi(ixi: str) -> None:
+    if ixi not in IXI_MODES:
+        raise ValueError(f"ixi must be one of {IXI_MODES}, got {ixi!r}")
 
 
 def _check_contrasts(contrasts: Sequence[str]) -> tuple[str, ...]:

@@ -46,14 +46,13 @@ from sklearn.metrics import f1_score
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
+from datasets.acquisition import PROFILE_CATEGORICAL, PROFILE_NUMERIC
 from datasets.preprocessing import CachedDataset
 from datasets.splits import Fold, SplitPlan
 
-ACQUISITION_NUMERIC = (
-    "voxel_x", "voxel_y", "voxel_z", "shape_x", "shape_y", "shape_z",
-    "fg_volume_ml", "fg_median", "fg_p99", "zero_fraction", "border_zero_fraction",
-)
-ACQUISITION_CATEGORICAL = ("orientation", "dtype")
+# The profile validation measures of every raw file (datasets.acquisition) is the feature set, by definition.
+ACQUISITION_NUMERIC = PROFILE_NUMERIC
+ACQUISITION_CATEGORICAL = PROFILE_CATEGORICAL
 C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 HISTOGRAM_BINS = 20
 # lbfgs on standardised features converges in well under this; C=100 on separable data needs the headroom.

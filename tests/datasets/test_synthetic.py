@@ -16,14 +16,18 @@ from datasets.synthetic import (
     LABEL_ENHANCING,
     LABEL_NECROSIS,
     LABEL_OEDEMA,
+    brats_subject_id,
     draw_subject_parameters,
+    plan_dataset,
     subject_geometry,
+    synthesize_head,
     synthesize_subject,
     write_synthetic_dataset,
 )
 
 F = 4.0
 IXI_NAME = re.compile(r"IXI\d{3}-(Guys|HH|IOP)-\d{4}-T1\.nii\.gz")
+BRATS_ID = re.compile(r"BraTS19_([A-Za-z0-9]+)_(\d{4})_1")
 ALL_CONTRASTS = ("t1", "t1ce", "flair")
 
 
@@ -36,8 +40,17 @@ def _brats_files(root: pathlib.Path, label: str, contrast: str) -> list[pathlib.
     return sorted((root / "MICCAI_BraTS_2019_Data_Training" / label).glob(f"*/*_{contrast}.nii.gz"))
 
 
+def _brats_file(root: pathlib.Path, label: str, sid: str, contrast: str) -> pathlib.Path:
+    return root / "MICCAI_BraTS_2019_Data_Training" / label / sid / f"{sid}_{contrast}.nii.gz"
+
+
 def _ixi_files(root: pathlib.Path) -> list[pathlib.Path]:
     return sorted((root / "IXI").glob("*.nii.gz"))
+
+
+def _faces(data: np.ndarray) -> np.ndarray:
+    """All voxels on the six outer faces of the field of view."""
+    return np.concatenate([np.take(data, [0, -1], axis=axis).ravel() for axis in range(3)])
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +66,9 @@ def test_tree_layout_and_names(tree: pathlib.Path) -> None:
     brats = tree / "MICCAI_BraTS_2019_Data_Training"
     hgg = sorted(p.name for p in (brats / "HGG").iterdir())
     lgg = sorted(p.name for p in (brats / "LGG").iterdir())
-    # Ids run across HGG then LGG, like one BraTS release.
-    assert hgg == ["BraTS19_SYN_0001", "BraTS19_SYN_0002"]
-    assert lgg == ["BraTS19_SYN_0003", "BraTS19_SYN_0004"]
+    # Numbers run across HGG then LGG; sites follow each grade's cycle.
+    assert hgg == ["BraTS19_CBICA_0001_1", "BraTS19_CBICA_0002_1"]
+    assert lgg == ["BraTS19_TCIA09_0004_1", "BraTS19_TCIA10_0003_1"]
     for label, sids in (("HGG", hgg), ("LGG", lgg)):
         for sid in sids:
             names = sorted(p.name for p in (brats / label / sid).iterdir())
@@ -75,8 +88,55 @@ def test_tree_layout_and_names(tree: pathlib.Path) -> None:
 def test_default_contrast_is_t1ce_only(tmp_path: pathlib.Path) -> None:
     write_synthetic_dataset(tmp_path, 1, 1, 0, downsample=F)
     names = sorted(p.name for p in tmp_path.rglob("*.nii.gz"))
-    assert names == ["BraTS19_SYN_0001_t1ce.nii.gz", "BraTS19_SYN_0002_t1ce.nii.gz"]
+    assert names == ["BraTS19_CBICA_0001_1_t1ce.nii.gz", "BraTS19_TCIA10_0002_1_t1ce.nii.gz"]
     assert not (tmp_path / "IXI").exists()
+
+
+def test_brats_subject_id() -> None:
+    assert brats_subject_id("HGG", 0, 1) == "BraTS19_CBICA_0001_1"
+    assert brats_subject_id("HGG", 3, 12) == "BraTS19_2013_0012_1"
+    assert brats_subject_id("HGG", 6, 7) == "BraTS19_TCIA02_0007_1"  # the cycle restarts after 4
+    assert brats_subject_id("LGG", 1, 9999) == "BraTS19_TCIA09_9999_1"
+    with pytest.raises(ValueError, match="grade"):
+        brats_subject_id("Healthy", 0, 1)
+    with pytest.raises(ValueError, match="number"):
+        brats_subject_id("HGG", 0, 10000)
+
+
+def test_brats_ids_carry_imbalanced_sites(tmp_path: pathlib.Path) -> None:
+    plan = plan_dataset(tmp_path, 8, 6, 0)
+    sites: dict[str, list[str]] = {"HGG": [], "LGG": []}
+    numbers = []
+    for planned in plan:
+        match = BRATS_ID.fullmatch(planned.subject_id)
+        assert match, planned.subject_id
+        sites[planned.label].append(match.group(1))
+        numbers.append(int(match.group(2)))
+        # The release's folder layout, whatever the id looks like.
+        path = planned.files["t1ce"]
+        assert path.relative_to(tmp_path).parts == (
+            "MICCAI_BraTS_2019_Data_Training", planned.label, planned.subject_id,
+            f"{planned.subject_id}_t1ce.nii.gz",
+        )
+    assert sorted(numbers) == list(range(1, 15))  # unique over the whole tree
+    assert set(sites["HGG"]) == {"CBICA", "TCIA02", "2013"}
+    assert set(sites["LGG"]) == {"TCIA10", "TCIA09", "2013"}
+    assert sites["HGG"].count("CBICA") == 4  # half of HGG, and no LGG, as in BraTS 2019
+    assert not {"TCIA09", "TCIA10"} & set(sites["HGG"])
+
+
+@pytest.mark.parametrize(
+    ("ixi", "stripped_name", "head_name"),
+    [("stripped", "-T1.nii.gz", None), ("raw", None, "-T1.nii.gz"),
+     ("raw+brain", "-T1_brain.nii.gz", "-T1.nii.gz")],
+)
+def test_plan_ixi_modes(tmp_path: pathlib.Path, ixi: str, stripped_name: str | None,
+                        head_name: str | None) -> None:
+    (planned,) = plan_dataset(tmp_path, 0, 0, 1, ixi=ixi)
+    stem = tmp_path / "IXI" / planned.subject_id
+    assert planned.files == ({"t1": pathlib.Path(f"{stem}{stripped_name}")} if stripped_name else {})
+    assert planned.head_files == ({"t1": pathlib.Path(f"{stem}{head_name}")} if head_name else {})
+    assert planned.contrasts == ("t1",)
 
 
 # ------------------------------------------------------------------------------- determinism
@@ -89,9 +149,12 @@ def test_same_seed_gives_identical_data(tree: pathlib.Path, tmp_path: pathlib.Pa
 
 def test_different_seed_gives_different_data(tree: pathlib.Path, tmp_path: pathlib.Path) -> None:
     write_synthetic_dataset(tmp_path, 1, 1, 1, seed=1, downsample=F)
+    # The same subjects (first of each class) under both seeds.
     pairs = [
-        (_brats_files(tree, "HGG", "t1ce")[0], _brats_files(tmp_path, "HGG", "t1ce")[0]),
-        (_brats_files(tree, "LGG", "t1ce")[0], _brats_files(tmp_path, "LGG", "t1ce")[0]),
+        (_brats_file(tree, "HGG", "BraTS19_CBICA_0001_1", "t1ce"),
+         _brats_file(tmp_path, "HGG", "BraTS19_CBICA_0001_1", "t1ce")),
+        (_brats_file(tree, "LGG", "BraTS19_TCIA10_0003_1", "t1ce"),
+         _brats_file(tmp_path, "LGG", "BraTS19_TCIA10_0002_1", "t1ce")),
         (_ixi_files(tree)[0], _ixi_files(tmp_path)[0]),
     ]
     for a, b in pairs:
@@ -100,12 +163,17 @@ def test_different_seed_gives_different_data(tree: pathlib.Path, tmp_path: pathl
 
 def test_files_equal_in_memory_rendering(tree: pathlib.Path) -> None:
     """Tests below use synthesize_subject(); it must be exactly what was written."""
-    lgg = draw_subject_parameters(0, 1, "LGG")  # second LGG = BraTS19_SYN_0004
+    lgg = draw_subject_parameters(0, 1, "LGG")  # second LGG
     subject = synthesize_subject(lgg, ALL_CONTRASTS, F)
     for contrast in ALL_CONTRASTS:
-        data, image = _load(_brats_files(tree, "LGG", contrast)[1])
+        data, image = _load(_brats_file(tree, "LGG", "BraTS19_TCIA09_0004_1", contrast))
         np.testing.assert_array_equal(data, subject.images[contrast])
         np.testing.assert_allclose(image.affine, subject.affine)
+    # The default ixi="stripped" writes the stripped brain under IXI's downloaded name.
+    healthy = synthesize_subject(draw_subject_parameters(0, 2, "Healthy"), ("t1",), F)
+    data, image = _load(tree / "IXI" / "IXI003-IOP-1989-T1.nii.gz")
+    np.testing.assert_array_equal(data, healthy.images["t1"])
+    np.testing.assert_allclose(image.affine, healthy.affine)
 
 
 def test_subject_does_not_depend_on_other_counts(tmp_path: pathlib.Path) -> None:
@@ -191,6 +259,88 @@ def test_intensity_scales_differ_between_sources() -> None:
     brats_median = min(np.median(s.images["t1ce"][s.brain_mask]) for s in brats)
     ixi_median = max(np.median(s.images["t1"][s.brain_mask]) for s in ixi)
     assert brats_median > 1.5 * ixi_median
+
+
+# ------------------------------------------------------------------------- unstripped IXI
+@pytest.fixture(scope="module")
+def raw_tree(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    return write_synthetic_dataset(tmp_path_factory.mktemp("raw"), 0, 0, 2, seed=0, downsample=F, ixi="raw")
+
+
+@pytest.fixture(scope="module")
+def bet_tree(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    return write_synthetic_dataset(tmp_path_factory.mktemp("bet"), 1, 1, 2, seed=0, downsample=F,
+                                   ixi="raw+brain")
+
+
+def test_raw_ixi_is_a_noisy_head_around_the_same_brain(raw_tree: pathlib.Path) -> None:
+    paths = _ixi_files(raw_tree)
+    assert [p.name for p in paths] == ["IXI001-Guys-1211-T1.nii.gz", "IXI002-HH-1600-T1.nii.gz"]
+    for index, path in enumerate(paths):
+        data, image = _load(path)
+        subject = synthesize_subject(draw_subject_parameters(0, index, "Healthy"), ("t1",), F)
+        brain = subject.brain_mask
+        np.testing.assert_allclose(image.affine, subject.affine)
+        assert data.dtype == np.int16
+        # Unstripped: noise everywhere, so the stripping check finds no zero on the faces ...
+        assert np.all(_faces(data) != 0)
+        assert np.all(data != 0)
+        # ... while the brain is voxel for voxel where (and what) the stripped image has it.
+        np.testing.assert_array_equal(data[brain], subject.images["t1"][brain])
+
+
+@pytest.mark.parametrize("index", range(2))
+def test_head_has_dark_skull_bright_scalp_then_air(index: int) -> None:
+    parameters = draw_subject_parameters(0, index, "Healthy")
+    subject = synthesize_subject(parameters, ("t1",), F)
+    head = synthesize_head(subject)
+    voxel_mm = subject_geometry("ixi", F).voxel_mm
+    distance = ndimage.distance_transform_edt(~subject.brain_mask, sampling=voxel_mm)
+    bone, scalp = parameters.head.bone_mm, parameters.head.scalp_mm
+    brain_level = np.median(head[subject.brain_mask])
+    skull_level = np.median(head[(distance > 0) & (distance <= bone)])
+    scalp_level = np.median(head[(distance > bone) & (distance <= bone + scalp)])
+    air = head[distance > bone + scalp + 10]
+    assert scalp_level > 0.5 * brain_level
+    assert skull_level < 0.8 * scalp_level
+    assert 0 < np.median(air) < 0.1 * brain_level  # Rician noise floor, not exact zeros
+    assert np.mean(air < 0.3 * scalp_level) > 0.99  # no tissue far from the brain
+    with pytest.raises(ValueError, match="flair"):
+        synthesize_head(subject, "flair")
+
+
+def test_raw_plus_brain_writes_bet_pair(tree: pathlib.Path, raw_tree: pathlib.Path,
+                                        bet_tree: pathlib.Path) -> None:
+    names = [p.name for p in _ixi_files(bet_tree)]
+    assert names == ["IXI001-Guys-1211-T1.nii.gz", "IXI001-Guys-1211-T1_brain.nii.gz",
+                     "IXI002-HH-1600-T1.nii.gz", "IXI002-HH-1600-T1_brain.nii.gz"]
+    for sid in ("IXI001-Guys-1211", "IXI002-HH-1600"):
+        head = bet_tree / "IXI" / f"{sid}-T1.nii.gz"
+        brain = bet_tree / "IXI" / f"{sid}-T1_brain.nii.gz"
+        # BET's output is the stripped phantom exactly; the head is the "raw" mode's.
+        assert brain.read_bytes() == (tree / "IXI" / f"{sid}-T1.nii.gz").read_bytes()
+        assert head.read_bytes() == (raw_tree / "IXI" / f"{sid}-T1.nii.gz").read_bytes()
+        head_data, brain_data = _load(head)[0], _load(brain)[0]
+        np.testing.assert_array_equal(np.where(brain_data != 0, head_data, 0), brain_data)
+    # BraTS stays skull-stripped whatever ixi says.
+    for path in _brats_files(bet_tree, "HGG", "t1ce") + _brats_files(bet_tree, "LGG", "t1ce"):
+        assert np.mean(_faces(_load(path)[0]) == 0) > 0.95  # only a cut brainstem may touch a face
+
+
+def test_discovery_prefers_bet_files_and_parses_sites(bet_tree: pathlib.Path, raw_tree: pathlib.Path) -> None:
+    from datasets.acquisition import border_zero_fraction
+    from datasets.sources import discover_brats_ixi
+
+    records = {r.subject_id: r for r in discover_brats_ixi(bet_tree)}
+    assert {sid: r.site for sid, r in records.items()} == {
+        "BraTS19_CBICA_0001_1": "CBICA", "BraTS19_TCIA10_0002_1": "TCIA10",
+        "IXI001-Guys-1211": "Guys", "IXI002-HH-1600": "HH",
+    }
+    assert records["IXI001-Guys-1211"].paths[0].endswith("-T1_brain.nii.gz")
+    (raw,) = [r for r in discover_brats_ixi(raw_tree) if r.subject_id == "IXI001-Guys-1211"]
+    # What the skull-stripping check measures: ~all zero faces when stripped, none when raw.
+    assert border_zero_fraction(_load(pathlib.Path(raw.paths[0]))[0]) == 0.0
+    assert border_zero_fraction(_load(pathlib.Path(records["IXI001-Guys-1211"].paths[0]))[0]) > 0.95
 
 
 # ---------------------------------------------------------------------------- class signal
@@ -283,6 +433,8 @@ def test_write_is_atomic(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
         ({"contrasts": ()}, "contrasts"),
         ({"seed": -1}, "seed"),
         ({"n_healthy": 1000}, "n_healthy"),
+        ({"ixi": "bet"}, r"ixi must be one of \('stripped', 'raw', 'raw\+brain'\)"),
+        ({"ixi": None}, "ixi"),
     ],
 )
 def test_invalid_arguments(tmp_path: pathlib.Path, kwargs: dict, message: str) -> None:

@@ -64,6 +64,54 @@ def test_grid_runs_one_trial_per_model_pretraining_and_fold(grid_run, phantom_ro
     assert record["classes"] == ["LGG", "HGG", "Healthy"]
 
 
+def test_a_run_records_source_site_cohort_and_fits_the_baselines_on_the_same_folds(grid_run):
+    out, _ = grid_run
+    subjects = pd.read_csv(out / "subjects.csv", dtype={"site": str}, keep_default_na=False)
+    predictions = pd.read_csv(out / "predictions.csv", dtype={"site": str}, keep_default_na=False)
+    site_of = dict(zip(subjects["subject_id"], subjects["site"]))
+    assert [site_of[s] for s in predictions["subject_id"]] == list(predictions["site"])
+    healthy = predictions["label"] == "Healthy"
+    assert set(predictions.loc[healthy, "source"]) == {"ixi"} and set(predictions.loc[~healthy, "source"]) == {"brats"}
+    assert set(predictions.loc[healthy, "site"]) <= {"Guys", "HH", "IOP"} and "" not in set(predictions["site"])
+    assert subjects["stripped"].all()
+    record = json.loads((out / "experiment.json").read_text())
+    assert record["stripping"]["unstripped"] == [] and record["register"] == "none"
+    assert record["cohort"]["drawn"] == record["cohort"]["available"] == {"LGG": 8, "HGG": 8, "Healthy": 8}
+    baselines = pd.read_csv(out / "baseline_predictions.csv")
+    splits = json.loads((out / "splits.json").read_text())
+    for (model, fold), rows in baselines.groupby(["model", "fold"]):
+        assert sorted(rows["subject_id"]) == sorted(splits["folds"][fold]["test"])
+    assert sorted(baselines["model"].unique()) == ["acquisition_baseline", "histogram_baseline"]
+
+
+def test_unstripped_healthy_is_refused_then_allowed_drawn_and_reported(tmp_path, capsys):
+    """IXI heads as downloaded beside stripped BraTS: stopped before Ray; with --allow-unstripped, said at the top."""
+    from datasets.synthetic import write_synthetic_dataset
+
+    root = write_synthetic_dataset(tmp_path / "raw", n_hgg=6, n_lgg=6, n_healthy=9, seed=4, downsample=4, ixi="raw")
+    out = tmp_path / "out"
+    argv = ["--experiment", "paper", "--data-root", str(root), "--output", str(out), "--models", "mc3_18",
+            "--pretrained", "none", "--folds", "2", *[a for a in TINY if a != "--no-report"]]
+    assert tune_main.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Skull-stripped and unstripped volumes are mixed" in err and "IXI001-Guys" in err
+    assert not (out / "ray").exists() and not (out / "experiment.json").exists()
+
+    allowed = [*argv, "--allow-unstripped", "--max-per-class", "Healthy=6"]
+    assert tune_main.main(allowed) == 0
+    cohort = json.loads((out / "cohort.json").read_text())
+    assert len(cohort["subjects"]["Healthy"]) == 6 and cohort["available"]["Healthy"] == 9
+    subjects = pd.read_csv(out / "subjects.csv")
+    assert (subjects["label"] == "Healthy").sum() == 6
+    assert set(subjects.loc[subjects["label"] == "Healthy", "subject_id"]) == set(cohort["subjects"]["Healthy"])
+    assert not subjects.loc[subjects["label"] == "Healthy", "stripped"].any()
+    top = (out / "report" / "report.md").read_text().split("## What ran")[0]
+    assert "--allow-unstripped" in top
+    before = (out / "cohort.json").read_text()
+    assert tune_main.main(allowed) == 0  # resumed: the same draw, nothing retrained
+    assert (out / "cohort.json").read_text() == before
+
+
 def test_trials_get_cpu_only_resources_without_a_gpu(grid_run):
     out, _ = grid_run
     for folder in trial_folders(out / "ray" / "paper"):
