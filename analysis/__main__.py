@@ -7,32 +7,62 @@ from pathlib import Path
 
 
 def summary(report_dir: Path) -> str:
-    """One screen: macro F1 per arm, ours beside the published value."""
+    """One screen: macro F1 per arm, ours beside the published value, the baselines, and the shortcut check."""
     import pandas as pd
 
-    comp = pd.read_csv(report_dir / "tables" / "paper_comparison.csv")
     from analysis.tables import fmt, fmt_diff, fmt_pm
 
-    arms = pd.read_csv(report_dir / "tables" / "arms.csv")[["model", "pretrained", "folds_planned"]]
+    tables = report_dir / "tables"
+    comp = pd.read_csv(tables / "paper_comparison.csv")
+    if "baseline" not in comp.columns:
+        comp["baseline"] = False
+    arms = pd.read_csv(tables / "arms.csv")[["model", "pretrained", "folds_planned"]]
+    planned = int(arms["folds_planned"].max()) if len(arms) else None
     sel = comp[comp["metric"] == "macro_f1"].merge(arms, on=["model", "pretrained"], how="left")
-    lines = ["Macro F1 per arm, paper protocol (* = best fold mean):",
+    lines = ["Macro F1 per arm, paper protocol (* = best fold mean; [baseline] rows do not compete):",
              f"{'arm':<42} {'folds':>5}  {'macro F1 (mean ± std)':<22} {'pooled':>7} {'paper':>7} {'diff':>8}"]
     for r in sel.itertuples(index=False):
-        arm = f"{r.display_name} ({'pre-trained' if r.pretrained else 'scratch'})"
+        if r.baseline:
+            arm = f"{r.display_name} [baseline]"
+            folds = f"{r.folds}/{planned if planned is not None else '?'}"
+        else:
+            arm = f"{r.display_name} ({'pre-trained' if r.pretrained else 'scratch'})"
+            folds = f"{r.folds}/{int(r.folds_planned)}"
         star = " *" if r.winner else ""
-        folds = f"{r.folds}/{r.folds_planned}"
         lines.append(f"{arm:<42} {folds:>5}  {fmt_pm(r.mean, r.std):<22} {fmt(r.pooled):>7} "
                      f"{fmt(r.paper_mean):>7} {fmt_diff(r.difference):>8}{star}")
-    tests = pd.read_csv(report_dir / "tables" / "pairwise_tests.csv")
+    lines.append(_shortcut_line(tables, bool(comp["baseline"].any())))
+    tests = pd.read_csv(tables / "pairwise_tests.csv")
     if len(tests):
         significant = int((tests["p_holm"] < 0.05).sum())
         lines.append(f"corrected t-tests on macro F1: {significant} of {len(tests)} pair(s) differ at Holm p < 0.05 "
                      f"(with {int(tests['folds'].max())} folds the test has little power)")
-    failed = pd.read_csv(report_dir / "tables" / "failed_trials.csv")
-    missing = pd.read_csv(report_dir / "tables" / "missing_trials.csv")
+    failed = pd.read_csv(tables / "failed_trials.csv")
+    missing = pd.read_csv(tables / "missing_trials.csv")
     if len(failed) or len(missing):
         lines.append(f"partial results: {len(failed)} failed, {len(missing)} missing trial(s); see report.md")
     return "\n".join(lines)
+
+
+def _shortcut_line(tables: Path, have_baselines: bool) -> str:
+    """'shortcut check: 2 of 6 deep-arm x class results are not clearly better than the acquisition-only baseline ...'."""
+    import pandas as pd
+
+    from analysis.names import display_name
+    from analysis.shortcut import not_clearly_better
+
+    path = tables / "shortcut_check.csv"
+    check = pd.read_csv(path, keep_default_na=False, na_values=[""]) if path.is_file() else pd.DataFrame()
+    if check.empty:
+        return ("shortcut check: no deep-arm predictions to compare with the baselines" if have_baselines
+                else "shortcut check: not available (no baseline_predictions.csv); see report")
+    check["clearly_better"] = check["clearly_better"].astype(str).str.casefold() == "true"
+    parts = []
+    for baseline in dict.fromkeys(check["baseline"]):
+        weak, total = not_clearly_better(check, baseline)
+        parts.append(f"{weak} of {total}" + (" deep-arm x class results are not clearly better than" if not parts
+                                             else " against") + f" the {display_name(baseline)}")
+    return "shortcut check: " + "; ".join(parts) + "; see report"
 
 
 def main(argv: list[str] | None = None) -> int:

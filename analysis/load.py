@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -22,6 +23,14 @@ TRIAL_COLUMNS = ["experiment", "trial_name", "model", "pretrained", "fold", "con
 TRIAL_NUMERIC = ["lr", "weight_decay", "dropout", "aug_strength", "epochs_run", "best_epoch", "best_val_macro_f1",
                  "n_train", "n_val", "n_test"]
 HYPERPARAMETERS = ["lr", "weight_decay", "dropout", "augmentation", "aug_strength"]
+# Optional inputs written by newer runs; an experiment folder without them still gets a report.
+ORIGIN_COLUMNS = ["source", "site"]
+SELECTION_COLUMNS = ["model", "fold", "chosen_C", "val_macro_f1", "candidates", "n_train", "n_val", "n_test", "features"]
+SELECTION_NUMERIC = ["chosen_C", "val_macro_f1", "n_train", "n_val", "n_test", "test_macro_f1"]
+SUBJECT_COLUMNS = ["subject_id", "label"]
+SUBJECT_NUMERIC = ["border_zero_fraction", "voxel_x", "voxel_y", "voxel_z", "shape_x", "shape_y", "shape_z",
+                   "fg_volume_ml", "fg_median", "fg_p99", "zero_fraction"]
+_UNKNOWN_TEXT = {"nan", "none", "null"}  # how a missing site may arrive after pandas' astype(str)
 # A written softmax may be rounded; this only catches columns that are not probabilities at all.
 PROB_SUM_TOLERANCE = 1e-2
 
@@ -41,6 +50,10 @@ class Experiment:
     epochs: pd.DataFrame | None
     trials: pd.DataFrame | None
     notes: list[str] = field(default_factory=list)  # input problems worth telling the reader about
+    # Optional (newer runs): the scikit-learn baselines and the run's cohort, None when absent or unreadable.
+    baseline_predictions: pd.DataFrame | None = None
+    baseline_selection: pd.DataFrame | None = None
+    subjects: pd.DataFrame | None = None
 
     @property
     def experiment(self) -> str:
@@ -130,8 +143,29 @@ def load_experiment(out_dir: str | Path) -> Experiment:
     trials = _read_trials(trials_path, notes) if trials_path.is_file() else None
     if trials is None:
         notes.append(f"{trials_path.name} is missing: no trial statuses, no n_test/n_train for the corrected t-test.")
+    baseline_predictions = _read_optional(out_dir / "baseline_predictions.csv", notes, "baseline rows",
+                                          lambda p: _read_predictions(p, classes))
+    baseline_selection = _read_optional(out_dir / "baseline_selection.csv", notes, "the baselines' choice of C",
+                                        _read_selection)
+    subjects = _read_optional(out_dir / "subjects.csv", notes, "the cohort table from subjects.csv", _read_subjects)
     return Experiment(out_dir=out_dir, meta=meta, classes=classes, n_folds=meta["n_folds"],
-                      predictions=predictions, epochs=epochs, trials=trials, notes=notes)
+                      predictions=predictions, epochs=epochs, trials=trials, notes=notes,
+                      baseline_predictions=baseline_predictions, baseline_selection=baseline_selection,
+                      subjects=subjects)
+
+
+def _read_optional(path: Path, notes: list[str], what: str, reader: Callable[[Path], pd.DataFrame]) -> pd.DataFrame | None:
+    """Read a file that older runs do not write: None when absent; when malformed, a note instead of a crash.
+
+    The deep arms' results do not depend on these files, so a bad one should cost its own section only.
+    """
+    if not path.is_file():
+        return None
+    try:
+        return reader(path)
+    except ValueError as exc:
+        notes.append(f"{path.name} could not be read ({exc}): {what} left out.")
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,7 +276,43 @@ def _read_predictions(path: Path, classes: list[str]) -> pd.DataFrame:
         row = frame[dup].iloc[0]
         raise ValueError(f"{path}: subject {row['subject_id']!r} appears more than once in trial {row['trial_name']!r}")
     _check_trial_identity(frame, path)
+    _normalise_origin(frame)
     return frame
+
+
+def _normalise_origin(frame: pd.DataFrame) -> None:
+    """Unknown source/site as "" (a merge in pandas may have written it as 'nan')."""
+    for col in ORIGIN_COLUMNS:
+        if col in frame.columns:
+            frame[col] = frame[col].where(~frame[col].str.casefold().isin(_UNKNOWN_TEXT), "")
+
+
+def _read_selection(path: Path) -> pd.DataFrame:
+    """baseline_selection.csv: one row per (baseline, fold) with the C chosen on inner validation."""
+    frame = _read_csv(path, SELECTION_COLUMNS)
+    _to_int(frame, "fold", path)
+    for col in SELECTION_NUMERIC:
+        if col in frame.columns:
+            _to_float(frame, col, path)
+    return frame.sort_values(["model", "fold"], kind="stable").reset_index(drop=True)
+
+
+def _read_subjects(path: Path) -> pd.DataFrame:
+    """subjects.csv: the run's cohort, one row per subject, with source, site and stripping status."""
+    frame = _read_csv(path, SUBJECT_COLUMNS)
+    dup = frame.duplicated(["subject_id"], keep=False)
+    if dup.any():
+        raise ValueError(f"{path}: subject {frame[dup]['subject_id'].iloc[0]!r} is listed more than once")
+    for col in ORIGIN_COLUMNS:
+        if col not in frame.columns:
+            frame[col] = ""
+    _normalise_origin(frame)
+    if "stripped" in frame.columns:
+        _to_bool(frame, "stripped", path, allow_empty=True)
+    for col in SUBJECT_NUMERIC:
+        if col in frame.columns:
+            _to_float(frame, col, path)
+    return frame.sort_values("subject_id", kind="stable").reset_index(drop=True)
 
 
 def _check_trial_identity(frame: pd.DataFrame, path: Path) -> None:

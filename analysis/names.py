@@ -13,6 +13,11 @@ PAPER_MODEL_ORDER = ("r3d_18", "r2plus1d_18", "mc3_18")
 
 Arm = tuple[str, bool]
 
+# The scikit-learn baselines (trainables/baselines.py) share the prediction format of the deep arms.
+# They are named in words, not as models, so no reader mistakes them for a paper arm.
+BASELINE_NAMES = {"acquisition_baseline": "acquisition-only baseline",
+                  "histogram_baseline": "intensity-histogram baseline"}
+
 
 @lru_cache(maxsize=1)
 def _display_names() -> tuple[dict[str, str], str | None]:
@@ -29,7 +34,13 @@ def display_names_note() -> str | None:
 
 
 def display_name(model: str) -> str:
+    if model in BASELINE_NAMES:
+        return BASELINE_NAMES[model]
     return _display_names()[0].get(model, model)
+
+
+def is_baseline(model: str) -> bool:
+    return model in BASELINE_NAMES
 
 
 def normalise_name(name: str) -> str:
@@ -38,6 +49,9 @@ def normalise_name(name: str) -> str:
 
 
 def arm_label(model: str, pretrained: bool) -> str:
+    """'ResNet3D (pre-trained)'; a baseline has no pre-training to speak of, so just its name."""
+    if is_baseline(model):
+        return display_name(model)
     return f"{display_name(model)} ({'pre-trained' if pretrained else 'scratch'})"
 
 
@@ -51,6 +65,12 @@ def arm_sort_key(arm: Arm) -> tuple[int, str, bool]:
     model, pretrained = arm
     rank = PAPER_MODEL_ORDER.index(model) if model in PAPER_MODEL_ORDER else len(PAPER_MODEL_ORDER)
     return (rank, model, bool(pretrained))
+
+
+def baseline_sort_key(arm: Arm) -> tuple[int, str, bool]:
+    """The acquisition baseline first (the stronger shortcut warning), then the histogram, then others."""
+    order = list(BASELINE_NAMES)
+    return (order.index(arm[0]) if arm[0] in order else len(order), arm[0], bool(arm[1]))
 
 
 def sort_arms(arms) -> list[Arm]:

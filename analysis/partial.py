@@ -4,7 +4,7 @@ Nothing is zero-filled: a missing fold simply contributes no row, and the reader
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 
@@ -20,9 +20,13 @@ class PartialResults:
     missing: pd.DataFrame    # trial_name, model, pretrained, fold, config_id, reason
     arm_folds: pd.DataFrame  # model, pretrained, folds_planned, folds_present, missing_folds, trials, n_predictions
     notes: list[str]
+    # Arms outside the paper protocol shown in its tables (the baselines): arm -> label like "3/3".
+    extra_folds: dict[Arm, str] = field(default_factory=dict)
 
     def folds_label(self, arm: Arm) -> str:
         """'3/3', or '2/3 (missing fold 1)', as shown beside every table row."""
+        if arm in self.extra_folds:
+            return self.extra_folds[arm]
         row = self.arm_folds[(self.arm_folds["model"] == arm[0]) & (self.arm_folds["pretrained"] == arm[1])]
         if row.empty:
             return ""

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from analysis import confound_report as cr
 from analysis import figures as figs
 from analysis.document import Document
 from datasets.atomic import write_text_atomic
@@ -83,10 +84,12 @@ def build_report(out_dir: str | Path, bootstrap_samples: int = 2000, seed: int =
     metrics = arm_metrics(main_preds, classes, arms)
     confusion = confusion_counts(main_preds, classes, arms)
     auc, curves, roc_notes = roc_per_class(main_preds, classes, arms)
-    comp = tb.paper_comparison(metrics, arms, classes, partial)
     tests = pairwise_tests(metrics.per_fold_overall, main_trials, arms)
     boot = _bootstrap(main_preds, classes, arms, bootstrap_samples, seed)
     result_arms = [a for a in arms if tb.arm_mask(metrics.per_fold_overall, a).any()]
+    confounds = cr.analyse_confounds(exp, main_preds, result_arms, bootstrap_samples, seed)
+    partial.extra_folds.update(cr.baseline_folds(confounds, exp.n_folds))
+    comp = tb.paper_comparison(metrics, arms, classes, partial, confounds.baseline_metrics, confounds.baseline_arms)
 
     # ---------------------------------------------------------------- tables
     w.csv("per_class.csv", metrics.per_class)
@@ -101,6 +104,7 @@ def build_report(out_dir: str | Path, bootstrap_samples: int = 2000, seed: int =
     w.csv("bootstrap_ci.csv", boot)
     w.csv("failed_trials.csv", partial.failed)
     w.csv("missing_trials.csv", partial.missing)
+    cr.write_tables(w.csv, exp, confounds)
 
     # ---------------------------------------------------------------- figures
     fig_dir = w.figures_dir
@@ -136,8 +140,12 @@ def build_report(out_dir: str | Path, bootstrap_samples: int = 2000, seed: int =
 
     # ---------------------------------------------------------------- document
     doc = Document(f"Brain tumour classification: {exp.experiment} experiment")
-    _what_ran(doc, exp, arms, partial, main_preds)
-    _main_tables(doc, exp, comp, metrics, arms, partial, fig_macro, report_dir)
+    cr.warnings_section(doc, cr.warnings(confounds, classes))
+    _what_ran(doc, exp, arms, partial, main_preds, cr.what_ran_items(confounds))
+    cr.data_section(doc, exp, confounds)
+    _main_tables(doc, exp, comp, metrics, arms, partial, fig_macro, report_dir, confounds)
+    cr.shortcut_section(doc, confounds, classes, bootstrap_samples, seed)
+    cr.per_site_section(doc, confounds, classes)
     _statistics(doc, tests, boot, result_arms, classes, bootstrap_samples, seed, exp.n_folds)
     _figures(doc, exp, result_arms, arms, auc, roc_notes, fig_conf, fig_heat, fig_roc, fig_learn, report_dir, classes)
     if is_search or studies:
@@ -176,7 +184,8 @@ def _rel(path: Path, report_dir: Path) -> str:
 
 
 # ==================================================================== sections
-def _what_ran(doc: Document, exp: Experiment, arms: list[Arm], partial: PartialResults, main_preds: pd.DataFrame) -> None:
+def _what_ran(doc: Document, exp: Experiment, arms: list[Arm], partial: PartialResults, main_preds: pd.DataFrame,
+              data_items: list[str]) -> None:
     doc.heading("What ran", 2)
     split = str(exp.meta.get("split", "unknown"))
     split_text = SPLIT_TEXT.get(split, "split scheme {split!r} (not described by this report)").format(
@@ -191,6 +200,7 @@ def _what_ran(doc: Document, exp: Experiment, arms: list[Arm], partial: PartialR
         f"Main (paper-protocol) tables use {description}: {len(main_preds)} test predictions.",
         f"predictions.csv: {len(exp.predictions)} rows from {exp.predictions['trial_name'].nunique()} trial(s).",
     ]
+    items += data_items
     if exp.trials is not None:
         counts = exp.trials["status"].value_counts().sort_index()
         items.append("trials.csv statuses: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + ".")
@@ -207,7 +217,7 @@ def _what_ran(doc: Document, exp: Experiment, arms: list[Arm], partial: PartialR
         doc.bullets(notes)
 
 
-def _main_tables(doc, exp, comp, metrics, arms, partial, fig_macro, report_dir) -> None:
+def _main_tables(doc, exp, comp, metrics, arms, partial, fig_macro, report_dir, confounds) -> None:
     doc.heading("Main results (paper protocol)", 2)
     doc.para("Cells are **mean ± sample standard deviation (ddof = 1) over test folds**, as in the paper; "
              "*pooled* is the same metric on all out-of-fold predictions of the arm concatenated (less biased for "
@@ -215,6 +225,13 @@ def _main_tables(doc, exp, comp, metrics, arms, partial, fig_macro, report_dir) 
              f"mean − published. **Bold** with {tb.STAR} marks the best arm of a column (ours by fold mean; in the "
              "published column the paper's best). *Folds* shows folds present / planned; an arm with fewer folds "
              "than planned is marked with the missing fold numbers. Arms without any result show *no results*.")
+    if confounds.baseline_arms:
+        doc.para("Rows in *italics* marked *baseline* are the scikit-learn baselines (see *Data, cohort and "
+                 "confounds*), computed from baseline_predictions.csv on the same outer folds with the same metric "
+                 f"code: they are not paper arms, have no published value and never take the {tb.STAR}.")
+    else:
+        doc.para(f"No baseline rows: {confounds.baseline_note}.")
+    arms = [*arms, *confounds.baseline_arms]
     for cls in exp.classes:
         table = comp[(comp["metric"] == "f1") & (comp["class"] == cls)]["table"].dropna()
         ref = f" (paper Table {int(table.iloc[0])})" if len(table) else " (not in the paper)"

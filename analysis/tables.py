@@ -5,6 +5,8 @@ beside; the winning arm of a column is **bold** with a ★. Numbers use 4 decima
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import pandas as pd
 from sklearn.metrics import accuracy_score, f1_score
@@ -18,7 +20,7 @@ from analysis.partial import PartialResults
 STAR = "★"
 
 COMPARISON_COLUMNS = ["table", "model", "display_name", "pretrained", "class", "metric", "folds", "mean", "std", "pooled",
-                      "paper_mean", "paper_std", "difference", "winner", "paper_winner"]
+                      "paper_mean", "paper_std", "difference", "baseline", "winner", "paper_winner"]
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -69,38 +71,63 @@ def macro_specificity(metrics: ArmMetrics, arm: Arm) -> tuple[float, float, floa
     return float(per_fold.mean()), std, float(pc["pooled"].mean())
 
 
-def paper_comparison(metrics: ArmMetrics, arms: list[Arm], classes: list[str], partial: PartialResults) -> pd.DataFrame:
+def paper_comparison(metrics: ArmMetrics, arms: list[Arm], classes: list[str], partial: PartialResults,
+                     baseline_metrics: ArmMetrics | None = None, baseline_arms: Sequence[Arm] = ()) -> pd.DataFrame:
     """One row per (arm, paper-table metric): ours (mean, std, pooled) beside the published value.
 
     Arms without results keep their row with blank numbers (never zeros) so the published value still shows.
+    Baselines (`baseline_arms`, metrics from the same code in `baseline_metrics`) get rows marked
+    baseline = True: no published value, and they never win the ★, which ranks the paper's arms only.
     """
-    wanted = [("f1", c) for c in classes] + [("macro_f1", ""), ("weighted_f1", ""), ("accuracy", ""),
-                                             ("macro_specificity", "")]
     rows = []
     for arm in arms:
         folds = int(partial.arm_folds[arm_mask(partial.arm_folds, arm)]["folds_present"].sum())
-        for metric, cls in wanted:
-            if metric == "f1":
-                sel = metrics.per_class[arm_mask(metrics.per_class, arm) & (metrics.per_class["metric"] == "f1")
-                                        & (metrics.per_class["class"] == cls)]
-            elif metric == "macro_specificity":
-                sel = pd.DataFrame([dict(zip(["mean", "std", "pooled"], macro_specificity(metrics, arm)))])
-            else:
-                sel = metrics.overall[arm_mask(metrics.overall, arm) & (metrics.overall["metric"] == metric)]
-            mean, std, pooled = (sel.iloc[0][["mean", "std", "pooled"]].astype(float) if len(sel) else (np.nan,) * 3)
-            paper_metric = "specificity" if metric == "macro_specificity" else metric
-            p_mean, p_std, table = published(arm[0], arm[1], paper_metric, cls)
-            if table is None:
-                table = table_for(paper_metric, cls)
-            rows.append({"table": table, "model": arm[0], "display_name": display_name(arm[0]), "pretrained": arm[1],
-                         "class": cls, "metric": metric, "folds": folds, "mean": mean, "std": std, "pooled": pooled,
-                         "paper_mean": p_mean, "paper_std": p_std,
-                         "difference": mean - p_mean if np.isfinite(mean) and np.isfinite(p_mean) else np.nan})
-    frame = pd.DataFrame(rows, columns=COMPARISON_COLUMNS[:-2])
+        rows += _comparison_rows(metrics, arm, classes, folds, baseline=False)
+    for arm in baseline_arms:
+        folds = int(arm_mask(baseline_metrics.per_fold_overall, arm).sum()) if baseline_metrics is not None else 0
+        rows += _comparison_rows(baseline_metrics, arm, classes, folds, baseline=True)
+    frame = pd.DataFrame(rows, columns=COMPARISON_COLUMNS[:-3] + ["baseline"])
     frame["table"] = frame["table"].astype("Int64")
-    frame["winner"] = _is_max(frame, "mean")
-    frame["paper_winner"] = _is_max(frame, "paper_mean")
+    frame["baseline"] = frame["baseline"].astype(bool)
+    frame["winner"] = _is_max(frame, "mean") & ~frame["baseline"]
+    frame["paper_winner"] = _is_max(frame, "paper_mean") & ~frame["baseline"]
     return frame[COMPARISON_COLUMNS]
+
+
+def _comparison_rows(metrics: ArmMetrics | None, arm: Arm, classes: list[str], folds: int, baseline: bool) -> list[dict]:
+    """The paper-table metrics of one arm; a baseline is looked up in no published table."""
+    wanted = [("f1", c) for c in classes] + [("macro_f1", ""), ("weighted_f1", ""), ("accuracy", ""),
+                                             ("macro_specificity", "")]
+    rows = []
+    for metric, cls in wanted:
+        mean, std, pooled = _summary_of(metrics, arm, metric, cls)
+        paper_metric = "specificity" if metric == "macro_specificity" else metric
+        p_mean, p_std, table = (np.nan, np.nan, None) if baseline else published(arm[0], arm[1], paper_metric, cls)
+        if table is None:
+            table = table_for(paper_metric, cls)
+        rows.append({"table": table, "model": arm[0], "display_name": display_name(arm[0]), "pretrained": arm[1],
+                     "class": cls, "metric": metric, "folds": folds, "mean": mean, "std": std, "pooled": pooled,
+                     "paper_mean": p_mean, "paper_std": p_std,
+                     "difference": mean - p_mean if np.isfinite(mean) and np.isfinite(p_mean) else np.nan,
+                     "baseline": baseline})
+    return rows
+
+
+def _summary_of(metrics: ArmMetrics | None, arm: Arm, metric: str, cls: str) -> tuple[float, float, float]:
+    """(fold mean, fold std, pooled) of one metric of one arm; NaNs when the arm has no results."""
+    if metrics is None:
+        return np.nan, np.nan, np.nan
+    if metric == "macro_specificity":
+        return macro_specificity(metrics, arm)
+    if metric == "f1":
+        sel = metrics.per_class[arm_mask(metrics.per_class, arm) & (metrics.per_class["metric"] == "f1")
+                                & (metrics.per_class["class"] == cls)]
+    else:
+        sel = metrics.overall[arm_mask(metrics.overall, arm) & (metrics.overall["metric"] == metric)]
+    if sel.empty:
+        return np.nan, np.nan, np.nan
+    mean, std, pooled = sel.iloc[0][["mean", "std", "pooled"]].astype(float)
+    return float(mean), float(std), float(pooled)
 
 
 def _is_max(frame: pd.DataFrame, column: str) -> pd.Series:
@@ -110,7 +137,10 @@ def _is_max(frame: pd.DataFrame, column: str) -> pd.Series:
 
 
 # ----------------------------------------------------------------------------- display tables
-def _arm_cols(arm: Arm, partial: PartialResults) -> dict[str, str]:
+def _arm_cols(arm: Arm, partial: PartialResults, baseline: bool = False) -> dict[str, str]:
+    """Model, pre-training and folds; a baseline is set in italics and says so instead of a pre-training."""
+    if baseline:
+        return {"Model": f"*{display_name(arm[0])}*", "Pre-trained": "baseline", "Folds": partial.folds_label(arm)}
     return {"Model": display_name(arm[0]), "Pre-trained": "yes" if arm[1] else "no", "Folds": partial.folds_label(arm)}
 
 
@@ -119,7 +149,7 @@ def class_f1_display(comp: pd.DataFrame, cls: str, arms: list[Arm], partial: Par
     rows = []
     for arm in arms:
         r = comp[arm_mask(comp, arm) & (comp["metric"] == "f1") & (comp["class"] == cls)].iloc[0]
-        rows.append({**_arm_cols(arm, partial),
+        rows.append({**_arm_cols(arm, partial, bool(r["baseline"])),
                      "F1 (mean ± std over folds)": mark(fmt_pm(r["mean"], r["std"]), r["winner"]),
                      "F1 pooled": fmt(r["pooled"]),
                      "Published": mark(fmt_pm(r["paper_mean"], r["paper_std"]), r["paper_winner"])
@@ -133,7 +163,7 @@ def overall_display(comp: pd.DataFrame, metrics_: list[tuple[str, str]], arms: l
     """Table 5 (macro / weighted F1) or Table 6 (accuracy / specificity) style."""
     rows = []
     for arm in arms:
-        row = _arm_cols(arm, partial)
+        row = _arm_cols(arm, partial, bool(comp[arm_mask(comp, arm)]["baseline"].any()))
         for metric, title in metrics_:
             r = comp[arm_mask(comp, arm) & (comp["metric"] == metric)].iloc[0]
             row[f"{title} (mean ± std)"] = mark(fmt_pm(r["mean"], r["std"]), r["winner"])

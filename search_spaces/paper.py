@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from trainables.fold_training import PAPER_DEFAULTS
+from search_spaces.recipe import PAPER_DEFAULTS
 
 
 @dataclass(frozen=True)

@@ -36,22 +36,13 @@ from torch.utils.data import DataLoader
 from datasets import PreparedData, VolumeDataset, build_augmentation
 from datasets.atomic import write_csv_atomic, write_text_atomic
 from models import MODEL_NAMES, build_model
+from search_spaces.recipe import PAPER_DEFAULTS  # the paper's recipe; anything in it can be overridden per trial
 from trainables.metrics import class_weights, classification_metrics
 
 log = logging.getLogger(__name__)
 
 Reporter = Callable[[dict[str, Any], "str | None"], None]
 CHECKPOINT_FILE = "fold_state.pt"
-
-# The paper's training recipe; anything here can be overridden per trial.
-PAPER_DEFAULTS: dict[str, Any] = {
-    "lr": 1e-5,
-    "weight_decay": 1e-3,
-    "dropout": 0.3,
-    "augmentation": "light",
-    "aug_strength": 1.0,
-    "batch_size": 1,
-}
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "model": "mc3_18",

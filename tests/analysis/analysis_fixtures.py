@@ -203,3 +203,96 @@ def build_search_dir(out: Path) -> Path:
                 {"model": "mc3_18", "pretrained": False, "storage": url1, "study_name": "mc3_18-scratch"},
                 {"model": "r3d_18", "pretrained": True, "storage": url2, "study_name": "r3d_18-pretrained"}]}
     return write_dir(out, meta, preds, epochs, trials)
+
+
+# ------------------------------------------------------------------------------------- confounds
+# 3 folds x (10 HGG, 5 LGG, 10 Healthy) = 75 subjects: enough for the paired bootstrap to separate a
+# perfect arm from a baseline at chance. Healthy comes only from IXI (a source confound), LGG k >= 3 only
+# from TCIA09 (a single-class site), and 2 Healthy per fold are unstripped (run with --allow-unstripped).
+CONFOUND_PER_FOLD = {"HGG": 10, "LGG": 5, "Healthy": 10}
+PERFECT_ARM = ("mc3_18", True)    # every prediction right
+COPYCAT_ARM = ("r3d_18", True)    # predicts exactly what the acquisition baseline predicts
+ACQ_FEATURES = ["voxel_x", "voxel_y", "voxel_z", "shape_x", "shape_y", "shape_z", "fg_volume_ml", "fg_median",
+                "fg_p99", "zero_fraction", "border_zero_fraction", "orientation", "dtype"]
+HIST_FEATURES = [f"ch0_bin{b:02d}" for b in range(20)]
+IXI_SITES = ["Guys", "HH", "IOP"]
+
+
+def confound_subject(cls: str, fold: int, k: int) -> dict:
+    """One subject of the confound fixture: id, label, source, site, stripped."""
+    if cls == "Healthy":
+        source, site = "ixi", IXI_SITES[k % 3]
+    elif cls == "HGG":
+        source, site = "brats", "CBICA" if k % 2 == 0 else "TCIA01"
+    else:
+        source, site = "brats", "TCIA01" if k < 3 else "TCIA09"
+    return {"subject_id": f"{cls}-{fold}-{k:02d}", "label": cls, "source": source, "site": site,
+            "stripped": not (cls == "Healthy" and k < 2), "fold": fold, "k": k}
+
+
+def confound_subjects() -> list[dict]:
+    return [confound_subject(cls, fold, k) for fold in range(3) for cls, n in CONFOUND_PER_FOLD.items() for k in range(n)]
+
+
+def acquisition_guess(subject: dict) -> str:
+    """Healthy is found from the source; HGG vs LGG is a coin toss by k's parity (chance)."""
+    if subject["label"] == "Healthy":
+        return "Healthy"
+    return "HGG" if subject["k"] % 2 == 0 else "LGG"
+
+
+def histogram_guess(subject: dict) -> str:
+    """Chance on every class: the prediction cycles through the classes with k."""
+    return CLASSES[subject["k"] % 3]
+
+
+def _confound_prediction(experiment: str, model: str, pretrained: bool, config: str, trial: str, subject: dict,
+                         pred: str) -> dict:
+    probs = {c: 0.2 for c in CLASSES}
+    probs[pred] = 0.6
+    return {"experiment": experiment, "model": model, "pretrained": pretrained, "fold": subject["fold"],
+            "config_id": config, "trial_name": trial, "subject_id": subject["subject_id"], "label": subject["label"],
+            "pred": pred, **{f"prob_{c}": probs[c] for c in CLASSES}, "source": subject["source"], "site": subject["site"]}
+
+
+def confound_meta(planned: list[str]) -> dict:
+    drawn = {c: 3 * n for c, n in CONFOUND_PER_FOLD.items()}
+    return {**paper_meta([PERFECT_ARM, COPYCAT_ARM], planned), "allow_unstripped": True, "register": "none",
+            "max_per_class": {"Healthy": 30}, "cohort": {"available": {**drawn, "Healthy": 40}, "drawn": drawn},
+            "stripping": {"by_class": {"HGG": {"stripped": 30, "unstripped": 0}, "LGG": {"stripped": 15, "unstripped": 0},
+                                       "Healthy": {"stripped": 24, "unstripped": 6}},
+                          "unstripped": [{"subject_id": s["subject_id"], "label": s["label"], "path": f"/d/{s['subject_id']}.nii",
+                                          "border_zero_fraction": 0.01} for s in confound_subjects() if not s["stripped"]]}}
+
+
+def build_confound_dir(out: Path) -> Path:
+    """Deep arms, both baselines, subjects.csv, baseline_selection.csv and the new experiment.json keys."""
+    subjects = confound_subjects()
+    preds, epochs, trials, planned = [], [], [], []
+    for model, pre in (PERFECT_ARM, COPYCAT_ARM):
+        for fold in range(3):
+            name = trial_name(model, pre, fold)
+            planned.append(name)
+            epochs += epoch_rows("paper", model, pre, fold, PAPER_CONFIG)
+            trials.append(trial_row("paper", model, pre, fold, PAPER_CONFIG))
+            for s in (s for s in subjects if s["fold"] == fold):
+                pred = s["label"] if (model, pre) == PERFECT_ARM else acquisition_guess(s)
+                preds.append(_confound_prediction("paper", model, pre, PAPER_CONFIG, name, s, pred))
+    write_dir(out, confound_meta(planned), preds, epochs, trials)
+    baseline, selection = [], []
+    for model, guess, features in (("acquisition_baseline", acquisition_guess, ACQ_FEATURES),
+                                   ("histogram_baseline", histogram_guess, HIST_FEATURES)):
+        for fold in range(3):
+            baseline += [_confound_prediction("baseline", model, False, "C=1", f"{model}-f{fold}", s, guess(s))
+                         for s in subjects if s["fold"] == fold]
+            selection.append({"model": model, "fold": fold, "chosen_C": [0.1, 1.0, 10.0][fold], "val_macro_f1": 0.5,
+                              "candidates": "0.01:0.4000;0.1:0.5000;1:0.5000", "n_train": 40, "n_val": 10,
+                              "n_test": 25, "features": ",".join(features), "test_macro_f1": 0.5})
+    pd.DataFrame(baseline).to_csv(out / "baseline_predictions.csv", index=False)
+    pd.DataFrame(selection).to_csv(out / "baseline_selection.csv", index=False)
+    rows = [{**{k: v for k, v in s.items() if k not in ("fold", "k")}, "group": s["subject_id"],
+             "border_zero_fraction": 1.0 if s["stripped"] else 0.01, "voxel_x": 1.0, "voxel_y": 1.0, "voxel_z": 1.0,
+             "shape_x": 240, "shape_y": 240, "shape_z": 155, "orientation": "LPS", "dtype": "int16",
+             "fg_volume_ml": 1400.0, "fg_median": 300.0, "fg_p99": 900.0, "zero_fraction": 0.8} for s in subjects]
+    pd.DataFrame(rows).to_csv(out / "subjects.csv", index=False)
+    return out

@@ -14,6 +14,7 @@ for _p in (REPO_ROOT, _HERE):  # plain `pytest` (not `python -m pytest`) does no
 
 from analysis_fixtures import (  # noqa: E402
     BUILT_BOOTSTRAP,
+    build_confound_dir,
     build_paper_dir,
     build_partial_dir,
     build_search_dir,
@@ -40,6 +41,21 @@ def search_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def single_arm_dir(tmp_path: Path) -> Path:
     return build_single_arm_dir(tmp_path / "single_out")
+
+
+@pytest.fixture
+def confound_dir(tmp_path: Path) -> Path:
+    return build_confound_dir(tmp_path / "confound_out")
+
+
+@pytest.fixture(scope="session")
+def built_confound_report(tmp_path_factory) -> Path:
+    """The confound fixture's report, built once for the read-only checks."""
+    from analysis import build_report
+
+    out = build_confound_dir(tmp_path_factory.mktemp("built_confound") / "OUT")
+    build_report(out, bootstrap_samples=BUILT_BOOTSTRAP, seed=0)
+    return out
 
 
 @pytest.fixture(scope="session")
