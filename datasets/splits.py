@@ -149,7 +149,13 @@ def plan_splits(
     plan = SplitPlan(scheme, n_splits, test_size, val_fraction, seed)
     for index, (train_idx, test_idx) in enumerate(outer.split(ids, y, groups if grouped else None)):
         inner = StratifiedGroupShuffleSplit(1, test_size=val_fraction, random_state=seed + 1000 + index)
-        fit_idx, val_idx = next(inner.split(train_idx, y[train_idx], groups[train_idx]))
+        try:
+            fit_idx, val_idx = next(inner.split(train_idx, y[train_idx], groups[train_idx]))
+        except ValueError as error:  # scikit-learn's words name neither the fold nor a fix
+            raise ValueError(
+                f"Fold {index}'s training part ({len(train_idx)} subjects) is too small for a stratified validation "
+                f"part of {val_fraction:.0%} over {len(set(y))} classes ({error}); use more subjects or fewer folds"
+            ) from None
         plan.folds.append(
             Fold(index, sorted(ids[train_idx][fit_idx]), sorted(ids[train_idx][val_idx]), sorted(ids[test_idx]))
         )

@@ -88,7 +88,7 @@ def test_unstripped_healthy_is_refused_then_allowed_drawn_and_reported(tmp_path,
     """IXI heads as downloaded beside stripped BraTS: stopped before Ray; with --allow-unstripped, said at the top."""
     from datasets.synthetic import write_synthetic_dataset
 
-    root = write_synthetic_dataset(tmp_path / "raw", n_hgg=6, n_lgg=6, n_healthy=9, seed=4, downsample=4, ixi="raw")
+    root = write_synthetic_dataset(tmp_path / "raw", n_hgg=8, n_lgg=8, n_healthy=11, seed=4, downsample=4, ixi="raw")
     out = tmp_path / "out"
     argv = ["--experiment", "paper", "--data-root", str(root), "--output", str(out), "--models", "mc3_18",
             "--pretrained", "none", "--folds", "2", *[a for a in TINY if a != "--no-report"]]
@@ -97,12 +97,12 @@ def test_unstripped_healthy_is_refused_then_allowed_drawn_and_reported(tmp_path,
     assert "Skull-stripped and unstripped volumes are mixed" in err and "IXI001-Guys" in err
     assert not (out / "ray").exists() and not (out / "experiment.json").exists()
 
-    allowed = [*argv, "--allow-unstripped", "--max-per-class", "Healthy=6"]
+    allowed = [*argv, "--allow-unstripped", "--max-per-class", "Healthy=8"]
     assert tune_main.main(allowed) == 0
     cohort = json.loads((out / "cohort.json").read_text())
-    assert len(cohort["subjects"]["Healthy"]) == 6 and cohort["available"]["Healthy"] == 9
+    assert len(cohort["subjects"]["Healthy"]) == 8 and cohort["available"]["Healthy"] == 11
     subjects = pd.read_csv(out / "subjects.csv")
-    assert (subjects["label"] == "Healthy").sum() == 6
+    assert (subjects["label"] == "Healthy").sum() == 8
     assert set(subjects.loc[subjects["label"] == "Healthy", "subject_id"]) == set(cohort["subjects"]["Healthy"])
     assert not subjects.loc[subjects["label"] == "Healthy", "stripped"].any()
     top = (out / "report" / "report.md").read_text().split("## What ran")[0]
