@@ -174,6 +174,7 @@ def save_experiment_record(config: ExperimentConfig, data, studies: list[dict]) 
               "paper_config_id": config.paper_config_id(),
               "paper_defaults": {k: config.training_constants()[k] for k in ("lr", "weight_decay", "dropout", "augmentation", "aug_strength")},
               "search_space": space_table(config.training_constants()), "optuna_studies": studies,
+              "search_design": "nested" if studies else None,
               "excluded_subjects": list(data.excluded), "cache": data.cache_dir,
               "stripping": data.stripping,
               "cohort": {k: data.cohort[k] for k in ("max_per_class", "available", "drawn")},
@@ -233,7 +234,7 @@ def run_experiment(config: ExperimentConfig) -> int:
     import ray
 
     from trainables.collect import collect, write_tables
-    from trainables.tuning import grid_values, run_grid, run_search, study_storage, trial_resources
+    from trainables.tuning import grid_fold_values, run_grid, run_search, search_studies, trial_resources
 
     out = config.output_path
     out.mkdir(parents=True, exist_ok=True)
@@ -253,32 +254,30 @@ def run_experiment(config: ExperimentConfig) -> int:
           f"{config.split} with {len(data.plan.folds)} folds, splits in {out / 'splits.json'}", flush=True)
     write_csv_atomic(data.subjects, out / "subjects.csv")
     fit_baselines(data, config, out)
-    studies = []
     search_arms = [(m, p) for m, p in config.arms()
                    if config.experiment == "search" or (config.experiment == "demo" and m in (config.search_models or config.models))]
-    for model, pretrained in search_arms:
-        url, name = study_storage(config, model, pretrained)
-        studies.append({"model": model, "pretrained": pretrained, "storage": url, "study_name": name})
-    save_experiment_record(config, data, studies)
+    folds = len(data.plan.folds)
+    save_experiment_record(config, data, search_studies(config, search_arms, folds, {}))
 
     ray.init(address=config.address, include_dashboard=False) if config.address else ray.init(include_dashboard=False)
     try:
         resources = trial_resources(config)
         print(f"Each trial gets {resources} (cluster: {ray.cluster_resources()})", flush=True)
         grids = []
-        known: dict = {}
+        grid_values: dict = {}
         if config.experiment in ("paper", "demo"):
             grids.append(run_grid(config, data, resources))
             if interrupted(grids[-1]):
                 return stop_interrupted(config)
-            known = grid_values(grids[-1], len(data.plan.folds))
-        for model, pretrained in search_arms:
-            grid = run_search(config, data, resources, model, pretrained, known.get((model, pretrained)))
-            if grid is None:
-                continue
-            grids.append(grid)
-            if interrupted(grid):
-                return stop_interrupted(config)
+            grid_values = grid_fold_values(grids[-1])
+        if search_arms:
+            # Which grid trial each fold study was seeded with is known only now: record it before searching.
+            save_experiment_record(config, data, search_studies(config, search_arms, folds, grid_values))
+            grid = run_search(config, data, resources, search_arms, grid_values)
+            if grid is not None:
+                grids.append(grid)
+                if interrupted(grid):
+                    return stop_interrupted(config)
     finally:
         ray.shutdown()
     tables = collect(grids, planned_trials(config, len(data.plan.folds)), subjects=data.subjects)

@@ -4,6 +4,7 @@ OUT/predictions.csv: experiment, model, pretrained, fold, config_id, trial_name,
     label, pred, prob_<class>..., source, site (from the run's subject table, for per-site results)
 OUT/epochs.csv: experiment, model, pretrained, fold, config_id, trial_name, epoch, train_loss,
     val_loss, val_accuracy, val_macro_f1, val_f1_<class>..., lr, seconds
+OUT/trial_subjects.csv: trial_name, part (train/val/test), subject_id: what each finished trial used
 OUT/trials.csv: experiment, trial_name, model, pretrained, fold, config_id, status, error, lr,
     weight_decay, dropout, augmentation, aug_strength, epochs_run, best_epoch, best_val_macro_f1,
     n_train, n_val, n_test
@@ -48,7 +49,7 @@ def _read_outputs(result: tune.Result) -> dict[str, Any]:
 def collect(result_grids: Iterable[tune.ResultGrid], planned: Iterable[str] = (),
             subjects: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
     """Predictions, epochs and trial statuses of every trial; ``subjects`` adds each subject's source and site."""
-    predictions, epochs, trials = [], [], []
+    predictions, epochs, trials, used = [], [], [], []
     seen = set()
     for grid in result_grids:
         for result in grid:
@@ -66,6 +67,8 @@ def collect(result_grids: Iterable[tune.ResultGrid], planned: Iterable[str] = ()
             if outputs:
                 predictions.append(outputs["predictions"].assign(**keys))
                 epochs.append(outputs["epochs"].assign(**keys))
+                used += [{"trial_name": keys["trial_name"], "part": part, "subject_id": sid}
+                         for part, ids in summary.get("subjects", {}).items() for sid in ids]
     for name in planned:
         if name not in seen:
             trials.append({"trial_name": name, "status": "MISSING", "error": ""})
@@ -84,7 +87,8 @@ def collect(result_grids: Iterable[tune.ResultGrid], planned: Iterable[str] = ()
             origin, on="subject_id", how="left", validate="many_to_one")
     return {"predictions": prediction_frame,
             "epochs": ordered(epochs).sort_values(KEY_COLUMNS + ["epoch"]) if epochs else ordered([]),
-            "trials": trials_frame}
+            "trials": trials_frame,
+            "trial_subjects": pd.DataFrame(used, columns=["trial_name", "part", "subject_id"])}
 
 
 def write_tables(tables: dict[str, pd.DataFrame], out_dir: Path) -> None:

@@ -9,7 +9,7 @@ Files written to ``output_dir`` (the format the analysis reads):
 - ``epochs.csv``: epoch (1-based), train_loss, val_loss, val_accuracy, val_macro_f1,
   val_f1_<class> per class, lr, seconds
 - ``predictions.csv``: subject_id, label, pred (class names), prob_<class> per class
-- ``result.json``: the config, best epoch and validation score, test metrics, subject counts
+- ``result.json``: the config, best epoch and validation score, test metrics, subject counts and ids
 """
 from __future__ import annotations
 
@@ -337,5 +337,8 @@ def _finish(config, model, state: _State, loaders, criterion, device, amp_dtype,
                         epochs_run=state.epoch, test_metrics=test_metrics, n_train=len(parts["train"][2]),
                         n_val=len(parts["val"][2]), n_test=len(test_ids), predictions=predictions)
     summary = {k: v for k, v in asdict(result).items() if k != "predictions"}
+    # Which subjects the fold trained, selected and was tested on: lets anyone audit a nested search's
+    # candidates against splits.json (OUT/trial_subjects.csv).
+    summary["subjects"] = {part: list(parts[part][2]) for part in ("train", "val", "test")}
     write_text_atomic(output_dir / "result.json", json.dumps(summary, indent=2, default=str))
     return result

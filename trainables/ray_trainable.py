@@ -1,7 +1,7 @@
 """The Ray Tune function trainable: ``train_fold`` with Tune's reporting and checkpoints.
 
-One trial = one fold of one model. The fold comes from ``config["fold"]`` (grid) or from
-Repeater's ``__trial_index__`` (search). The final checkpoint carries the fold's output files, so
+One trial = one fold of one model. The fold comes from ``config["fold"]`` (grid and nested search;
+``__trial_index__`` in runs made by the former Repeater-based search). The final checkpoint carries the fold's output files, so
 the driver collects them from Ray's storage wherever the trial ran.
 """
 from __future__ import annotations

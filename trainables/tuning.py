@@ -1,4 +1,4 @@
-"""Ray Tune runs: the paper grid and the per-arm Optuna searches, fresh or restored.
+"""Ray Tune runs: the paper grid and the nested-CV Optuna search, fresh or restored.
 
 Resources are chosen after ``ray.init`` from what the cluster really has, so a machine without
 a GPU runs trials on CPUs instead of leaving them pending for ever.
@@ -11,19 +11,22 @@ from typing import Any, Callable
 import optuna
 import ray
 from ray import tune
-from ray.tune.search import Repeater
 from ray.tune.search.optuna import OptunaSearch
 
 from datasets import PreparedData
 from search_spaces import SEARCH_SPACE, optuna_distributions
 from trainables.experiment import ExperimentConfig
+from trainables.nested_search import FoldStudies, StudyKey
 from trainables.ray_trainable import fold_trial, trial_name
 
 log = logging.getLogger(__name__)
 
 METRIC, MODE = "val_macro_f1_best", "max"
+# Training and validation only: test scores are for the outputs and the report at the end, not for a person
+# watching a search (who might otherwise stop, change and restart it on what the test folds say).
 PROGRESS_METRICS = {"epoch": "epoch", "train_loss": "train loss", "val_loss": "val loss",
-                    "val_macro_f1": "val F1", "val_macro_f1_best": "best val F1", "test_macro_f1": "test F1"}
+                    "val_macro_f1": "val F1", "val_macro_f1_best": "best val F1"}
+SEARCH_RUN = "search"
 
 
 def trial_resources(config: ExperimentConfig) -> dict[str, float]:
@@ -96,61 +99,80 @@ def run_grid(config: ExperimentConfig, data: PreparedData, resources: dict[str, 
     )
 
 
-def study_storage(config: ExperimentConfig, model: str, pretrained: bool) -> tuple[str, str]:
-    """SQLite URL and study name of one arm's Optuna study (open it with optuna-dashboard)."""
+def study_storage(config: ExperimentConfig) -> str:
+    """SQLite URL holding every (arm, fold) study of the search: ``optuna-dashboard URL`` lists them all."""
     folder = config.output_path / "optuna"
     folder.mkdir(parents=True, exist_ok=True)
-    label = arm_label(model, pretrained)
-    return f"sqlite:///{folder / label}.db", label
+    return f"sqlite:///{folder / 'search.db'}"
 
 
-def grid_values(grid: tune.ResultGrid, folds: int) -> dict[tuple[str, bool], float]:
-    """Per arm, the search objective the grid already measured: mean over folds of the best val macro F1."""
-    scores: dict[tuple[str, bool], list[float]] = {}
+def grid_fold_values(grid: tune.ResultGrid) -> dict[tuple[str, bool, int], tuple[float, str]]:
+    """Per (model, pretrained, fold): the finished grid trial's best inner-validation macro F1 and its name.
+
+    Each is exactly what that fold's study would measure for the default configuration.
+    """
+    values = {}
     for result in grid:
         if result.error is None and result.metrics.get("fold_finished"):
-            arm = (result.config["model"], bool(result.config["pretrained"]))
-            scores.setdefault(arm, []).append(result.metrics[METRIC])
-    return {arm: sum(values) / len(values) for arm, values in scores.items() if len(values) == folds}
+            cfg = result.config
+            values[(cfg["model"], bool(cfg["pretrained"]), int(cfg["fold"]))] = (result.metrics[METRIC], trial_name(cfg))
+    return values
+
+
+def search_studies(config: ExperimentConfig, arms: list[tuple[str, bool]], folds: int,
+                   grid_values: dict[tuple[str, bool, int], tuple[float, str]]) -> list[dict[str, Any]]:
+    """Every (arm, fold) study as plain data, for experiment.json and the report."""
+    if not arms:
+        return []
+    url = study_storage(config)
+    return [{"model": m, "pretrained": p, "fold": k, "storage": url, "study_name": StudyKey(m, p, k).name,
+             "grid_trial": grid_values[(m, p, k)][1] if (m, p, k) in grid_values else None}
+            for m, p in arms for k in range(folds)]
 
 
 def run_search(config: ExperimentConfig, data: PreparedData, resources: dict[str, float],
-               model: str, pretrained: bool, grid_value: float | None = None) -> tune.ResultGrid | None:
-    """One arm's Optuna TPE search; each suggestion runs as one trial per fold through Repeater.
+               arms: list[tuple[str, bool]],
+               grid_values: dict[tuple[str, bool, int], tuple[float, str]] | None = None) -> tune.ResultGrid | None:
+    """Nested CV: one seeded TPE study per (arm, outer fold), all studies' trials in one Tuner.
 
-    ``grid_value``: the grid's score of the default configuration, when the grid ran in the same
-    experiment; Optuna then records it as evaluated instead of training those folds again, and it
-    counts as one of ``num_samples``. Returns None when no suggestion is left to run.
+    Each study starts from the grid's configuration (the paper's, plus any --set): it is evaluated
+    first, or, when the grid ran in the same experiment, its fold score is handed to the study as an
+    evaluated trial and counts as one of ``num_samples``. See ``trainables.nested_search`` for why one
+    Tuner routes to all studies. Returns None when no study has a suggestion left to run.
     """
-    new_suggestions = config.num_samples - (1 if grid_value is not None else 0)
-    if new_suggestions < 1:
-        return None
-    trainable = _trainable(data, resources)
+    grid_values = grid_values or {}
     folds = len(data.plan.folds)
-    url, study_name = study_storage(config, model, pretrained)
     constants = config.training_constants()
     searched = [item.name for item in SEARCH_SPACE]
     fixed = {k: v for k, v in constants.items() if k not in searched}
-    param_space = {**fixed, "_experiment": "search", "model": model, "pretrained": pretrained}
-    name = f"search-{arm_label(model, pretrained)}"
+    keys = [StudyKey(m, p, k) for m, p in arms for k in range(folds)]
+    known = {key: grid_values.get((key.model, key.pretrained, key.fold)) for key in keys}
+    quota = {key: config.num_samples - (1 if known[key] else 0) for key in keys}
+    if not any(q > 0 for q in quota.values()):
+        return None
+    trainable = _trainable(data, resources)
+    url = study_storage(config)
+    default_point = {key: constants[key] for key in searched}
 
     def new_tuner() -> tune.Tuner:
         # Built only for a fresh run: constructing OptunaSearch enqueues points_to_evaluate in the
         # persistent study, which on a restore would evaluate the paper's point a second time.
-        searcher = OptunaSearch(
-            optuna_distributions(constants), metric=METRIC, mode=MODE,
-            # The grid's configuration (the paper's, plus any --set) first: the search can only improve on it.
-            points_to_evaluate=[{key: constants[key] for key in searched}],
-            evaluated_rewards=[grid_value] if grid_value is not None else None,
-            sampler=optuna.samplers.TPESampler(seed=config.seed),
-            study_name=study_name,
-            storage=optuna.storages.RDBStorage(url),
-        )
+        studies = {
+            key: OptunaSearch(
+                optuna_distributions(constants), metric=METRIC, mode=MODE,
+                points_to_evaluate=[default_point],
+                evaluated_rewards=[known[key][0]] if known[key] else None,
+                # One seed for every study: their first (random) suggestions coincide across folds, so a
+                # configuration evaluated in every fold exists to compare folds and to deploy.
+                sampler=optuna.samplers.TPESampler(seed=config.seed),
+                study_name=key.name, storage=optuna.storages.RDBStorage(url))
+            for key in keys}
+        searcher = FoldStudies(studies, quota, fixed, METRIC, MODE)
         return tune.Tuner(
-            trainable, param_space=param_space,
-            tune_config=_tune_config(search_alg=Repeater(searcher, repeat=folds), num_samples=new_suggestions * folds,
+            trainable, param_space={},
+            tune_config=_tune_config(search_alg=searcher, num_samples=sum(max(q, 0) for q in quota.values()),
                                      max_concurrent_trials=config.max_concurrent),
-            run_config=_run_config(config, name, ["__trial_index__", *searched]),
+            run_config=_run_config(config, SEARCH_RUN, ["model", "pretrained", "fold", *searched]),
         )
 
-    return _fit_or_restore(experiment_path(config, name), trainable, new_tuner)
+    return _fit_or_restore(experiment_path(config, SEARCH_RUN), trainable, new_tuner)

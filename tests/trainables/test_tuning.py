@@ -272,16 +272,22 @@ def _search_argv(phantom_root, out):
             "--spacing", "16", "--epochs", "2", "--set", "batch_size=4", "--no-report"]
 
 
-def test_search_interrupted_and_resumed_runs_each_trial_once_and_feeds_optuna_the_fold_mean(phantom_root, tmp_path):
+def fold_studies(out: Path) -> dict[str, optuna.Study]:
+    url = f"sqlite:///{out / 'optuna' / 'search.db'}"
+    return {s.study_name: optuna.load_study(study_name=s.study_name, storage=url)
+            for s in optuna.get_all_study_summaries(url)}
+
+
+def test_nested_search_interrupted_and_resumed_runs_each_trial_once_in_its_fold_study(phantom_root, tmp_path):
     out = tmp_path / "search"
     argv = _search_argv(phantom_root, out)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen([sys.executable, "tune_main.py", *argv], cwd=REPO, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    storage = out / "ray" / "search-r2plus1d_18-scratch"
+    storage = out / "ray" / "search"
     deadline = time.time() + 300
-    # Interrupt soon after one fold has logged its last epoch (the others are running or pending),
-    # leaving Tune a moment to register that fold's checkpoint and mark it done.
+    # Interrupt soon after one trial has logged its last epoch (the others are running or pending),
+    # leaving Tune a moment to register that trial's checkpoint and mark it done.
     while time.time() < deadline and not logged_finished(storage):
         assert process.poll() is None, process.stdout.read()
         time.sleep(0.5)
@@ -290,6 +296,7 @@ def test_search_interrupted_and_resumed_runs_each_trial_once_and_feeds_optuna_th
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 130, output
     assert "rerun the same command" in output
+    assert "test F1" not in output and "test_macro_f1" not in output  # no peeking while it runs
     finished_first = {folder.name: (folder / "progress.csv").read_text() for folder in recorded_terminated(storage)}
     assert 1 <= len(finished_first) < 4
 
@@ -300,18 +307,31 @@ def test_search_interrupted_and_resumed_runs_each_trial_once_and_feeds_optuna_th
         assert (storage / name / "progress.csv").read_text() == progress  # not run again
     assert len(trial_folders(storage)) == 4
 
-    study = optuna.load_study(study_name="r2plus1d_18-scratch", storage=f"sqlite:///{out / 'optuna' / 'r2plus1d_18-scratch.db'}")
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(complete) == 2
-    assert complete[0].params == {"lr": 1e-5, "weight_decay": 1e-3, "dropout": 0.3, "aug_strength": 1.0}
-    for optuna_trial in complete:
-        folds = trials[np.isclose(trials["lr"], optuna_trial.params["lr"])]
-        assert sorted(folds["fold"]) == [0, 1]  # Repeater's __trial_index__ is the fold
-        assert optuna_trial.value == pytest.approx(folds["best_val_macro_f1"].mean())
+    studies = fold_studies(out)
+    assert sorted(studies) == ["r2plus1d_18-scratch-fold0", "r2plus1d_18-scratch-fold1"]
+    record = json.loads((out / "experiment.json").read_text())
+    assert record["search_design"] == "nested"
+    assert sorted(s["study_name"] for s in record["optuna_studies"]) == sorted(studies)
+    for fold in (0, 1):
+        study = studies[f"r2plus1d_18-scratch-fold{fold}"]
+        complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        assert len(study.trials) == len(complete) == 2  # neither lost nor duplicated by the Ctrl-C
+        assert complete[0].params == {"lr": 1e-5, "weight_decay": 1e-3, "dropout": 0.3, "aug_strength": 1.0}
+        fold_trials = trials[trials["fold"] == fold]
+        # Each study was told exactly its own fold's scores, no mean over folds.
+        assert sorted(t.value for t in complete) == pytest.approx(sorted(fold_trials["best_val_macro_f1"]))
+    # Every candidate of fold k trained and validated on fold k's training part only (checked against splits.json).
+    splits = json.loads((out / "splits.json").read_text())["folds"]
+    used = pd.read_csv(out / "trial_subjects.csv")
+    assert set(used["trial_name"]) == set(trials["trial_name"])
+    for row in trials.itertuples():
+        mine = used[used["trial_name"] == row.trial_name]
+        assert sorted(mine.loc[mine["part"] == "test", "subject_id"]) == sorted(splits[row.fold]["test"])
+        assert not set(mine.loc[mine["part"].isin(["train", "val"]), "subject_id"]) & set(splits[row.fold]["test"])
 
 
-def test_a_search_after_the_grid_reuses_its_score_for_the_default_configuration(grid_run, phantom_root):
-    """As in the demo: Optuna records the grid's fold mean as evaluated and trains only new suggestions."""
+def test_a_search_after_the_grid_hands_each_fold_study_its_grid_score(grid_run, phantom_root):
+    """As in the demo: every fold study records the grid's score of that fold and trains only new suggestions."""
     import ray
 
     from datasets import DataSpec, PreprocessConfig, SplitSpec, prepare_data
@@ -323,16 +343,19 @@ def test_a_search_after_the_grid_reuses_its_score_for_the_default_configuration(
                               folds=2, spacing=16.0, epochs=1, num_samples=2, overrides={"batch_size": 4})
     data = prepare_data(DataSpec(data_root=str(phantom_root)), PreprocessConfig(spacing=16.0), SplitSpec(n_splits=2),
                         out / "cache", splits_file=out / "splits.json", num_workers=1)
+    known = {("r2plus1d_18", False, 0): (0.4321, "grid-f0"), ("r2plus1d_18", False, 1): (0.1234, "grid-f1")}
     ray.init(num_cpus=2, include_dashboard=False)
     try:
-        grid = run_search(config, data, {"cpu": 1}, "r2plus1d_18", False, grid_value=0.4321)
+        grid = run_search(config, data, {"cpu": 1}, [("r2plus1d_18", False)], known)
     finally:
         ray.shutdown()
-    assert sorted(result.config["__trial_index__"] for result in grid) == [0, 1]  # one new suggestion, two folds
-    study = optuna.load_study(study_name="r2plus1d_18-scratch", storage=f"sqlite:///{out / 'optuna' / 'r2plus1d_18-scratch.db'}")
-    values = [t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert values[0] == 0.4321 and study.trials[0].params["lr"] == 1e-5
-    assert len(values) == 2 and values[1] == pytest.approx(np.mean([r.metrics["val_macro_f1_best"] for r in grid]))
+    assert sorted(result.config["fold"] for result in grid) == [0, 1]  # one new suggestion per fold study
+    for fold, value in ((0, 0.4321), (1, 0.1234)):
+        study = fold_studies(out)[f"r2plus1d_18-scratch-fold{fold}"]
+        values = [t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        assert values[0] == value and study.trials[0].params["lr"] == 1e-5
+        (new,) = [r for r in grid if r.config["fold"] == fold]
+        assert len(values) == 2 and values[1] == pytest.approx(new.metrics["val_macro_f1_best"])
 
 
 def test_run_paths_keep_a_storage_uri_intact(tmp_path):

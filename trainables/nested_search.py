@@ -1,0 +1,97 @@
+"""Nested cross-validation for the search: one Optuna study per (arm, outer fold), all in one Tuner.
+
+Why nested: choosing a configuration by the mean over folds of inner-validation scores lets fold
+k's test subjects take part in the choice (fold j's validation part is drawn from fold j's
+training part, which holds fold k's test subjects), so the chosen configuration's test score is
+optimistically biased (Cawley & Talbot, JMLR 2010). Here fold k's configuration is chosen from
+trials that trained on fold k's training part and were scored on fold k's inner validation part
+only; their test predictions are the nested estimate.
+
+Why one Tuner with a routing searcher (and not one Tuner per study): Tune runs one Tuner at a
+time, so k x arms Tuners would leave the cluster idle at the end of every study. ``FoldStudies``
+implements Ray's ``Searcher`` API: each time Tune asks for a trial it picks the study with the
+fewest trials started so far (round robin over arms and folds), asks that study's own
+``OptunaSearch`` (TPE, seeded, SQLite-backed) for a configuration and tags it with the arm and
+fold; each result goes back to the study it came from. So trials of all folds and arms run
+concurrently, each study sees only its own fold's scores, and Tune checkpoints the router (and
+with it every study's searcher) like any searcher, so ``Tuner.restore`` continues every study.
+"""
+from __future__ import annotations
+
+import pickle
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+
+@dataclass(frozen=True)
+class StudyKey:
+    """One Optuna study: an arm (model, pre-training) and an outer fold."""
+
+    model: str
+    pretrained: bool
+    fold: int
+
+    @property
+    def name(self) -> str:
+        """``<model>-<scratch|kinetics>-fold<k>``: what optuna-dashboard lists."""
+        return f"{self.model}-{'kinetics' if self.pretrained else 'scratch'}-fold{self.fold}"
+
+
+class FoldStudies(Searcher):
+    """Routes each Tune trial to one (arm, fold) study and each result back to it.
+
+    ``studies`` maps a key to its ``OptunaSearch`` (already given its space, metric, mode and
+    storage); ``quota`` is how many trials each study may still start in this run; ``fixed`` holds
+    the training options every trial shares.
+    """
+
+    def __init__(self, studies: dict[StudyKey, OptunaSearch], quota: dict[StudyKey, int], fixed: dict[str, Any],
+                 metric: str, mode: str) -> None:
+        super().__init__(metric=metric, mode=mode)
+        self._studies = dict(studies)
+        self._order = list(studies)
+        self._quota = dict(quota)
+        self._fixed = dict(fixed)
+        self._started: Counter = Counter()
+        self._study_of: dict[str, StudyKey] = {}
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
+        # The studies were built complete; Tune's param_space holds constants only.
+        return True
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        open_studies = [key for key in self._order if self._started[key] < self._quota[key]]
+        if not open_studies:
+            return Searcher.FINISHED
+        key = min(open_studies, key=lambda k: (self._started[k], self._order.index(k)))
+        params = self._studies[key].suggest(trial_id)
+        if params is None or params == Searcher.FINISHED:
+            return params
+        self._started[key] += 1
+        self._study_of[trial_id] = key
+        return {**self._fixed, **params, "model": key.model, "pretrained": key.pretrained, "fold": key.fold,
+                "_experiment": "search"}
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        # No pruner is used (OptunaSearch's is a NopPruner); intermediate values are not needed.
+        return None
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        key = self._study_of.get(trial_id)
+        if key is not None:
+            self._studies[key].on_trial_complete(trial_id, result=result, error=error)
+
+    def study_of(self, trial_id: str) -> StudyKey | None:
+        return self._study_of.get(trial_id)
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as handle:
+            pickle.dump(self.__dict__.copy(), handle)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as handle:
+            self.__dict__.update(pickle.load(handle))
