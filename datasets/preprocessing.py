@@ -27,6 +27,7 @@ import torchio as tio
 
 from datasets.atomic import write_text_atomic
 from datasets.records import SubjectRecord
+from datasets.registration import REGISTRATION_CHOICES
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,8 @@ class PreprocessConfig:
     register: str = "none"  # "mni": inputs were N4-corrected and affinely registered first (datasets.registration)
 
     def __post_init__(self) -> None:
-        if self.register not in ("none", "mni"):
-            raise ValueError(f"--register must be none or mni, got {self.register!r}")
+        if self.register not in REGISTRATION_CHOICES:
+            raise ValueError(f"--register must be one of {', '.join(REGISTRATION_CHOICES)}, got {self.register!r}")
         if not self.spacing > 0:
             raise ValueError(f"spacing must be positive (mm), got {self.spacing}")
         low, high = self.percentiles
