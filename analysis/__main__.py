@@ -32,6 +32,7 @@ def summary(report_dir: Path) -> str:
         lines.append(f"{arm:<42} {folds:>5}  {fmt_pm(r.mean, r.std):<22} {fmt(r.pooled):>7} "
                      f"{fmt(r.paper_mean):>7} {fmt_diff(r.difference):>8}{star}")
     lines.append(_shortcut_line(tables, bool(comp["baseline"].any())))
+    lines += _search_lines(tables)
     tests = pd.read_csv(tables / "pairwise_tests.csv")
     if len(tests):
         significant = int((tests["p_holm"] < 0.05).sum())
@@ -42,6 +43,37 @@ def summary(report_dir: Path) -> str:
     if len(failed) or len(missing):
         lines.append(f"partial results: {len(failed)} failed, {len(missing)} missing trial(s); see report.md")
     return "\n".join(lines)
+
+
+def _search_lines(tables: Path) -> list[str]:
+    """One line per searched arm with its nested estimate; for a search run before nested CV, why there is none."""
+    import pandas as pd
+
+    from analysis.names import arm_label
+    from analysis.tables import fmt, fmt_pm
+
+    path = tables / "nested_estimate.csv"
+    if not path.is_file():
+        if (tables / "best_configs.csv").is_file():
+            return ["search: run made before nested cross-validation, so no nested estimate (its chosen configuration's "
+                    "test scores are optimistically biased); rerun the search; see report"]
+        return []
+    estimate = pd.read_csv(path)
+    lines = ["Nested CV estimate of each searched arm, test macro F1 (mean ± std over folds; pooled), beside the "
+             "grid's configuration on the same folds:"]
+    for (model, pretrained), grp in estimate.groupby(["model", "pretrained"], sort=False):
+        rows = {r["estimate"]: r for r in grp.to_dict("records")}
+        nested, default = rows.get("nested"), rows.get("paper_default")
+        if nested is None:
+            continue
+        text = (f"{arm_label(model, bool(pretrained)):<42} {int(nested['n_folds']):>2} folds  "
+                f"{fmt_pm(nested['test_macro_f1_mean'], nested['test_macro_f1_std']):<22} pooled "
+                f"{fmt(nested['test_macro_f1_pooled']) or 'n/a'}")
+        if default is not None and int(default["n_folds"]) > 0:
+            text += (f"  (defaults {fmt_pm(default['test_macro_f1_mean'], default['test_macro_f1_std'])}, pooled "
+                     f"{fmt(default['test_macro_f1_pooled'])})")
+        lines.append(text)
+    return lines
 
 
 def _shortcut_line(tables: Path, have_baselines: bool) -> str:

@@ -28,6 +28,8 @@ ORIGIN_COLUMNS = ["source", "site"]
 SELECTION_COLUMNS = ["model", "fold", "chosen_C", "val_macro_f1", "candidates", "n_train", "n_val", "n_test", "features"]
 SELECTION_NUMERIC = ["chosen_C", "val_macro_f1", "n_train", "n_val", "n_test", "test_macro_f1"]
 SUBJECT_COLUMNS = ["subject_id", "label"]
+TRIAL_SUBJECT_COLUMNS = ["trial_name", "part", "subject_id"]
+SPLIT_PARTS = ("train", "val", "test")
 SUBJECT_NUMERIC = ["border_zero_fraction", "voxel_x", "voxel_y", "voxel_z", "shape_x", "shape_y", "shape_z",
                    "fg_volume_ml", "fg_median", "fg_p99", "zero_fraction"]
 _UNKNOWN_TEXT = {"nan", "none", "null"}  # how a missing site may arrive after pandas' astype(str)
@@ -54,6 +56,10 @@ class Experiment:
     baseline_predictions: pd.DataFrame | None = None
     baseline_selection: pd.DataFrame | None = None
     subjects: pd.DataFrame | None = None
+    # Optional (nested-search runs): the subjects each finished trial used, and the run's outer folds,
+    # so a reader can audit that no candidate of fold k ever saw fold k's test subjects.
+    trial_subjects: pd.DataFrame | None = None
+    splits: dict[int, dict[str, list[str]]] | None = None
 
     @property
     def experiment(self) -> str:
@@ -90,6 +96,13 @@ class Experiment:
     @property
     def optuna_studies(self) -> list[dict]:
         return list(self.meta.get("optuna_studies") or [])
+
+    @property
+    def search_design(self) -> str | None:
+        """The search's design: "nested" for nested cross-validation; None for runs made before it (one study per
+        arm, configurations chosen by their mean over folds), whose test scores cannot be an unbiased estimate."""
+        value = self.meta.get("search_design")
+        return None if value is None else str(value)
 
     def main_selection(self) -> tuple[str, str, str | None]:
         """(column, value, description) choosing the paper-protocol rows, or value None when nothing qualifies.
@@ -148,10 +161,13 @@ def load_experiment(out_dir: str | Path) -> Experiment:
     baseline_selection = _read_optional(out_dir / "baseline_selection.csv", notes, "the baselines' choice of C",
                                         _read_selection)
     subjects = _read_optional(out_dir / "subjects.csv", notes, "the cohort table from subjects.csv", _read_subjects)
+    trial_subjects = _read_optional(out_dir / "trial_subjects.csv", notes, "the search's leak check",
+                                    _read_trial_subjects)
+    splits = _read_optional(out_dir / "splits.json", notes, "the search's leak check", _read_splits)
     return Experiment(out_dir=out_dir, meta=meta, classes=classes, n_folds=meta["n_folds"],
                       predictions=predictions, epochs=epochs, trials=trials, notes=notes,
                       baseline_predictions=baseline_predictions, baseline_selection=baseline_selection,
-                      subjects=subjects)
+                      subjects=subjects, trial_subjects=trial_subjects, splits=splits)
 
 
 def _read_optional(path: Path, notes: list[str], what: str, reader: Callable[[Path], pd.DataFrame]) -> pd.DataFrame | None:
@@ -192,7 +208,26 @@ def _read_meta(path: Path) -> dict:
     studies = meta.get("optuna_studies") or []
     if not isinstance(studies, list) or not all(isinstance(s, dict) and {"storage", "study_name"} <= s.keys() for s in studies):
         raise ValueError(f"{path}: 'optuna_studies' must be a list of objects with 'storage' and 'study_name'")
+    meta["optuna_studies"] = [_normalise_study(s, path) for s in studies]
     return meta
+
+
+def _normalise_study(spec: dict, path: Path) -> dict:
+    """pretrained as a bool and fold as an int (or None for the one-study-per-arm runs made before nested CV).
+
+    A nested study's fold decides which trials may be its candidates, so a malformed one must fail loudly.
+    """
+    spec = dict(spec)
+    if "pretrained" in spec:
+        spec["pretrained"] = _parse_bool_value(spec["pretrained"], path, "optuna_studies.pretrained")
+    fold = spec.get("fold")
+    if fold is not None:
+        integral = isinstance(fold, int) and not isinstance(fold, bool)
+        if not (integral or (isinstance(fold, str) and fold.strip().isdigit())):
+            raise ValueError(f"{path}: optuna study {spec['study_name']!r} has fold {fold!r}; expected an integer")
+        spec["fold"] = int(fold)
+    spec["grid_trial"] = None if spec.get("grid_trial") in (None, "") else str(spec["grid_trial"])
+    return spec
 
 
 def _read_csv(path: Path, required: list[str]) -> pd.DataFrame:
@@ -313,6 +348,35 @@ def _read_subjects(path: Path) -> pd.DataFrame:
         if col in frame.columns:
             _to_float(frame, col, path)
     return frame.sort_values("subject_id", kind="stable").reset_index(drop=True)
+
+
+def _read_trial_subjects(path: Path) -> pd.DataFrame:
+    """trial_subjects.csv: which subjects each finished trial trained, selected and was tested on."""
+    frame = _read_csv(path, TRIAL_SUBJECT_COLUMNS)
+    unknown = sorted(set(frame["part"]) - set(SPLIT_PARTS))
+    if unknown:
+        raise ValueError(f"{path}: column 'part' has value(s) {unknown}; expected {list(SPLIT_PARTS)}")
+    return frame[TRIAL_SUBJECT_COLUMNS].sort_values(TRIAL_SUBJECT_COLUMNS, kind="stable").reset_index(drop=True)
+
+
+def _read_splits(path: Path) -> dict[int, dict[str, list[str]]]:
+    """splits.json: fold -> {"train": [...], "val": [...], "test": [...]} subject ids, as the run drew them."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    folds = data.get("folds") if isinstance(data, dict) else None
+    if not isinstance(folds, list):
+        raise ValueError(f"{path}: expected an object with a 'folds' list")
+    out: dict[int, dict[str, list[str]]] = {}
+    for entry in folds:
+        if not isinstance(entry, dict) or isinstance(entry.get("fold"), bool) or not isinstance(entry.get("fold"), int):
+            raise ValueError(f"{path}: every fold needs an integer 'fold', got {entry!r:.80}")
+        parts = {part: entry.get(part, []) for part in SPLIT_PARTS}
+        if not all(isinstance(ids, list) for ids in parts.values()):
+            raise ValueError(f"{path}: fold {entry['fold']}'s train/val/test must be lists of subject ids")
+        out[entry["fold"]] = {part: [str(s) for s in ids] for part, ids in parts.items()}
+    return out
 
 
 def _check_trial_identity(frame: pd.DataFrame, path: Path) -> None:

@@ -26,6 +26,9 @@ SQLITE_PREFIX = "sqlite:///"
 class StudyOutput:
     study_name: str
     label: str
+    model: str | None = None
+    pretrained: bool | None = None
+    fold: int | None = None  # the outer fold of a nested search's study; None for a study over all folds
     n_trials: int = 0
     n_complete: int = 0
     best_value: float | None = None
@@ -51,14 +54,30 @@ def resolve_storage(url: str, out_dir: Path) -> tuple[str | None, str | None]:
     return None, f"storage {url} not found (nor {moved})"
 
 
+def study_label(study_spec: dict) -> str:
+    """'ResNet3D (scratch), fold 1' for a nested search's study; without a fold, the arm (or the study's name)."""
+    name = str(study_spec["study_name"])
+    label = arm_label(study_spec["model"], bool(study_spec["pretrained"])) if "model" in study_spec else name
+    return label if study_spec.get("fold") is None else f"{label}, fold {int(study_spec['fold'])}"
+
+
+def objective_name(study_spec: dict) -> str:
+    """What the study maximised: one fold's inner validation (nested), or the mean over folds (runs before it)."""
+    fold = study_spec.get("fold")
+    return ("inner-validation macro F1 (mean over folds)" if fold is None
+            else f"inner-validation macro F1 (fold {int(fold)})")
+
+
 def study_figures(study_spec: dict, out_dir: Path, figures_dir: Path, seed: int = 0) -> StudyOutput:
     """History and importance PNGs for one study of experiment.json's optuna_studies."""
     import optuna
     from optuna.visualization.matplotlib import plot_optimization_history, plot_param_importances
 
     name = str(study_spec["study_name"])
-    label = arm_label(study_spec["model"], bool(study_spec["pretrained"])) if "model" in study_spec else name
-    out = StudyOutput(study_name=name, label=label)
+    fold = study_spec.get("fold")
+    out = StudyOutput(study_name=name, label=study_label(study_spec), model=study_spec.get("model"),
+                      pretrained=study_spec.get("pretrained"), fold=None if fold is None else int(fold))
+    label = out.label
     url, note = resolve_storage(str(study_spec["storage"]), out_dir)
     if note:
         out.notes.append(note)
@@ -84,7 +103,7 @@ def study_figures(study_spec: dict, out_dir: Path, figures_dir: Path, seed: int 
 
     with warnings.catch_warnings(), matplotlib.rc_context(RC):
         warnings.simplefilter("ignore")  # optuna's matplotlib backend is "experimental" and says so loudly
-        ax = plot_optimization_history(study, target_name="inner-validation macro F1 (mean over folds)")
+        ax = plot_optimization_history(study, target_name=objective_name(study_spec))
         ax.set_title(f"Optimisation history: {label}", fontsize=11)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if ax.get_legend() is not None:  # optuna puts it outside the axes, where the fixed-size figure cuts it
@@ -106,7 +125,7 @@ def study_figures(study_spec: dict, out_dir: Path, figures_dir: Path, seed: int 
         try:
             importances = optuna.importance.get_param_importances(study, evaluator=evaluator, params=varying)
             ax = plot_param_importances(study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=seed),
-                                        params=varying, target_name="inner-validation macro F1")
+                                        params=varying, target_name=objective_name(study_spec))
         except Exception as exc:  # noqa: BLE001 - fANOVA can fail on degenerate studies
             out.notes.append(f"study {name!r}: importances could not be computed ({type(exc).__name__}: {exc})")
             return out

@@ -20,6 +20,7 @@ from analysis.names import Arm, arm_label, display_name, display_names_note
 from analysis.paper import PAPER_CITATION, published
 from analysis.partial import PartialResults, partial_results
 from analysis.stats import POWER_CAVEAT, bootstrap_f1_ci, pairwise_tests
+from analysis import search_report as sr
 from analysis import tables as tb
 
 SPLIT_TEXT = {
@@ -120,23 +121,9 @@ def build_report(out_dir: str | Path, bootstrap_samples: int = 2000, seed: int =
                      for a in arms}
 
     # ---------------------------------------------------------------- search
-    is_search = exp.experiment in ("search", "demo") or (exp.trials is not None and (exp.trials["experiment"] == "search").any())
-    best = tb.best_configs(exp) if is_search else pd.DataFrame(columns=tb.BEST_COLUMNS)
-    fig_best = None
-    studies = []
-    if is_search:
-        w.csv("best_configs.csv", best)
-        fig_best = w.figure(figs.best_vs_default_figure(best, fig_dir / "search_best_vs_default.png", exp.default_label))
-    if exp.optuna_studies:
-        from analysis.optuna_plots import study_figures  # optuna is only needed for searches
-
-        for spec in sorted(exp.optuna_studies, key=lambda s: str(s["study_name"])):
-            st = study_figures(spec, out_dir, fig_dir, seed=seed)
-            w.figure(st.history_png)
-            w.figure(st.importance_png)
-            if st.importances is not None:
-                w.csv(f"optuna_importance_{st.history_png.stem.removeprefix('optuna_history_')}.csv", st.importances)
-            studies.append(st)
+    is_search = (exp.experiment in ("search", "demo") or sr.is_nested(exp) or bool(exp.optuna_studies)
+                 or (exp.trials is not None and (exp.trials["experiment"] == "search").any()))
+    search = sr.analyse_search(exp, w, out_dir, seed) if is_search else None
 
     # ---------------------------------------------------------------- document
     doc = Document(f"Brain tumour classification: {exp.experiment} experiment")
@@ -148,8 +135,8 @@ def build_report(out_dir: str | Path, bootstrap_samples: int = 2000, seed: int =
     cr.per_site_section(doc, confounds, classes)
     _statistics(doc, tests, boot, result_arms, classes, bootstrap_samples, seed, exp.n_folds)
     _figures(doc, exp, result_arms, arms, auc, roc_notes, fig_conf, fig_heat, fig_roc, fig_learn, report_dir, classes)
-    if is_search or studies:
-        _search(doc, exp, best, fig_best, studies, report_dir)
+    if search is not None:
+        sr.search_section(doc, exp, search, report_dir)
     _partial(doc, exp, partial)
     _file_list(doc, w, report_dir)
     doc.heading("Appendix: per-fold metrics", 2)
@@ -201,6 +188,9 @@ def _what_ran(doc: Document, exp: Experiment, arms: list[Arm], partial: PartialR
         f"predictions.csv: {len(exp.predictions)} rows from {exp.predictions['trial_name'].nunique()} trial(s).",
     ]
     items += data_items
+    search_item = sr.what_ran_item(exp)
+    if search_item:
+        items.append(search_item)
     if exp.trials is not None:
         counts = exp.trials["status"].value_counts().sort_index()
         items.append("trials.csv statuses: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + ".")
@@ -312,35 +302,6 @@ def _figures(doc, exp, result_arms, arms, auc, roc_notes, fig_conf, fig_heat, fi
         doc.para("No epoch rows for: " + "; ".join(missing) + ".")
     if exp.epochs is not None and not drawn and not missing:
         doc.para("No arms.")
-
-
-def _search(doc, exp, best, fig_best, studies, report_dir) -> None:
-    doc.heading("Hyperparameter search", 2)
-    doc.heading(f"Best configuration per arm against the {exp.default_label}", 3)
-    doc.para("The best configuration of an arm is the one with the highest mean inner-validation macro F1 "
-             "(trials.csv best_val_macro_f1, mean over its folds; configurations with all folds finished rank first). "
-             "Test folds played no part in the choice; their scores are shown for the chosen configuration and for "
-             f"the {exp.default_label} on the same folds. Hyperparameters that differ from those show the default "
-             "value in brackets.")
-    doc.table(tb.best_configs_display(best, exp.paper_defaults, exp.default_label), empty="No finished search trials.")
-    if fig_best is not None:
-        doc.image(fig_best, _rel(fig_best, report_dir), f"Test macro F1: best configuration vs {exp.default_label}.")
-    if studies:
-        doc.heading("Optuna studies", 3)
-    for st in studies:
-        doc.heading(f"Study `{st.study_name}` ({st.label})", 4)
-        items = [f"{st.n_trials} trial(s), {st.n_complete} completed; objective = inner-validation macro F1 "
-                 "(mean over folds), maximised."]
-        if st.best_value is not None:
-            items.append(f"Best value {tb.fmt(st.best_value)} with " + ", ".join(
-                f"{k}={tb.fmt_hp(v)}" for k, v in sorted(st.best_params.items())) + ".")
-        doc.bullets(items + st.notes)
-        if st.history_png is not None:
-            doc.image(st.history_png, _rel(st.history_png, report_dir), f"Optimisation history, {st.label}.")
-        if st.importance_png is not None:
-            doc.image(st.importance_png, _rel(st.importance_png, report_dir),
-                      f"Hyperparameter importances (fANOVA), {st.label}.")
-            doc.table(st.importances.assign(importance=st.importances["importance"].map(tb.fmt)))
 
 
 def _partial(doc, exp, partial: PartialResults) -> None:

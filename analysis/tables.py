@@ -253,18 +253,21 @@ def _arm_text(model: str, pretrained: bool) -> str:
     return f"{display_name(model)} ({'pre-trained' if pretrained else 'scratch'})"
 
 
-# ----------------------------------------------------------------------------- search: best configuration per arm
+# ----------------------------------------------------------------------------- search before nested CV
 BEST_COLUMNS = ["model", "pretrained", "role", "config_id", *HYPERPARAMETERS, "inner_val_macro_f1_mean",
                 "inner_val_macro_f1_std", "inner_folds", "test_folds", "test_macro_f1_mean", "test_macro_f1_std",
                 "test_macro_f1_pooled", "test_accuracy_mean", "test_accuracy_pooled"]
 
 
 def best_configs(exp: Experiment) -> pd.DataFrame:
-    """Per arm of the search: the config with the best inner-validation macro F1, and the paper defaults.
+    """Searches run before nested CV: per arm the config with the best mean inner-validation macro F1, and the
+    paper defaults.
 
-    Selection uses trials.csv best_val_macro_f1 only (inner validation), never the test folds. Configs
-    with all planned folds finished rank before partial ones, so one lucky fold cannot win; ties are
-    broken by config_id for determinism. Test scores come from predictions.csv.
+    This is what those runs' design allows, and its test scores are optimistically biased: fold j's inner
+    validation part is drawn from fold j's training part, which holds fold k's test subjects, so the mean
+    over folds lets every fold's test subjects take part in the choice (the report says so; nested runs use
+    `analysis.nested` instead). Configs with all planned folds finished rank before partial ones, so one
+    lucky fold cannot win; ties are broken by config_id for determinism. Test scores come from predictions.csv.
     """
     trials = exp.trials
     if trials is None:
@@ -334,24 +337,39 @@ def _config_row(exp: Experiment, search: pd.DataFrame, arm: Arm, role: str, cid:
             "test_accuracy_pooled": float(accuracy_score(sel["label"], sel["pred"])) if len(sel) else np.nan}
 
 
+BIASED = " (biased)"
+
+
 def best_configs_display(best: pd.DataFrame, paper_defaults: dict, default_label: str = "paper defaults") -> pd.DataFrame:
+    """The pre-nested choice beside the defaults; the chosen configuration's test cells say they are biased.
+
+    The defaults were fixed before the search, so their test scores carry no selection bias and are left plain.
+    """
     rows = []
     for r in best.to_dict("records"):
+        chosen = r["role"] == "best"
+        mark_ = BIASED if chosen else ""
         row = {"Model": display_name(r["model"]), "Pre-trained": "yes" if r["pretrained"] else "no",
-               "Config": ("best (inner validation)" if r["role"] == "best" else default_label) + f" `{r['config_id']}`"}
-        for h in HYPERPARAMETERS:
-            value = r[h]
-            text = fmt_hp(value)
-            default = paper_defaults.get(h)
-            if r["role"] == "best" and default is not None and text != fmt_hp(default):
-                text = f"{text} (default {fmt_hp(default)})"
-            row[h] = text
+               "Config": ("chosen by mean over folds" if chosen else default_label) + f" `{r['config_id']}`",
+               **hp_cells(r, paper_defaults, show_default=chosen)}
         row["Inner-val macro F1"] = f"{fmt_pm(r['inner_val_macro_f1_mean'], r['inner_val_macro_f1_std'])} ({r['inner_folds']} folds)"
-        row["Test macro F1"] = f"{fmt_pm(r['test_macro_f1_mean'], r['test_macro_f1_std'])} ({r['test_folds']} folds)"
-        row["Test macro F1 pooled"] = fmt(r["test_macro_f1_pooled"])
-        row["Test accuracy"] = fmt(r["test_accuracy_mean"])
+        row["Test macro F1"] = f"{fmt_pm(r['test_macro_f1_mean'], r['test_macro_f1_std'])} ({r['test_folds']} folds){mark_}"
+        row["Test macro F1 pooled"] = fmt(r["test_macro_f1_pooled"]) + mark_
+        row["Test accuracy"] = fmt(r["test_accuracy_mean"]) + mark_
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def hp_cells(record: dict, paper_defaults: dict, show_default: bool) -> dict[str, str]:
+    """One cell per hyperparameter; with `show_default`, a value that differs from the default names it in brackets."""
+    cells = {}
+    for h in HYPERPARAMETERS:
+        text = fmt_hp(record[h])
+        default = paper_defaults.get(h)
+        if show_default and default is not None and text != fmt_hp(default):
+            text = f"{text} (default {fmt_hp(default)})"
+        cells[h] = text
+    return cells
 
 
 def fmt_hp(value) -> str:

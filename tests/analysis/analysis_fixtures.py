@@ -44,10 +44,10 @@ def trial_name(model: str, pretrained: bool, fold: int, config_id: str = PAPER_C
 
 
 def prediction_rows(experiment: str, model: str, pretrained: bool, fold: int, config_id: str,
-                    matrix: list[list[int]]) -> list[dict]:
+                    matrix: list[list[int]], name: str | None = None) -> list[dict]:
     """Rows realising `matrix`; subject ids are shared by all arms for the same fold (same split)."""
     rows, per_class_seen = [], {c: 0 for c in CLASSES}
-    name = trial_name(model, pretrained, fold, config_id)
+    name = name or trial_name(model, pretrained, fold, config_id)
     for i, true in enumerate(CLASSES):
         for j, pred in enumerate(CLASSES):
             for _ in range(matrix[i][j]):
@@ -63,11 +63,12 @@ def prediction_rows(experiment: str, model: str, pretrained: bool, fold: int, co
     return rows
 
 
-def epoch_rows(experiment: str, model: str, pretrained: bool, fold: int, config_id: str, n_epochs: int = 3) -> list[dict]:
+def epoch_rows(experiment: str, model: str, pretrained: bool, fold: int, config_id: str, n_epochs: int = 3,
+               name: str | None = None) -> list[dict]:
     rows = []
     for e in range(1, n_epochs + 1):
         rows.append({"experiment": experiment, "model": model, "pretrained": pretrained, "fold": fold,
-                     "config_id": config_id, "trial_name": trial_name(model, pretrained, fold, config_id), "epoch": e,
+                     "config_id": config_id, "trial_name": name or trial_name(model, pretrained, fold, config_id), "epoch": e,
                      "train_loss": 1.0 / e + 0.01 * fold, "val_loss": 1.1 / e + 0.02 * fold,
                      "val_accuracy": 0.6 + 0.1 * e - 0.01 * fold, "val_macro_f1": 0.55 + 0.1 * e - 0.01 * fold,
                      **{f"val_f1_{c}": 0.5 + 0.1 * e for c in CLASSES}, "lr": 1e-5})
@@ -75,9 +76,10 @@ def epoch_rows(experiment: str, model: str, pretrained: bool, fold: int, config_
 
 
 def trial_row(experiment: str, model: str, pretrained: bool, fold: int, config_id: str, status: str = "TERMINATED",
-              error: str = "", best_val: float = 0.8, hp: dict | None = None) -> dict:
+              error: str = "", best_val: float = 0.8, hp: dict | None = None, name: str | None = None) -> dict:
     hp = hp or PAPER_DEFAULTS
-    return {"experiment": experiment, "trial_name": trial_name(model, pretrained, fold, config_id), "model": model,
+    name = name or trial_name(model, pretrained, fold, config_id)
+    return {"experiment": experiment, "trial_name": name, "model": model,
             "pretrained": pretrained, "fold": fold, "config_id": config_id, "status": status, "error": error, **hp,
             "epochs_run": 3, "best_epoch": 3, "best_val_macro_f1": best_val if status == "TERMINATED" else "",
             "n_train": 16, "n_val": 4, "n_test": 10}
@@ -203,6 +205,100 @@ def build_search_dir(out: Path) -> Path:
                 {"model": "mc3_18", "pretrained": False, "storage": url1, "study_name": "mc3_18-scratch"},
                 {"model": "r3d_18", "pretrained": True, "storage": url2, "study_name": "r3d_18-pretrained"}]}
     return write_dir(out, meta, preds, epochs, trials)
+
+
+# ------------------------------------------------------------------------------------- nested search
+# A demo-style run: the paper grid and a nested search in one experiment. Each (arm, fold) study is handed
+# the grid trial of its fold as an evaluated trial of the paper's configuration.
+# NESTED_SCORES[arm][config] = inner-validation macro F1 per fold (None: not evaluated in that fold).
+NESTED_SCORES: dict[tuple[str, bool], dict[str, list[float | None]]] = {
+    # Fold 0 must choose cfgC (0.85) although cfgA holds the best score anywhere (0.95 in fold 1) and the best
+    # mean over folds; fold 1 chooses cfgA; fold 2 chooses the handed grid trial (0.92 > 0.90).
+    ("mc3_18", False): {PAPER_CONFIG: [0.70, 0.72, 0.92], "cfgA": [0.80, 0.95, 0.90], "cfgC": [0.85, 0.60, None]},
+    # every fold chooses cfgA: the folds agree
+    ("r3d_18", True): {PAPER_CONFIG: [0.70, 0.72, 0.74], "cfgA": [0.80, 0.95, 0.90], "cfgC": [0.75, 0.60, None]},
+}
+NESTED_HP = {PAPER_CONFIG: PAPER_DEFAULTS, "cfgA": {**PAPER_DEFAULTS, "lr": 1e-4, "dropout": 0.5},
+             "cfgC": {**PAPER_DEFAULTS, "lr": 3e-4, "dropout": 0.1}}
+NESTED_MATRICES = {PAPER_CONFIG: [[3, 1, 0], [1, 1, 0], [0, 0, 4]], "cfgA": [[4, 0, 0], [1, 1, 0], [0, 0, 4]],
+                   "cfgC": [[4, 0, 0], [0, 2, 0], [0, 0, 4]]}
+NESTED_ERROR_CONFIG = "cfgD"  # an ERRORed search trial of fold 0: never a candidate
+
+
+def nested_trial_name(experiment: str, model: str, pretrained: bool, fold: int, config_id: str) -> str:
+    """As trainables.ray_trainable.trial_name writes it: search trials carry a prefix."""
+    prefix = "search-" if experiment == "search" else ""
+    return f"{prefix}{model}-{'kinetics' if pretrained else 'scratch'}-f{fold}-{config_id}"
+
+
+def study_name(model: str, pretrained: bool, fold: int) -> str:
+    return f"{model}-{'kinetics' if pretrained else 'scratch'}-fold{fold}"
+
+
+def fold_subjects(fold: int) -> list[str]:
+    """The 10 test subjects prediction_rows writes for `fold`."""
+    counts = {"HGG": 4, "LGG": 2, "Healthy": 4}
+    return [f"{c}-{fold}-{k:02d}" for c, n in counts.items() for k in range(n)]
+
+
+def nested_splits(n_folds: int = 3) -> dict:
+    """splits.json: fold k tests its own subjects; of the others, each class's first subject validates."""
+    folds = []
+    for k in range(n_folds):
+        rest = [s for j in range(n_folds) if j != k for s in fold_subjects(j)]
+        val = [s for s in rest if s.endswith("-00")]
+        folds.append({"fold": k, "train": [s for s in rest if s not in val], "val": val, "test": fold_subjects(k)})
+    return {"scheme": "kfold", "n_splits": n_folds, "test_size": 0.3, "val_fraction": 0.2, "seed": 0, "folds": folds}
+
+
+def _trial_subject_rows(name: str, fold_split: dict) -> list[dict]:
+    return [{"trial_name": name, "part": part, "subject_id": sid}
+            for part in ("train", "val", "test") for sid in fold_split[part]]
+
+
+def _nested_trials(arm: tuple[str, bool]) -> list[tuple[str, str, int, float]]:
+    """(experiment, config_id, fold, inner score) of every finished trial of `arm`."""
+    out = []
+    for cid, scores in NESTED_SCORES[arm].items():
+        for fold, score in enumerate(scores):
+            if score is not None:
+                out.append(("paper" if cid == PAPER_CONFIG else "search", cid, fold, score))
+    return out
+
+
+def build_nested_search_dir(out: Path, studies: bool = True) -> Path:
+    """`studies=False` leaves search.db out (the report then says so per study): faster for table-only tests."""
+    splits = nested_splits()
+    preds, epochs, trials, used, planned = [], [], [], [], []
+    for model, pre in NESTED_SCORES:
+        for experiment, cid, fold, score in _nested_trials((model, pre)):
+            name = nested_trial_name(experiment, model, pre, fold, cid)
+            if experiment == "paper":
+                planned.append(name)
+            preds += prediction_rows(experiment, model, pre, fold, cid, NESTED_MATRICES[cid], name=name)
+            epochs += epoch_rows(experiment, model, pre, fold, cid, name=name)
+            trials.append(trial_row(experiment, model, pre, fold, cid, best_val=score, hp=NESTED_HP[cid], name=name))
+            used += _trial_subject_rows(name, splits["folds"][fold])
+        trials.append(trial_row("search", model, pre, 0, NESTED_ERROR_CONFIG, status="ERROR", error="ValueError: x",
+                                name=nested_trial_name("search", model, pre, 0, NESTED_ERROR_CONFIG)))
+    url = f"sqlite:///{out / 'optuna' / 'search.db'}"
+    specs = [{"model": m, "pretrained": p, "fold": k, "storage": url, "study_name": study_name(m, p, k),
+              "grid_trial": nested_trial_name("paper", m, p, k, PAPER_CONFIG)} for m, p in NESTED_SCORES for k in range(3)]
+    if studies:
+        (out / "optuna").mkdir(parents=True, exist_ok=True)
+        for spec in specs:
+            arm = (spec["model"], spec["pretrained"])
+            _make_study(out / "optuna" / "search.db", spec["study_name"],
+                        [({"lr": NESTED_HP[cid]["lr"], "dropout": NESTED_HP[cid]["dropout"]}, score)
+                         for _, cid, fold, score in _nested_trials(arm) if fold == spec["fold"]])
+    meta = {"experiment": "demo", "classes": CLASSES, "n_folds": 3, "split": "kfold", "seed": 0,
+            "arms": [{"model": m, "pretrained": p} for m, p in NESTED_SCORES], "planned_trials": planned,
+            "paper_config_id": PAPER_CONFIG, "paper_defaults": PAPER_DEFAULTS, "search_design": "nested",
+            "optuna_studies": specs}
+    write_dir(out, meta, preds, epochs, trials)
+    pd.DataFrame(used).to_csv(out / "trial_subjects.csv", index=False)
+    (out / "splits.json").write_text(json.dumps(splits, indent=2))
+    return out
 
 
 # ------------------------------------------------------------------------------------- confounds

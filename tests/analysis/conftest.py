@@ -15,12 +15,12 @@ for _p in (REPO_ROOT, _HERE):  # plain `pytest` (not `python -m pytest`) does no
 from analysis_fixtures import (  # noqa: E402
     BUILT_BOOTSTRAP,
     build_confound_dir,
+    build_nested_search_dir,
     build_paper_dir,
     build_partial_dir,
     build_search_dir,
     build_single_arm_dir,
 )
-
 
 
 @pytest.fixture
@@ -46,6 +46,22 @@ def single_arm_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def confound_dir(tmp_path: Path) -> Path:
     return build_confound_dir(tmp_path / "confound_out")
+
+
+@pytest.fixture
+def nested_dir(tmp_path: Path) -> Path:
+    """A nested search without its Optuna database: enough for the selection and estimate tables."""
+    return build_nested_search_dir(tmp_path / "nested_out", studies=False)
+
+
+@pytest.fixture(scope="session")
+def built_nested_report(tmp_path_factory) -> Path:
+    """The nested search's full report (with its six per-fold studies), built once for the read-only checks."""
+    from analysis import build_report
+
+    out = build_nested_search_dir(tmp_path_factory.mktemp("built_nested") / "OUT")
+    build_report(out, bootstrap_samples=BUILT_BOOTSTRAP, seed=0)
+    return out
 
 
 @pytest.fixture(scope="session")
