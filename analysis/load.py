@@ -89,9 +89,11 @@ class Experiment:
         The demo, for one, trains with lr=3e-4 and batch 4; calling that "the paper's" would mislead.
         """
         overrides = self.meta.get("overrides") or {}
+        # Runs that record deviations from the published recipe start from the protocol's defaults, not the paper's.
+        base = "protocol defaults" if self.meta.get("deviations") is not None else "paper defaults"
         if not overrides:
-            return "paper defaults"
-        return "paper defaults with --set " + " ".join(f"{k}={json.dumps(v)}" for k, v in sorted(overrides.items()))
+            return base
+        return f"{base} with --set " + " ".join(f"{k}={json.dumps(v)}" for k, v in sorted(overrides.items()))
 
     @property
     def optuna_studies(self) -> list[dict]:

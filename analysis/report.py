@@ -197,6 +197,13 @@ def _what_ran(doc: Document, exp: Experiment, arms: list[Arm], partial: PartialR
     if exp.paper_defaults:
         items.append(f"Grid hyperparameters ({exp.default_label}): " + ", ".join(
             f"{k}={tb.fmt_hp(v)}" for k, v in sorted(exp.paper_defaults.items())) + ".")
+    deviations = exp.meta.get("deviations")
+    if deviations:
+        items.append("Deviations from the paper's recipe: " + "; ".join(
+            f"`{d['option']}` {tb.fmt_hp(d['used'])} (paper {tb.fmt_hp(d['paper'])}): {d['reason']}" for d in deviations)
+            + ".")
+    elif deviations is not None:
+        items.append("Training recipe: exactly the paper's (no deviations).")
     items.append(f"Published values: {PAPER_CITATION}.")
     doc.bullets(items)
     notes = list(exp.notes)

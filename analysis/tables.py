@@ -373,6 +373,8 @@ def hp_cells(record: dict, paper_defaults: dict, show_default: bool) -> dict[str
 
 
 def fmt_hp(value) -> str:
+    if isinstance(value, (bool, np.bool_)):
+        return "on" if value else "off"
     if value is None or (isinstance(value, float) and np.isnan(value)) or value == "":
         return "?"
     if isinstance(value, (int, float, np.floating)) and not isinstance(value, bool):

@@ -34,16 +34,33 @@ def _keys(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _read_outputs(result: tune.Result) -> dict[str, Any]:
-    """The fold's files from its final checkpoint (present only once the fold finished)."""
-    if result.checkpoint is None:
+    """The fold's files from its final checkpoint (present only once the fold finished).
+
+    Only the three small files are read, through the checkpoint's own filesystem (local or remote):
+    the checkpoint's weights are never downloaded, copied or loaded.
+    """
+    import io
+
+    import pyarrow.fs
+
+    checkpoint = result.checkpoint
+    if checkpoint is None:
         return {}
-    with result.checkpoint.as_directory() as folder:
-        folder = Path(folder)
-        if not (folder / "result.json").is_file():
-            return {}
-        return {"summary": json.loads((folder / "result.json").read_text()),
-                "predictions": pd.read_csv(folder / "predictions.csv", dtype={"subject_id": str}),
-                "epochs": pd.read_csv(folder / "epochs.csv")}
+    filesystem, folder = checkpoint.filesystem, str(checkpoint.path).rstrip("/")
+
+    def read(name: str) -> bytes | None:
+        path = f"{folder}/{name}"
+        if filesystem.get_file_info(path).type != pyarrow.fs.FileType.File:
+            return None
+        with filesystem.open_input_stream(path) as stream:
+            return stream.read()
+
+    summary = read("result.json")
+    if summary is None:
+        return {}
+    return {"summary": json.loads(summary),
+            "predictions": pd.read_csv(io.BytesIO(read("predictions.csv")), dtype={"subject_id": str}),
+            "epochs": pd.read_csv(io.BytesIO(read("epochs.csv")))}
 
 
 def collect(result_grids: Iterable[tune.ResultGrid], planned: Iterable[str] = (),

@@ -15,6 +15,8 @@ from trainables.ray_trainable import config_id
 EXPERIMENTS = ("paper", "search", "demo")
 PRETRAINED_CHOICES = {"none": (False,), "kinetics": (True,), "both": (False, True)}
 # Options that only change how a run is executed, not what it computes: they may differ on resume.
+# Training options that change how often state is saved, not what is computed: may differ on resume.
+EXECUTION_ONLY_OVERRIDES = {"checkpoint_every"}
 EXECUTION_ONLY = {"address", "storage", "gpus_per_trial", "cpus_per_trial", "max_failures", "preprocess_workers",
                   "max_concurrent", "report"}
 
@@ -119,7 +121,14 @@ class ExperimentConfig:
     def differences(self, saved: dict[str, Any]) -> list[str]:
         """Options that differ from a saved run's, ignoring those that only affect execution."""
         mine = self.to_dict()
-        return sorted(k for k in mine if k not in EXECUTION_ONLY and k in saved and saved[k] != mine[k])
+
+        def computed(key: str, value: Any) -> Any:
+            if key == "overrides" and isinstance(value, dict):
+                return {k: v for k, v in value.items() if k not in EXECUTION_ONLY_OVERRIDES}
+            return value
+
+        return sorted(k for k in mine if k not in EXECUTION_ONLY and k in saved
+                      and computed(k, saved[k]) != computed(k, mine[k]))
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

@@ -1,9 +1,30 @@
 """Train one fold of one model: the unit of work that every Ray Tune trial runs.
 
 It runs without Ray. A ``reporter(metrics, checkpoint_dir)`` callback receives each epoch's
-metrics and a folder holding the resumable state; ``resume_from`` points at such a folder.
-Model selection uses the inner validation split only; the outer test fold is scored once, with
-the best-validation weights, at the end.
+metrics and, in checkpoint epochs, a folder holding the resumable state (``None`` otherwise);
+``resume_from`` points at such a folder. Model selection uses the inner validation split only;
+the outer test fold is scored once, with the best-validation weights, at the end.
+
+Data path, chosen by ``augmentation``:
+- ``none`` and ``light``: the fold's cached volumes (train, val and test parts, float16) are copied
+  once to the trial's device, one tensor per part (``datasets.volume_dataset.DeviceVolumes``), and
+  batches are drawn there by index and cast to float32 on the device; no DataLoader and no per-sample
+  host work. ``light`` augments each batch on the device (``datasets/device_augmentation.py``, in RAS,
+  then permuted to the video layout) with a ``torch.Generator`` on the device seeded from
+  (seed, fold, epoch). The memory this takes is printed at the start of the trial.
+- ``heavy``: TorchIO's per-sample CPU transforms through a DataLoader with ``num_workers`` workers,
+  as before; validation and test still come from the device (evaluation never augments).
+The training order is a permutation drawn from (seed, epoch) alone on either path.
+
+Checkpoints (``checkpoint_every``): Tune gets a report every epoch; a resumable checkpoint (model,
+optimizer, loss scaler, RNG states, history: at most model + optimizer in bytes) is written every
+``checkpoint_every`` epochs and at the end. A crash loses at most ``checkpoint_every - 1`` epochs, which
+the resumed run replays identically (bit for bit on the CPU; on CUDA up to cuDNN's own nondeterminism).
+The best-validation weights stay on the device; when a checkpoint's best epoch is its own epoch they are
+the checkpoint's model, otherwise they are written once, beside the checkpoints, to ``best_weights_store``
+(a folder that outlives checkpoints: the trial's folder in Tune's storage under Ray). A finished fold's
+final checkpoint holds ``fold_state.pt`` (counters and history), ``best_weights.pt`` (float16) and the
+output files below, and no optimizer state.
 
 Files written to ``output_dir`` (the format the analysis reads):
 - ``epochs.csv``: epoch (1-based), train_loss, val_loss, val_accuracy, val_macro_f1,
@@ -13,18 +34,21 @@ Files written to ``output_dir`` (the format the analysis reads):
 """
 from __future__ import annotations
 
-import copy
+import contextlib
 import json
 import logging
 import math
 import numbers
 import os
 import random
+import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+import uuid
+from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -35,6 +59,8 @@ from torch.utils.data import DataLoader
 
 from datasets import PreparedData, VolumeDataset, build_augmentation
 from datasets.atomic import write_csv_atomic, write_text_atomic
+from datasets import device_augmentation
+from datasets.volume_dataset import DeviceVolumes
 from models import MODEL_NAMES, build_model
 from search_spaces.recipe import PAPER_DEFAULTS  # the paper's recipe; anything in it can be overridden per trial
 from trainables.metrics import class_weights, classification_metrics
@@ -43,22 +69,29 @@ log = logging.getLogger(__name__)
 
 Reporter = Callable[[dict[str, Any], "str | None"], None]
 CHECKPOINT_FILE = "fold_state.pt"
+FINAL_WEIGHTS_FILE = "best_weights.pt"  # in a finished fold's final checkpoint: float16
+OUTPUT_FILES = ("predictions.csv", "epochs.csv", "result.json")
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "model": "mc3_18",
     "pretrained": False,  # True: Kinetics-400 from weights_dir / torch hub cache; or a path
     "weights_dir": None,
+    # lr, weight_decay, dropout, augmentation, aug_strength, batch_size and bn_recalibration (recompute
+    # BatchNorm's running statistics on the training part before each evaluation): the paper's recipe with the
+    # deviations search_spaces/recipe.py states and measures.
     **PAPER_DEFAULTS,
     "epochs": 50,
     "patience": None,  # stop after this many epochs without a better validation score
     "seed": 0,
     "fold": 0,
-    "num_workers": 0,
-    "amp": True,  # on CUDA only; bf16 where supported, else fp16 with a GradScaler
-    # Recompute BatchNorm running statistics on the training part before each evaluation. Off for the
-    # paper's protocol; short runs (the demo: 64 steps) need it, or their running averages lag so far
-    # behind the weights that evaluation predicts one class whatever the model has learned.
-    "bn_recalibration": False,
+    "num_workers": 0,  # DataLoader workers of the heavy augmentation's CPU path (other kinds run on the device)
+    "amp": True,  # on CUDA only; bf16 where the GPU supports it natively, else fp16 with a GradScaler
+    # Epochs between resumable checkpoints (and the final one). A crash loses at most checkpoint_every - 1
+    # epochs, which the resumed run replays identically. 1: on the 2-core CPU machine a checkpoint (written,
+    # then copied by Tune) took ~0.1 s for mc3_18 (138 MB) and ~1-2 s for r3d_18 (398 MB), against ~15 min
+    # per epoch at the paper's settings (2.8 s per step); on a GPU, where an epoch can take seconds, 5 or
+    # more keeps the GPU busy instead of waiting for the disk.
+    "checkpoint_every": 1,
 }
 
 
@@ -69,7 +102,7 @@ def resolve_config(config: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"Unknown training option(s) {unknown}; known: {sorted(DEFAULT_CONFIG)}")
     resolved = {**DEFAULT_CONFIG, **{k: v for k, v in config.items() if k in DEFAULT_CONFIG}}
     _check_types(resolved)
-    for key in ("lr", "epochs", "batch_size"):
+    for key in ("lr", "epochs", "batch_size", "checkpoint_every"):
         if not resolved[key] > 0:
             raise ValueError(f"{key} must be positive, got {resolved[key]}")
     if resolved["weight_decay"] < 0:
@@ -87,7 +120,7 @@ def resolve_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 _NUMBERS = ("lr", "weight_decay", "dropout", "aug_strength")
-_INTEGERS = ("batch_size", "epochs", "seed", "fold", "num_workers")
+_INTEGERS = ("batch_size", "epochs", "seed", "fold", "num_workers", "checkpoint_every")
 _BOOLEANS = ("amp", "bn_recalibration")
 
 
@@ -120,18 +153,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def augmentation_seed(seed: int, fold: int, epoch: int) -> int:
+    """The device augmentation's generator seed: a function of (seed, fold, epoch) only, so a resume repeats it."""
+    return ((seed * 1000 + fold) * 1_000_003 + epoch) % (2**63)
+
+
 def amp_setup(device: torch.device, enabled: bool) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
+    """bf16 only where the GPU computes it natively (an emulated bf16 is slower than fp16), else fp16 + GradScaler."""
     if device.type != "cuda" or not enabled:
         return None, None
-    if torch.cuda.is_bf16_supported():
+    if torch.cuda.is_bf16_supported(including_emulation=False):
         return torch.bfloat16, None  # bf16 has fp32's range: no loss scaling needed
     return torch.float16, torch.amp.GradScaler("cuda")
 
 
-def train_step(model: nn.Module, batch: torch.Tensor, labels: torch.Tensor, criterion: nn.Module,
-               optimizer: torch.optim.Optimizer, amp_dtype: torch.dtype | None,
-               scaler: torch.amp.GradScaler | None) -> float:
-    """One optimisation step under autocast; returns the batch's mean loss (shared with the benchmark)."""
+def train_step_loss(model: nn.Module, batch: torch.Tensor, labels: torch.Tensor, criterion: nn.Module,
+                    optimizer: torch.optim.Optimizer, amp_dtype: torch.dtype | None,
+                    scaler: torch.amp.GradScaler | None) -> torch.Tensor:
+    """One optimisation step under autocast; returns the batch's mean loss as a detached tensor (no host sync)."""
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(batch.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         loss = criterion(model(batch).float(), labels)
@@ -142,7 +181,53 @@ def train_step(model: nn.Module, batch: torch.Tensor, labels: torch.Tensor, crit
     else:
         loss.backward()
         optimizer.step()
-    return loss.item()
+    return loss.detach()
+
+
+def train_step(model: nn.Module, batch: torch.Tensor, labels: torch.Tensor, criterion: nn.Module,
+               optimizer: torch.optim.Optimizer, amp_dtype: torch.dtype | None,
+               scaler: torch.amp.GradScaler | None) -> float:
+    """``train_step_loss`` read back as a float (the benchmark's timing includes that sync; the loop does not)."""
+    return train_step_loss(model, batch, labels, criterion, optimizer, amp_dtype, scaler).item()
+
+
+def make_optimizer(model: nn.Module, config: dict[str, Any], device: torch.device) -> torch.optim.Adam:
+    """Adam; on CUDA the fused kernel (one launch for all parameters; with a GradScaler, no host sync per step)."""
+    fused = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"], **fused)
+
+
+@contextlib.contextmanager
+def cpu_threads(threads: int | None) -> Iterator[None]:
+    """Cap torch's, OpenMP's (for processes started here) and SimpleITK's threads to ``threads``; restored after.
+
+    ``None`` leaves everything as it is. A trial gets its share from Ray; without the cap each of several
+    trials on one machine would start one thread per core and they would fight over the cores.
+    """
+    if threads is None:
+        yield
+        return
+    threads = max(1, int(threads))
+    try:
+        import SimpleITK as sitk
+    except ImportError:  # pragma: no cover - TorchIO depends on it
+        sitk = None
+    saved_torch, saved_omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    saved_sitk = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() if sitk is not None else None
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    if sitk is not None:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved_torch)
+        if saved_omp is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved_omp
+        if sitk is not None:
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(saved_sitk)
 
 
 @dataclass
@@ -158,6 +243,54 @@ class FoldResult:
     predictions: pd.DataFrame = field(repr=False)
 
 
+class WeightStore:
+    """Where best weights wait between checkpoints: a folder that outlives them, local or on a pyarrow filesystem.
+
+    One file per best epoch (``best_weights_e0007.pt``, float32, written once); a checkpoint names the
+    epoch it needs, and older files are pruned only after a newer checkpoint has been handed over.
+    """
+
+    PREFIX = "best_weights_e"
+
+    def __init__(self, path: str | os.PathLike, filesystem=None) -> None:
+        import pyarrow.fs
+
+        if filesystem is None:
+            filesystem, path = pyarrow.fs.LocalFileSystem(), Path(path).resolve().as_posix()
+        self.filesystem, self.path = filesystem, str(path).rstrip("/")
+
+    def __repr__(self) -> str:
+        return f"WeightStore({self.path!r}, {type(self.filesystem).__name__})"
+
+    def file(self, epoch: int) -> str:
+        return f"{self.path}/{self.PREFIX}{epoch:04d}.pt"
+
+    def save(self, epoch: int, weights: dict[str, torch.Tensor]) -> None:
+        self.filesystem.create_dir(self.path, recursive=True)
+        tmp = f"{self.path}/.{uuid.uuid4().hex}.tmp"
+        with self.filesystem.open_output_stream(tmp) as stream:
+            torch.save({k: v.detach().cpu() for k, v in weights.items()}, stream)
+        self.filesystem.move(tmp, self.file(epoch))
+
+    def load(self, epoch: int) -> dict[str, torch.Tensor]:
+        import pyarrow.fs
+
+        if self.filesystem.get_file_info(self.file(epoch)).type == pyarrow.fs.FileType.NotFound:
+            raise FileNotFoundError(f"The checkpoint's best weights (epoch {epoch}) are not in {self}: resume with "
+                                    f"the best_weights_store of the run that wrote the checkpoint")
+        with self.filesystem.open_input_file(self.file(epoch)) as stream:
+            return torch.load(stream, map_location="cpu", weights_only=True)
+
+    def prune(self, keep: int | None) -> None:
+        """Delete every best-weights file but epoch ``keep``'s (all of them for None)."""
+        import pyarrow.fs
+
+        keep_name = self.file(keep).rsplit("/", 1)[-1] if keep is not None else None
+        for info in self.filesystem.get_file_info(pyarrow.fs.FileSelector(self.path, allow_not_found=True)):
+            if info.base_name.startswith(self.PREFIX) and info.base_name != keep_name:
+                self.filesystem.delete_file(info.path)
+
+
 class _State:
     """Everything needed to continue exactly where a run stopped."""
 
@@ -165,62 +298,120 @@ class _State:
         self.epoch = 0
         self.best_epoch = 0
         self.best_score = (-math.inf, -math.inf)  # (val macro F1, -val loss)
-        self.best_weights: dict[str, torch.Tensor] | None = None
+        self.best_weights: dict[str, torch.Tensor] | None = None  # on the training device
+        self.stored_best_epoch: int | None = None  # the best epoch whose weights are in the WeightStore
         self.history: list[dict[str, float]] = []
 
 
-def _evaluate(model: nn.Module, loader: DataLoader, criterion: nn.Module, device: torch.device,
-              amp_dtype: torch.dtype | None) -> tuple[float, np.ndarray, np.ndarray]:
+def _evaluate(model: nn.Module, part: DeviceVolumes, criterion: nn.Module, amp_dtype: torch.dtype | None,
+              batch_size: int) -> tuple[float, np.ndarray, np.ndarray]:
+    """Mean loss, probabilities and targets of a part, never augmented; one host transfer at the end."""
     model.eval()
-    losses, probabilities, targets = [], [], []
+    loss_sum = torch.zeros((), dtype=torch.float64, device=part.device)
+    probabilities = []
     with torch.no_grad():
-        for volumes, labels in loader:
-            volumes, labels = volumes.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        for start in range(0, len(part), batch_size):
+            volumes, labels = part.batch(slice(start, start + batch_size))
+            with torch.autocast(part.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 logits = model(volumes)
-            losses.append(criterion(logits.float(), labels).item() * len(labels))
-            probabilities.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
-            targets.append(labels.cpu().numpy())
-    probs, y = np.concatenate(probabilities), np.concatenate(targets)
-    return float(np.sum(losses) / len(y)), probs, y
+            logits = logits.float()
+            loss_sum += criterion(logits, labels).double() * len(labels)
+            probabilities.append(torch.softmax(logits, dim=1))
+    probs = torch.cat(probabilities).cpu().numpy()
+    return float(loss_sum.item() / len(part)), probs, part.targets_host
 
 
-def _save_checkpoint(directory: Path, model, optimizer, scaler, state: _State, finished: bool) -> None:
-    """Resumable state; a finished fold keeps only its best weights (a quarter of the size)."""
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _save_atomic(payload: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def _save_checkpoint(directory: Path, model, optimizer, scaler, state: _State, store: WeightStore,
+                     device: torch.device) -> int | None:
+    """The resumable state: model + optimizer (+ scaler, RNG, history), never a second copy of the weights.
+
+    The best weights are this checkpoint's model when the best epoch is this epoch; otherwise they go to
+    ``store`` once (a file per best epoch). Returns the best epoch whose store file this checkpoint needs.
+    """
+    best_in_model = state.best_epoch == state.epoch
+    if not best_in_model and state.stored_best_epoch != state.best_epoch:
+        store.save(state.best_epoch, state.best_weights)
+        state.stored_best_epoch = state.best_epoch
     payload = {
         "epoch": state.epoch,
         "best_epoch": state.best_epoch,
         "best_score": state.best_score,
-        "best_weights": state.best_weights,
+        "best_in_model": best_in_model,
         "history": state.history,
-        "finished": finished,
+        "finished": False,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": _rng_state(device),
     }
-    if not finished:
-        payload.update({
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-        })
-    tmp = directory / f".{CHECKPOINT_FILE}.tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, directory / CHECKPOINT_FILE)
+    _save_atomic(payload, directory / CHECKPOINT_FILE)
+    return None if best_in_model else state.best_epoch
 
 
-def _load_checkpoint(directory: str | os.PathLike, model, optimizer, scaler, state: _State) -> bool:
-    payload = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+def _save_final_checkpoint(directory: Path, state: _State, output_dir: Path) -> None:
+    """A finished fold: its best weights in float16, its counters and history, and its output files."""
+    half = {k: (v.detach().cpu().half() if v.is_floating_point() else v.detach().cpu())
+            for k, v in state.best_weights.items()}
+    _save_atomic(half, directory / FINAL_WEIGHTS_FILE)
+    for name in OUTPUT_FILES:
+        if (output_dir / name).is_file() and (output_dir / name).resolve() != (directory / name).resolve():
+            shutil.copy2(output_dir / name, directory / name)
+    _save_atomic({"epoch": state.epoch, "best_epoch": state.best_epoch, "best_score": state.best_score,
+                  "history": state.history, "finished": True}, directory / CHECKPOINT_FILE)
+
+
+def _load_checkpoint(directory: str | os.PathLike, model, optimizer, scaler, state: _State, store: WeightStore,
+                     device: torch.device) -> bool:
+    """Restore ``state`` (and model, optimizer, scaler, RNG unless finished); True for a finished fold."""
+    directory = Path(directory)
+    payload = torch.load(directory / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
     state.epoch, state.best_epoch = payload["epoch"], payload["best_epoch"]
-    state.best_score, state.best_weights = tuple(payload["best_score"]), payload["best_weights"]
+    state.best_score = tuple(payload["best_score"])
     state.history = payload["history"]
+
+    def on_device(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(device) for k, v in weights.items()}
+
     if payload["finished"]:
+        if (directory / FINAL_WEIGHTS_FILE).is_file():
+            state.best_weights = on_device(torch.load(directory / FINAL_WEIGHTS_FILE, map_location="cpu",
+                                                      weights_only=True))
+        elif payload.get("best_weights") is not None:  # written before checkpoints got lighter
+            state.best_weights = on_device(payload["best_weights"])
         return True
     model.load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
     if scaler is not None and payload["scaler"] is not None:
         scaler.load_state_dict(payload["scaler"])
-    torch.set_rng_state(payload["rng"]["torch"])
-    np.random.set_state(payload["rng"]["numpy"])
-    random.setstate(payload["rng"]["python"])
+    _set_rng_state(payload["rng"], device)
+    if payload.get("best_weights") is not None:  # written before checkpoints got lighter
+        state.best_weights = on_device(payload["best_weights"])
+    elif payload["best_in_model"]:
+        state.best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    else:
+        state.best_weights = on_device(store.load(state.best_epoch))
+        state.stored_best_epoch = state.best_epoch
     return False
 
 
@@ -231,29 +422,82 @@ def train_fold(
     reporter: Reporter | None = None,
     resume_from: str | os.PathLike | None = None,
     device: torch.device | str | None = None,
+    best_weights_store: WeightStore | str | os.PathLike | None = None,
+    cpus: float | None = None,
 ) -> FoldResult:
-    """Train ``config["model"]`` on fold ``config["fold"]`` of ``data`` and score it on that fold's test part."""
+    """Train ``config["model"]`` on fold ``config["fold"]`` of ``data`` and score it on that fold's test part.
+
+    ``best_weights_store``: where best weights wait between checkpoints (see the module docstring); by
+    default the checkpoint folder ``output_dir/checkpoint`` without a reporter, ``output_dir/best_weights``
+    with one. A resume must use the store of the run that wrote its checkpoint.
+    ``cpus``: the CPU share of this trial (Ray's assignment): torch, OpenMP and SimpleITK threads are capped
+    to it (less the heavy path's loader workers, at least 1) for the call; None leaves them alone.
+    """
     config = resolve_config(config)
-    output_dir = Path(output_dir)
+    threads = None
+    if cpus is not None:
+        workers = config["num_workers"] if config["augmentation"] == "heavy" else 0
+        threads = max(1, int(cpus) - workers)
+    with cpu_threads(threads):
+        return _train_fold(config, data, Path(output_dir), reporter, resume_from, device, best_weights_store)
+
+
+def _train_fold(config: dict[str, Any], data: PreparedData, output_dir: Path, reporter: Reporter | None,
+                resume_from: str | os.PathLike | None, device: torch.device | str | None,
+                best_weights_store: WeightStore | str | os.PathLike | None) -> FoldResult:
     output_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # every batch has the same shape: let cuDNN pick its fastest kernels
+    if best_weights_store is None:
+        best_weights_store = output_dir / ("best_weights" if reporter is not None else "checkpoint")
+    store = best_weights_store if isinstance(best_weights_store, WeightStore) else WeightStore(best_weights_store)
     seed_everything(config["seed"] * 1000 + config["fold"])
     classes = list(data.classes)
     parts = data.fold_indices(config["fold"])
     volumes = data.cached.volumes()
     train_idx, train_y, _ = parts["train"]
-    datasets = {
-        part: VolumeDataset(volumes, parts[part][0], parts[part][1], data.spacing,
-                            transform=build_augmentation(config["augmentation"], config["aug_strength"]) if part == "train" else None)
-        for part in ("train", "val", "test")
-    }
+    batch_size, kind, strength = config["batch_size"], config["augmentation"], config["aug_strength"]
+    train_on_device = kind != "heavy"
+    augment_on_device = kind == "light" and strength > 0
+    # The fold's volumes, once, on the device (augmented in RAS, hence that layout for an augmented train part).
+    on_device = {part: DeviceVolumes(volumes, parts[part][0], parts[part][1], device,
+                                     layout="ras" if part == "train" and augment_on_device else "video")
+                 for part in (("train",) if train_on_device else ()) + ("val", "test")}
+    sizes = ", ".join(f"{part} {p.nbytes / 1e6:.1f} MB" for part, p in on_device.items())
+    print(f"{config['model']} fold {config['fold']}: {sum(p.nbytes for p in on_device.values()) / 1e6:.1f} MB of "
+          f"cached volumes on {device} ({sizes}; {on_device['val'].volumes.dtype})", flush=True)
     loader_options = {"num_workers": config["num_workers"], "pin_memory": device.type == "cuda"}
-    # Evaluation never augments and its batch size does not change results: use the training one.
-    loaders = {part: DataLoader(datasets[part], batch_size=config["batch_size"], shuffle=False, **loader_options)
-               for part in ("val", "test")}
-    if config["bn_recalibration"]:
-        unaugmented = VolumeDataset(volumes, train_idx, train_y, data.spacing)
-        loaders["bn"] = DataLoader(unaugmented, batch_size=config["batch_size"], shuffle=False, **loader_options)
+    if not train_on_device:  # heavy: TorchIO on the CPU, per sample
+        train_set = VolumeDataset(volumes, train_idx, train_y, data.spacing, transform=build_augmentation(kind, strength))
+        # Own generators: the loaders' worker seeds come from (seed, epoch), not from the global RNG.
+        bn_loader = DataLoader(VolumeDataset(volumes, train_idx, train_y, data.spacing), batch_size=batch_size,
+                               shuffle=False, generator=torch.Generator(), **loader_options)
+
+    def training_batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # The shuffle order depends on (seed, epoch) only, so a resumed run sees the same order.
+        order = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(config["seed"] * 7919 + epoch))
+        if train_on_device:
+            train, order, augment = on_device["train"], order.to(device), None
+            if augment_on_device:
+                generator = torch.Generator(device=device)
+                generator.manual_seed(augmentation_seed(config["seed"], config["fold"], epoch))
+                augment = partial(device_augmentation.augment_light, strength=strength, generator=generator)
+            for start in range(0, len(train), batch_size):
+                yield train.batch(order[start:start + batch_size], augment)
+        else:
+            loader = DataLoader(train_set, batch_size=batch_size, sampler=order.tolist(),
+                                generator=torch.Generator().manual_seed(config["seed"] * 7919 + epoch), **loader_options)
+            for batch, labels in loader:
+                yield batch.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+    def recalibrate_bn() -> None:
+        """BatchNorm statistics from the un-augmented training part (momentum None: the exact mean over it)."""
+        if train_on_device:
+            train = on_device["train"]
+            update_bn((train.batch(slice(s, s + batch_size))[0] for s in range(0, len(train), batch_size)), model)
+        else:
+            update_bn(bn_loader, model, device=device)
 
     pretrained = config["pretrained"]
     model = build_model(config["model"], num_classes=len(classes), in_channels=data.cached.meta["channels"],
@@ -261,70 +505,81 @@ def train_fold(
                         weights_dir=config["weights_dir"]).to(device)
     weights = torch.tensor(class_weights(train_y, len(classes)), dtype=torch.float32, device=device)
     criterion = nn.CrossEntropyLoss(weight=weights)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    optimizer = make_optimizer(model, config, device)
     amp_dtype, scaler = amp_setup(device, config["amp"])
 
     state = _State()
-    finished = False
     if resume_from is not None and (Path(resume_from) / CHECKPOINT_FILE).is_file():
-        finished = _load_checkpoint(resume_from, model, optimizer, scaler, state)
+        finished = _load_checkpoint(resume_from, model, optimizer, scaler, state, store, device)
         log.info("Resumed fold %d of %s after epoch %d", config["fold"], config["model"], state.epoch)
+        if finished:  # its outputs are in the checkpoint (else rebuilt from its float16 best weights)
+            if all((Path(resume_from) / name).is_file() for name in OUTPUT_FILES):
+                for name in OUTPUT_FILES:
+                    if (Path(resume_from) / name).resolve() != (output_dir / name).resolve():
+                        shutil.copy2(Path(resume_from) / name, output_dir / name)
+                return _result_from_outputs(output_dir)
+            return _finish(config, model, state, on_device["test"], criterion, amp_dtype, classes, parts, output_dir)
 
-    while not finished and state.epoch < config["epochs"]:
+    def write_checkpoint(directory: Path, finished: bool) -> int | None:
+        if finished:
+            _save_final_checkpoint(directory, state, output_dir)
+            return None
+        return _save_checkpoint(directory, model, optimizer, scaler, state, store, device)
+
+    while state.epoch < config["epochs"]:
         started = time.perf_counter()
         state.epoch += 1
         model.train()
-        # The shuffle order depends on (seed, epoch) only, so a resumed run sees the same order.
-        order = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(config["seed"] * 7919 + state.epoch))
-        train_loader = DataLoader(datasets["train"], batch_size=config["batch_size"], sampler=order.tolist(), **loader_options)
-        train_loss, seen = 0.0, 0
-        for batch, labels in train_loader:
-            batch, labels = batch.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            train_loss += train_step(model, batch, labels, criterion, optimizer, amp_dtype, scaler) * len(labels)
-            seen += len(labels)
-        if "bn" in loaders:
-            update_bn(loaders["bn"], model, device=device)
-        val_loss, val_probs, val_y = _evaluate(model, loaders["val"], criterion, device, amp_dtype)
-        metrics = {"epoch": state.epoch, "train_loss": train_loss / seen, "val_loss": val_loss,
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        for batch, labels in training_batches(state.epoch):
+            loss_sum += train_step_loss(model, batch, labels, criterion, optimizer, amp_dtype, scaler).double() * len(labels)
+        if config["bn_recalibration"]:
+            recalibrate_bn()
+        val_loss, val_probs, val_y = _evaluate(model, on_device["val"], criterion, amp_dtype, batch_size)
+        metrics = {"epoch": state.epoch, "train_loss": loss_sum.item() / len(train_idx), "val_loss": val_loss,
                    **classification_metrics("val", val_y, val_probs.argmax(1), classes),
                    "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started}
         score = (metrics["val_macro_f1"], -val_loss)
         if score > state.best_score:
             state.best_score, state.best_epoch = score, state.epoch
-            state.best_weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            state.best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}  # stays on the device
         state.history.append(metrics)
         patience = config["patience"]
         stop_early = patience is not None and state.epoch - state.best_epoch >= patience
         finished = stop_early or state.epoch >= config["epochs"]
+        checkpoint_now = finished or state.epoch % config["checkpoint_every"] == 0
         write_csv_atomic(pd.DataFrame(state.history), output_dir / "epochs.csv")
 
         report = {**metrics, "val_macro_f1_best": state.best_score[0], "best_epoch": state.best_epoch,
                   "fold_finished": finished}
         if finished:
-            result = _finish(config, model, state, loaders, criterion, device, amp_dtype, classes, parts, output_dir)
+            result = _finish(config, model, state, on_device["test"], criterion, amp_dtype, classes, parts, output_dir)
             report.update({f"test_{k}": v for k, v in result.test_metrics.items()})
-        if reporter is not None:
+        if reporter is not None and checkpoint_now:
             with tempfile.TemporaryDirectory(prefix="fold_ckpt_") as checkpoint_dir:
-                _save_checkpoint(Path(checkpoint_dir), model, optimizer, scaler, state, finished)
+                keep = write_checkpoint(Path(checkpoint_dir), finished)
                 reporter(report, checkpoint_dir)
-        else:
+            store.prune(keep)  # the checkpoint is handed over: older best weights are no longer needed
+        elif reporter is not None:
+            reporter(report, None)
+        elif checkpoint_now:
             checkpoint_dir = output_dir / "checkpoint"
             checkpoint_dir.mkdir(exist_ok=True)
-            _save_checkpoint(checkpoint_dir, model, optimizer, scaler, state, finished)
+            store.prune(write_checkpoint(checkpoint_dir, finished))
         log.info("%s fold %d epoch %d: %s", config["model"], config["fold"], state.epoch,
                  ", ".join(f"{k} {v:.4g}" for k, v in report.items() if isinstance(v, float)))
         if finished:
             return result
-    # Resumed from a finished checkpoint: outputs are already on disk, rebuild the result from them.
-    return _finish(config, model, state, loaders, criterion, device, amp_dtype, classes, parts, output_dir)
+    # Resumed past the last epoch (``epochs`` lowered since the checkpoint): score what there is.
+    return _finish(config, model, state, on_device["test"], criterion, amp_dtype, classes, parts, output_dir)
 
 
-def _finish(config, model, state: _State, loaders, criterion, device, amp_dtype, classes, parts, output_dir: Path) -> FoldResult:
+def _finish(config, model, state: _State, test_part: DeviceVolumes, criterion, amp_dtype, classes, parts,
+            output_dir: Path) -> FoldResult:
     """Score the best-validation weights on the test fold and write predictions and the summary."""
-    evaluated = copy.deepcopy(model)
     if state.best_weights is not None:
-        evaluated.load_state_dict(state.best_weights)
-    _, probs, y = _evaluate(evaluated, loaders["test"], criterion, device, amp_dtype)
+        model.load_state_dict(state.best_weights)  # training is over: the model itself takes the best weights
+    _, probs, y = _evaluate(model, test_part, criterion, amp_dtype, config["batch_size"])
     test_ids = parts["test"][2]
     predictions = pd.DataFrame({"subject_id": test_ids, "label": [classes[i] for i in y],
                                 "pred": [classes[i] for i in probs.argmax(1)]})
@@ -342,3 +597,11 @@ def _finish(config, model, state: _State, loaders, criterion, device, amp_dtype,
     summary["subjects"] = {part: list(parts[part][2]) for part in ("train", "val", "test")}
     write_text_atomic(output_dir / "result.json", json.dumps(summary, indent=2, default=str))
     return result
+
+
+def _result_from_outputs(folder: Path) -> FoldResult:
+    """A finished fold's result read back from its output files (resumed from its final checkpoint)."""
+    summary = json.loads((folder / "result.json").read_text())
+    predictions = pd.read_csv(folder / "predictions.csv", dtype={"subject_id": str})
+    return FoldResult(**{f.name: summary[f.name] for f in fields(FoldResult) if f.name != "predictions"},
+                      predictions=predictions)

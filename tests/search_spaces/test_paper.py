@@ -21,9 +21,10 @@ def test_log_ranges_are_centred_on_the_paper_in_log_space():
 def test_optuna_distributions_match_the_table():
     distributions = optuna_distributions()
     assert set(distributions) == {"lr", "weight_decay", "dropout", "aug_strength"}
-    assert distributions["lr"].low == 1e-6 and distributions["lr"].high == 1e-4 and distributions["lr"].log
+    assert distributions["lr"].low == 4e-6 and distributions["lr"].high == 4e-4 and distributions["lr"].log
     assert not distributions["dropout"].log
     assert [row["paper"] for row in space_table()] == [1e-5, 1e-3, 0.3, 1.0]
+    assert [row["default"] for row in space_table()] == [4e-5, 1e-3, 0.3, 1.0]
 
 
 def test_ranges_follow_a_set_value():

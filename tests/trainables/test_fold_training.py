@@ -1,13 +1,18 @@
-"""One fold without Ray: class weights, config checks, resume, and a run that learns the phantoms."""
+"""One fold without Ray: class weights, config checks, the data-on-device path, light checkpoints, resume,
+and a run that learns the phantoms."""
+import io
 import json
+import os
 import shutil
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from datasets import DataSpec, PreprocessConfig, SplitSpec, prepare_data
 from trainables import class_weights, classification_metrics, resolve_config, train_fold
+from trainables import PAPER_DEFAULTS, fold_training
 
 
 def test_class_weights_are_one_minus_class_share():
@@ -29,7 +34,7 @@ def test_unknown_or_bad_options_are_refused():
         resolve_config({"learning_rate": 1e-3})
     with pytest.raises(ValueError, match="lr must be positive"):
         resolve_config({"lr": 0})
-    assert resolve_config({"_experiment": "paper"})["lr"] == 1e-5  # private keys pass through untouched
+    assert resolve_config({"_experiment": "paper"})["lr"] == PAPER_DEFAULTS["lr"]  # private keys pass through untouched
 
 
 @pytest.mark.parametrize("option, message", [
@@ -43,6 +48,8 @@ def test_unknown_or_bad_options_are_refused():
     ({"augmentation": "medium"}, "augmentation must be one of none, light, heavy, got 'medium'"),
     ({"aug_strength": 9}, "aug_strength must be in \\[0, 4.0\\], got 9"),
     ({"model": "resnet50"}, "model must be one of r2plus1d_18, mc3_18, r3d_18, got 'resnet50'"),
+    ({"checkpoint_every": 0}, "checkpoint_every must be positive, got 0"),
+    ({"checkpoint_every": 1.5}, "checkpoint_every must be a whole number, got 1.5"),
 ])
 def test_every_bad_value_is_named_before_training(option, message):
     with pytest.raises(ValueError, match=message):
@@ -58,7 +65,32 @@ def learnable_data(tmp_path_factory):
                         tmp_path_factory.mktemp("cache"), num_workers=1)
 
 
-LEARNING = {"model": "r2plus1d_18", "fold": 0, "epochs": 12, "lr": 3e-4, "batch_size": 4, "aug_strength": 0.0, "seed": 0}
+# bn_recalibration: 12 short epochs leave BatchNorm's running averages behind the weights (see DEFAULT_CONFIG);
+# without it this run passed or failed with the dropout masks (which moved when batches stopped coming from a
+# DataLoader that drew a seed from the global RNG every epoch).
+LEARNING = {"model": "r2plus1d_18", "fold": 0, "epochs": 12, "lr": 3e-4, "batch_size": 4, "aug_strength": 0.0, "seed": 0,
+            "bn_recalibration": True}
+
+
+def _saved_bytes(payload) -> int:
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return buffer.tell()
+
+
+def _model_and_optimizer_bytes(data, model_name: str) -> int:
+    """What one copy of the model's and Adam's state takes in a file, Adam's state filled by one step."""
+    from models import build_model
+
+    model = build_model(model_name, num_classes=len(data.classes), in_channels=data.cached.meta["channels"])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    model(torch.randn(2, data.cached.meta["channels"], 8, 8, 8)).sum().backward()
+    optimizer.step()
+    return _saved_bytes({"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+
+
+def _folder_bytes(folder) -> int:
+    return sum(os.path.getsize(os.path.join(folder, name)) for name in os.listdir(folder))
 
 
 def test_a_short_run_learns_the_phantoms_and_writes_documented_outputs(learnable_data, tmp_path):
@@ -80,24 +112,103 @@ def test_a_short_run_learns_the_phantoms_and_writes_documented_outputs(learnable
     assert [r["epoch"] for r in reports] == list(range(1, 13)) and reports[-1]["fold_finished"]
 
 
-def test_resume_from_a_checkpoint_continues_where_it_stopped(learnable_data, tmp_path):
-    quick = {**LEARNING, "epochs": 3, "fold": 1, "aug_strength": 1.0}
-    full = train_fold(quick, learnable_data, tmp_path / "full")
+def test_resume_with_checkpoint_every_two_replays_the_lost_epoch_exactly(learnable_data, tmp_path):
+    # Light augmentation on the device (strength 1): its generator is seeded from (seed, fold, epoch).
+    quick = {**LEARNING, "epochs": 5, "fold": 1, "aug_strength": 1.0, "checkpoint_every": 2}
+    checkpoints = {}
 
-    def crash_after_epoch_two(metrics, checkpoint_dir):
-        if metrics["epoch"] == 2:
+    def record(metrics, checkpoint_dir):
+        checkpoints[metrics["epoch"]] = None if checkpoint_dir is None else {
+            "bytes": _folder_bytes(checkpoint_dir), "files": sorted(os.listdir(checkpoint_dir))}
+
+    full = train_fold(quick, learnable_data, tmp_path / "full", reporter=record, best_weights_store=tmp_path / "best_full")
+    # A report every epoch; a checkpoint every second epoch and at the end.
+    assert sorted(checkpoints) == [1, 2, 3, 4, 5]
+    assert [e for e, c in checkpoints.items() if c is not None] == [2, 4, 5]
+    bound = _model_and_optimizer_bytes(learnable_data, quick["model"])
+    for epoch in (2, 4):  # model + optimizer once (plus RNG states and history), no second copy of the weights
+        assert checkpoints[epoch]["files"] == ["fold_state.pt"]
+        assert checkpoints[epoch]["bytes"] <= bound + 64_000, (checkpoints[epoch]["bytes"], bound)
+    assert checkpoints[5]["files"] == ["best_weights.pt", "epochs.csv", "fold_state.pt", "predictions.csv", "result.json"]
+    assert checkpoints[5]["bytes"] < bound / 5  # float16 weights only: a sixth of model + Adam
+    assert not list((tmp_path / "best_full").glob("best_weights_e*.pt"))  # the side store is emptied at the end
+
+    def crash_in_epoch_three(metrics, checkpoint_dir):
+        if checkpoint_dir is not None:
+            shutil.rmtree(tmp_path / "saved", ignore_errors=True)
             shutil.copytree(checkpoint_dir, tmp_path / "saved")
+        if metrics["epoch"] == 3:
             raise KeyboardInterrupt("simulated crash")
 
+    store = tmp_path / "best_part"
     with pytest.raises(KeyboardInterrupt):
-        train_fold(quick, learnable_data, tmp_path / "part", reporter=crash_after_epoch_two)
-    # Continued from epoch 2's checkpoint, the run matches the uninterrupted one exactly.
-    resumed = train_fold(quick, learnable_data, tmp_path / "resumed", resume_from=tmp_path / "saved")
-    assert resumed.epochs_run == 3
+        train_fold(quick, learnable_data, tmp_path / "part", reporter=crash_in_epoch_three, best_weights_store=store)
+    assert torch.load(tmp_path / "saved" / "fold_state.pt", weights_only=False)["epoch"] == 2
+    # Continued from epoch 2's checkpoint, the run replays epoch 3 and matches the uninterrupted one exactly.
+    resumed = train_fold(quick, learnable_data, tmp_path / "resumed", resume_from=tmp_path / "saved",
+                         best_weights_store=store)
+    assert resumed.epochs_run == 5
     full_epochs = pd.read_csv(tmp_path / "full" / "epochs.csv").drop(columns="seconds")
     resumed_epochs = pd.read_csv(tmp_path / "resumed" / "epochs.csv").drop(columns="seconds")
     pd.testing.assert_frame_equal(full_epochs, resumed_epochs)
     pd.testing.assert_frame_equal(full.predictions, resumed.predictions)
+
+
+def test_best_weights_wait_on_the_side_once_and_come_back_on_resume(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(5, 4)).sum().backward()
+    optimizer.step()
+    store, cpu = fold_training.WeightStore(tmp_path / "store"), torch.device("cpu")
+    state = fold_training._State()
+    state.epoch, state.best_epoch, state.best_score = 4, 4, (0.5, -1.0)
+    state.best_weights = {k: v.clone() for k, v in model.state_dict().items()}
+    # The best epoch is the checkpoint's own: its model is the best weights, nothing goes to the side.
+    assert fold_training._save_checkpoint(tmp_path, model, optimizer, None, state, store, cpu) is None
+    assert not (tmp_path / "store").exists()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)  # epoch 5 and 6 train on; epoch 4 stays the best
+    state.epoch = 6
+    assert fold_training._save_checkpoint(tmp_path, model, optimizer, None, state, store, cpu) == 4
+    written = os.path.getmtime(store.file(4))
+    state.epoch = 8  # a later checkpoint with the same best epoch writes nothing again
+    assert fold_training._save_checkpoint(tmp_path, model, optimizer, None, state, store, cpu) == 4
+    assert os.path.getmtime(store.file(4)) == written and len(list((tmp_path / "store").iterdir())) == 1
+    payload = torch.load(tmp_path / "fold_state.pt", weights_only=False)
+    assert "best_weights" not in payload and not payload["best_in_model"]
+    restored_model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    restored = fold_training._State()
+    assert not fold_training._load_checkpoint(tmp_path, restored_model, torch.optim.Adam(restored_model.parameters()),
+                                              None, restored, store, cpu)
+    assert restored.epoch == 8 and restored.best_epoch == 4 and restored.stored_best_epoch == 4
+    for key, value in state.best_weights.items():
+        torch.testing.assert_close(restored.best_weights[key], value, rtol=0, atol=0)
+    torch.testing.assert_close(restored_model[0].weight, model[0].weight, rtol=0, atol=0)
+    store.prune(None)
+    assert not list((tmp_path / "store").iterdir())
+
+
+def test_amp_uses_bf16_only_where_the_gpu_has_it_natively(monkeypatch):
+    calls = []
+
+    def supported(answer):
+        def is_bf16_supported(*args, **kwargs):
+            calls.append((args, kwargs))
+            return answer
+        return is_bf16_supported
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", supported(True))
+    assert fold_training.amp_setup(cuda, True) == (torch.bfloat16, None)
+    assert calls[-1] == ((), {"including_emulation": False})
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", supported(False))
+    with pytest.warns(UserWarning):  # no CUDA here: the scaler warns and disables itself, the choice stands
+        dtype, scaler = fold_training.amp_setup(cuda, True)
+    assert dtype == torch.float16 and isinstance(scaler, torch.amp.GradScaler)
+    calls.clear()
+    assert fold_training.amp_setup(torch.device("cpu"), True) == (None, None)
+    assert fold_training.amp_setup(cuda, False) == (None, None)
+    assert calls == []
 
 
 def test_patience_stops_when_validation_stops_improving(learnable_data, tmp_path):
@@ -114,23 +225,41 @@ def test_patience_stops_when_validation_stops_improving(learnable_data, tmp_path
             break
     assert result.epochs_run == expected_stop == len(epochs)
     assert result.best_epoch == best_epoch
+    # The final checkpoint: float16 best weights, counters and the outputs; no model or optimizer state.
+    checkpoint = tmp_path / "checkpoint"
+    assert sorted(os.listdir(checkpoint)) == ["best_weights.pt", "epochs.csv", "fold_state.pt", "predictions.csv",
+                                              "result.json"]
+    state = torch.load(checkpoint / "fold_state.pt", weights_only=False)
+    assert state["finished"] and not {"model", "optimizer", "scaler", "best_weights"} & set(state)
+    weights = torch.load(checkpoint / "best_weights.pt", weights_only=True)
+    assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float16}
+    # Resumed from it, the fold is not trained again: the result comes back from its outputs.
+    again = train_fold({**LEARNING, "epochs": 6, "patience": 1, "fold": 2}, learnable_data, tmp_path / "again",
+                       resume_from=checkpoint)
+    assert again.epochs_run == result.epochs_run and again.best_epoch == result.best_epoch
+    pd.testing.assert_frame_equal(again.predictions, result.predictions, check_dtype=False)
 
 
-def test_bn_recalibration_sets_running_statistics_from_the_unaugmented_training_part(phantom_root, tmp_path):
-    import torch
+@pytest.fixture(scope="module")
+def phantom_data(phantom_root, tmp_path_factory):
+    return prepare_data(DataSpec(data_root=str(phantom_root)), PreprocessConfig(spacing=16.0), SplitSpec(n_splits=2),
+                        tmp_path_factory.mktemp("phantom_cache"), num_workers=1)
 
+
+def test_bn_recalibration_sets_running_statistics_from_the_unaugmented_training_part(phantom_data, tmp_path):
     from datasets import VolumeDataset
     from models import build_model
 
-    data = prepare_data(DataSpec(data_root=str(phantom_root)), PreprocessConfig(spacing=16.0), SplitSpec(n_splits=2),
-                        tmp_path / "cache", num_workers=1)
+    data = phantom_data
     config = {"model": "mc3_18", "fold": 0, "epochs": 1, "batch_size": 1, "lr": 1e-3}
     train_idx, train_y, _ = data.fold_indices(0)["train"]
     stem_means = {}
     for recalibrate in (False, True):
         out = tmp_path / f"recalibrate_{recalibrate}"
         train_fold({**config, "bn_recalibration": recalibrate}, data, out)
-        weights = torch.load(out / "checkpoint" / "fold_state.pt", weights_only=False)["best_weights"]
+        # The final checkpoint keeps the best weights in float16: compare at that precision.
+        weights = {k: v.float() if v.is_floating_point() else v
+                   for k, v in torch.load(out / "checkpoint" / "best_weights.pt", weights_only=True).items()}
         model = build_model("mc3_18")
         model.load_state_dict(weights)
         volumes = VolumeDataset(data.cached.volumes(), train_idx, train_y, data.spacing)
@@ -138,6 +267,72 @@ def test_bn_recalibration_sets_running_statistics_from_the_unaugmented_training_
             stem_means[recalibrate] = torch.stack([model.stem[0](volumes[i][0][None]).mean(dim=(0, 2, 3, 4))
                                                    for i in range(len(volumes))]).mean(0)
         running = weights["stem.1.running_mean"]
-        matches = torch.allclose(running, stem_means[recalibrate], rtol=1e-4, atol=1e-6)
+        matches = torch.allclose(running, stem_means[recalibrate], rtol=5e-3, atol=1e-4)
         # Recalibrated: the exact mean over the training part with the final weights; otherwise a lagging average.
         assert matches == recalibrate, (recalibrate, running[:4], stem_means[recalibrate][:4])
+
+
+def test_data_on_the_device_trains_exactly_like_the_dataloader_path(phantom_data, tmp_path):
+    """``none`` (volumes on the device, batches by index) against ``heavy`` at strength 0: the DataLoader over
+    VolumeDataset of before, with no transform. Same order, same batches, same BatchNorm recalibration."""
+    import SimpleITK as sitk
+
+    threads_before, sitk_before = torch.get_num_threads(), sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    seen_threads = []
+
+    def record_threads(metrics, checkpoint_dir):
+        seen_threads.append((torch.get_num_threads(), sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()))
+
+    config = {"model": "mc3_18", "fold": 1, "epochs": 2, "batch_size": 2, "lr": 1e-3, "bn_recalibration": True}
+    outputs = {}
+    for kind in ("none", "heavy"):
+        outputs[kind] = train_fold({**config, "augmentation": kind, "aug_strength": 0.0}, phantom_data, tmp_path / kind,
+                                   reporter=record_threads, cpus=1)
+    # The trial's CPU share caps torch's and SimpleITK's threads while it runs, and only then.
+    assert set(seen_threads) == {(1, 1)}
+    assert torch.get_num_threads() == threads_before
+    assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == sitk_before
+    epochs = {kind: pd.read_csv(tmp_path / kind / "epochs.csv").drop(columns="seconds") for kind in outputs}
+    pd.testing.assert_frame_equal(epochs["none"], epochs["heavy"], check_exact=True)
+    pd.testing.assert_frame_equal(outputs["none"].predictions, outputs["heavy"].predictions, check_exact=True)
+    assert list(outputs["none"].predictions.columns) == ["subject_id", "label", "pred", "prob_LGG", "prob_HGG",
+                                                         "prob_Healthy"]
+
+
+def test_evaluation_never_augments_and_matches_a_dataloader_reference(phantom_data, tmp_path, monkeypatch):
+    from torch.utils.data import DataLoader
+
+    from datasets import VolumeDataset, device_augmentation
+    from datasets.volume_dataset import DeviceVolumes
+    from models import build_model
+
+    # Light augmentation runs on training batches only: never on validation, test or BatchNorm recalibration.
+    augmented, original = [], device_augmentation.augment_light
+
+    def counting(batch, strength, generator):
+        augmented.append(batch.shape[0])
+        return original(batch, strength, generator)
+
+    monkeypatch.setattr(device_augmentation, "augment_light", counting)
+    config = {"model": "mc3_18", "fold": 0, "epochs": 2, "batch_size": 3, "lr": 1e-3, "bn_recalibration": True,
+              "augmentation": "light", "aug_strength": 2.0}
+    train_fold(config, phantom_data, tmp_path / "light")
+    n_train = len(phantom_data.fold_indices(0)["train"][0])
+    assert sum(augmented) == 2 * n_train
+
+    # The device evaluation against the DataLoader loop it replaced, on one model's validation part.
+    torch.manual_seed(0)
+    model = build_model("mc3_18", num_classes=3).eval()
+    criterion = torch.nn.CrossEntropyLoss(weight=torch.tensor([0.2, 0.5, 0.3]))
+    idx, y, _ = phantom_data.fold_indices(0)["val"]
+    volumes = phantom_data.cached.volumes()
+    loss, probs, targets = fold_training._evaluate(model, DeviceVolumes(volumes, idx, y, "cpu"), criterion, None, 2)
+    reference_probs, reference_losses = [], []
+    with torch.no_grad():
+        for batch, labels in DataLoader(VolumeDataset(volumes, idx, y, phantom_data.spacing), batch_size=2):
+            logits = model(batch)
+            reference_losses.append(criterion(logits, labels).item() * len(labels))
+            reference_probs.append(torch.softmax(logits, dim=1).numpy())
+    np.testing.assert_array_equal(probs, np.concatenate(reference_probs))
+    np.testing.assert_array_equal(targets, y)
+    assert loss == pytest.approx(sum(reference_losses) / len(y), rel=1e-12)

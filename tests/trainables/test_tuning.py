@@ -21,6 +21,7 @@ from torchvision.models.video import r2plus1d_18
 
 import tune_main
 from models import weights_filename
+from search_spaces import PAPER_DEFAULTS
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--spacing", "16", "--epochs", "1", "--set", "batch_size=4", "--no-report"]
@@ -147,7 +148,7 @@ def test_tensorboard_tags_read_back_from_event_files(grid_run):
     tags = set(events.Tags()["scalars"])
     for metric in ("train_loss", "val_loss", "val_accuracy", "val_macro_f1", "val_f1_LGG", "val_f1_HGG", "val_f1_Healthy", "lr"):
         assert f"ray/tune/{metric}" in tags
-    assert events.Scalars("ray/tune/lr")[0].value == pytest.approx(1e-5)
+    assert events.Scalars("ray/tune/lr")[0].value == pytest.approx(PAPER_DEFAULTS["lr"])
     # The HParams dashboard's records (written by Ray's TensorBoard logger when the trial ends).
     assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(events.PluginTagToContent("hparams"))
     assert folder.name.startswith("r2plus1d_18-")  # readable trial names
@@ -316,7 +317,7 @@ def test_nested_search_interrupted_and_resumed_runs_each_trial_once_in_its_fold_
         study = studies[f"r2plus1d_18-scratch-fold{fold}"]
         complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         assert len(study.trials) == len(complete) == 2  # neither lost nor duplicated by the Ctrl-C
-        assert complete[0].params == {"lr": 1e-5, "weight_decay": 1e-3, "dropout": 0.3, "aug_strength": 1.0}
+        assert complete[0].params == {k: PAPER_DEFAULTS[k] for k in ("lr", "weight_decay", "dropout", "aug_strength")}
         fold_trials = trials[trials["fold"] == fold]
         # Each study was told exactly its own fold's scores, no mean over folds.
         assert sorted(t.value for t in complete) == pytest.approx(sorted(fold_trials["best_val_macro_f1"]))
@@ -353,7 +354,7 @@ def test_a_search_after_the_grid_hands_each_fold_study_its_grid_score(grid_run, 
     for fold, value in ((0, 0.4321), (1, 0.1234)):
         study = fold_studies(out)[f"r2plus1d_18-scratch-fold{fold}"]
         values = [t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-        assert values[0] == value and study.trials[0].params["lr"] == 1e-5
+        assert values[0] == value and study.trials[0].params["lr"] == PAPER_DEFAULTS["lr"]
         (new,) = [r for r in grid if r.config["fold"] == fold]
         assert len(values) == 2 and values[1] == pytest.approx(new.metrics["val_macro_f1_best"])
 
