@@ -10,11 +10,30 @@ cached shape, and on CUDA records the peak memory one trial needs. It also times
 TorchIO augmentation of one volume: with ``--cpus-per-trial 1`` and no loader workers that cost is
 paid once per training volume, so when it exceeds the step time the GPU waits for the CPU.
 Timings belong here, not in the tests.
+
+Rows also carry, per model and precision (``samples_per_s``, ``step_ms`` ... are the issue's names):
+
+- ``flops_per_step``: forward + backward FLOPs of one training step, counted once with
+  ``torch.utils.flop_counter.FlopCounterMode`` (convolutions and matmuls; Adam's element-wise work is
+  not counted); ``achieved_tflops = flops_per_step * steps_per_s / 1e12``;
+- ``peak_tflops``: the device's dense peak from a small table of known CUDA GPUs (bf16/fp16 for mixed
+  precision, TF32/fp32 for float32), empty on a CPU or an unknown GPU, and then ``peak_fraction`` too;
+- ``data_ms_per_sample``: the trainer's on-device data path per sample (index a float16 device tensor,
+  cast to float32, ``augment_light`` when ``--augmentation light``, permute to the video layout); with
+  ``--augmentation heavy`` the trainer augments with TorchIO on the CPU, so it is that figure.
+  ``torchio_ms_per_sample`` is the CPU TorchIO path, side by side;
+- ``checkpoint_mb_per_epoch``: bytes of ``model.state_dict()`` plus the optimizer's state after a step
+  (what a resumable checkpoint holds), in MB of 2**20 bytes; ``peak_memory_mb`` likewise (CUDA only);
+- ``trials_per_device``: 1 for the in-process row; on CUDA ``--concurrency 1,2,4`` adds rows from that
+  many concurrent processes each running the training step on the one device, ``samples_per_s`` then
+  the aggregate. On a CPU this is skipped. Apple MPS is not handled (no start-up, no peak table).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,14 +43,65 @@ import pandas as pd
 import torch
 import torchio as tio
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from datasets import build_augmentation
-from datasets.volume_dataset import to_video_layout
+from datasets.device_augmentation import augment_light
+from datasets.volume_dataset import batch_to_video_layout, to_video_layout
 from models import MODEL_NAMES, build_model
-from trainables.fold_training import amp_setup, train_step
+from trainables.fold_training import amp_setup, train_step, train_step_loss
 
 # The brain's bounding box at the paper's 2 mm in RAS (x, y, z): MNI152's brain is about 143 x 180 x 153 mm.
 DEFAULT_SHAPE = (72, 90, 77)
+MB = 2**20
+
+# Dense (no sparsity) peak TFLOP/s by CUDA device name: (mixed precision bf16/fp16, float32 as cuDNN
+# runs it: TF32 on Ampere and later, where PyTorch allows TF32 convolutions by default; plain fp32 before).
+# First match wins, so the PCIe H100 comes before the SXM one. Figures from NVIDIA's data sheets.
+PEAK_TFLOPS = [
+    (r"H100.*PCIe", 756.0, 378.0),
+    (r"H100", 989.0, 494.0),
+    (r"H200", 989.0, 494.0),
+    (r"A100", 312.0, 156.0),
+    (r"\bL4\b", 121.0, 60.0),
+    (r"\bT4\b", 65.0, 8.1),
+    (r"V100", 125.0, 15.7),
+]
+
+
+def peak_tflops(device: torch.device, precision: str) -> float | None:
+    """The device's known dense peak for this precision, or None (a CPU, an unknown GPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for pattern, mixed, fp32 in PEAK_TFLOPS:
+        if re.search(pattern, name):
+            return fp32 if precision == "float32" else mixed
+    return None
+
+
+def train_step_flops(model: nn.Module, batch: torch.Tensor, labels: torch.Tensor, criterion: nn.Module,
+                     optimizer: torch.optim.Optimizer, amp_dtype: torch.dtype | None,
+                     scaler: torch.amp.GradScaler | None) -> int:
+    """FLOPs of one training step (forward + backward) as ``FlopCounterMode`` counts them; it takes the step."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        train_step_loss(model, batch, labels, criterion, optimizer, amp_dtype, scaler)
+    return int(counter.get_total_flops())
+
+
+def checkpoint_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Tensor bytes of ``model.state_dict()`` and the optimizer's state: what a resumable checkpoint holds."""
+    def tensor_bytes(value) -> int:
+        if isinstance(value, torch.Tensor):
+            return value.element_size() * value.nelement()
+        if isinstance(value, dict):
+            return sum(tensor_bytes(v) for v in value.values())
+        if isinstance(value, (list, tuple)):
+            return sum(tensor_bytes(v) for v in value)
+        return 0
+
+    return tensor_bytes(model.state_dict()) + tensor_bytes(optimizer.state_dict()["state"])
 
 
 def _synchronize(device: torch.device) -> None:
@@ -53,9 +123,8 @@ def _timed(fn, device: torch.device, warmup: int, steps: int) -> float:
     return float(np.median(times))
 
 
-def benchmark_model(model_name: str, shape: tuple[int, int, int], batch_size: int, channels: int,
-                    device: torch.device, amp: bool, warmup: int, steps: int) -> dict:
-    """Seconds per training step and per evaluation batch, and peak CUDA memory, for one model."""
+def _setup(model_name: str, shape: tuple[int, int, int], batch_size: int, channels: int,
+           device: torch.device, amp: bool):
     torch.manual_seed(0)
     model = build_model(model_name, num_classes=3, in_channels=channels).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-5, weight_decay=1e-3)
@@ -64,12 +133,22 @@ def benchmark_model(model_name: str, shape: tuple[int, int, int], batch_size: in
     volume = torch.randn(batch_size, channels, *shape)
     batch = torch.stack([to_video_layout(v) for v in volume]).to(device)
     labels = torch.arange(batch_size, device=device) % 3
+    return model, optimizer, criterion, amp_dtype, scaler, batch, labels
+
+
+def benchmark_model(model_name: str, shape: tuple[int, int, int], batch_size: int, channels: int,
+                    device: torch.device, amp: bool, warmup: int, steps: int) -> dict:
+    """Seconds per training step and per evaluation batch, FLOPs, checkpoint size and peak CUDA memory."""
+    model, optimizer, criterion, amp_dtype, scaler, batch, labels = _setup(
+        model_name, shape, batch_size, channels, device, amp)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     model.train()
+    flops = train_step_flops(model, batch, labels, criterion, optimizer, amp_dtype, scaler)
     train_s = _timed(lambda: train_step(model, batch, labels, criterion, optimizer, amp_dtype, scaler),
                      device, warmup, steps)
+    checkpoint = checkpoint_bytes(model, optimizer)
     model.eval()
 
     def evaluate() -> None:
@@ -77,19 +156,94 @@ def benchmark_model(model_name: str, shape: tuple[int, int, int], batch_size: in
             model(batch)
 
     eval_s = _timed(evaluate, device, warmup, steps)
-    row = {"model": model_name, "device": str(device), "precision": str(amp_dtype or torch.float32).removeprefix("torch."),
-           "batch_size": batch_size, "shape_xyz": "x".join(map(str, shape)),
+    precision = str(amp_dtype or torch.float32).removeprefix("torch.")
+    peak = peak_tflops(device, precision)
+    achieved = flops / train_s / 1e12
+    row = {"model": model_name, "device": str(device), "precision": precision,
+           "batch_size": batch_size, "trials_per_device": 1, "shape_xyz": "x".join(map(str, shape)),
+           "samples_per_s": batch_size / train_s, "step_ms": train_s * 1000,
+           "flops_per_step": flops, "achieved_tflops": achieved,
+           "peak_tflops": peak, "peak_fraction": achieved / peak if peak else None,
+           "checkpoint_mb_per_epoch": checkpoint / MB, "peak_memory_mb": None,
            "train_step_s": train_s, "train_volumes_per_s": batch_size / train_s,
            "eval_volumes_per_s": batch_size / eval_s}
     if device.type == "cuda":
-        peak = torch.cuda.max_memory_reserved(device)
+        peak_memory = torch.cuda.max_memory_reserved(device)
         total = torch.cuda.get_device_properties(device).total_memory
-        row.update({"peak_memory_gib": peak / 2**30,
-                    "trials_per_gpu_by_memory": int(0.9 * total // peak) if peak else None})
+        row.update({"peak_memory_mb": peak_memory / MB, "peak_memory_gib": peak_memory / 2**30,
+                    "trials_per_gpu_by_memory": int(0.9 * total // peak_memory) if peak_memory else None})
     del model, optimizer, batch
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
+
+
+def _concurrency_worker(spec: dict) -> None:
+    """One of ``--concurrency`` N processes: warm up, say ready, wait for go, time the steps, print JSON."""
+    device = torch.device(spec["device"])
+    model, optimizer, criterion, amp_dtype, scaler, batch, labels = _setup(
+        spec["model"], tuple(spec["shape"]), spec["batch_size"], spec["channels"], device, spec["amp"])
+    model.train()
+    step = lambda: train_step(model, batch, labels, criterion, optimizer, amp_dtype, scaler)  # noqa: E731
+    for _ in range(spec["warmup"]):
+        step()
+    _synchronize(device)
+    print("ready", flush=True)
+    sys.stdin.readline()  # "go": every process starts timing together
+    started = time.perf_counter()
+    for _ in range(spec["steps"]):
+        step()
+    _synchronize(device)
+    print(json.dumps({"seconds": time.perf_counter() - started, "steps": spec["steps"]}), flush=True)
+
+
+def concurrent_rate(processes: int, model_name: str, shape: tuple[int, int, int], batch_size: int, channels: int,
+                    device: torch.device, amp: bool, warmup: int, steps: int) -> tuple[float, float]:
+    """(aggregate samples/s, mean seconds per step) of ``processes`` concurrent training processes on ``device``."""
+    spec = json.dumps({"model": model_name, "shape": list(shape), "batch_size": batch_size, "channels": channels,
+                       "device": str(device), "amp": amp, "warmup": warmup, "steps": max(1, steps)})
+    children = [subprocess.Popen([sys.executable, "-m", "trainables.benchmark", "--concurrency-worker", spec],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                for _ in range(processes)]
+    try:
+        for child in children:
+            if child.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"a --concurrency worker failed (exit {child.wait()})")
+        for child in children:
+            child.stdin.write("go\n")
+            child.stdin.flush()
+        results = [json.loads(child.stdout.readline()) for child in children]
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.stdin.close()
+                child.wait(timeout=60)
+    step_s = [r["seconds"] / r["steps"] for r in results]
+    return sum(batch_size / s for s in step_s), float(np.mean(step_s))
+
+
+def device_data_seconds(shape: tuple[int, int, int], channels: int, batch_size: int, device: torch.device,
+                        kind: str, strength: float, repeats: int) -> float:
+    """Median seconds per sample of the trainer's on-device data path for one batch.
+
+    Index a float16 tensor held on the device, cast to float32, ``augment_light`` (``kind`` light) in RAS,
+    permute to the video layout.
+    """
+    count = max(2 * batch_size, 4)
+    volumes = torch.rand(count, channels, *shape, device=device).half()
+    generator = torch.Generator(device=device)
+    generator.manual_seed(0)
+    order = torch.randperm(count, device=device)
+
+    def draw() -> torch.Tensor:
+        batch = volumes.index_select(0, order[:batch_size]).float()
+        if kind == "light":
+            batch = augment_light(batch, strength, generator)
+        return batch_to_video_layout(batch)
+
+    seconds = _timed(draw, device, 1, repeats)
+    del volumes
+    return seconds / batch_size
 
 
 def augmentation_seconds(shape: tuple[int, int, int], channels: int, kind: str, strength: float,
@@ -125,12 +279,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--aug-strength", type=float, default=1.0)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--concurrency", default="1",
+                   help="CUDA only: comma list of concurrent training processes on the one device, e.g. 1,2,4")
+    p.add_argument("--concurrency-worker", help=argparse.SUPPRESS)
     p.add_argument("--output", help="also write the rows to this CSV")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.concurrency_worker:
+        _concurrency_worker(json.loads(args.concurrency_worker))
+        return 0
+    try:
+        concurrency = sorted({int(v) for v in args.concurrency.split(",") if v.strip()})
+        if not concurrency or min(concurrency) < 1:
+            raise ValueError
+    except ValueError:
+        print(f"error: --concurrency takes positive process counts like 1,2,4, got {args.concurrency!r}",
+              file=sys.stderr)
+        return 2
     if args.cache:
         shape, channels = shape_of_cache(args.cache)
     else:
@@ -154,19 +322,60 @@ def main(argv: list[str] | None = None) -> int:
     if device.type != "cuda":
         precisions = [False]  # autocast is used on CUDA only, as in training
 
-    rows = [benchmark_model(m, shape, args.batch_size, channels, device, amp, args.warmup, args.steps)
-            for m in models for amp in precisions]
+    rows = []
+    for m in models:
+        for amp in precisions:
+            row = benchmark_model(m, shape, args.batch_size, channels, device, amp, args.warmup, args.steps)
+            rows.append(row)
+            if device.type != "cuda":
+                continue
+            for processes in (n for n in concurrency if n > 1):
+                samples_per_s, step_s = concurrent_rate(processes, m, shape, args.batch_size, channels, device, amp,
+                                                        args.warmup, args.steps)
+                achieved = row["flops_per_step"] * samples_per_s / args.batch_size / 1e12
+                rows.append({**row, "trials_per_device": processes, "samples_per_s": samples_per_s,
+                             "step_ms": step_s * 1000, "achieved_tflops": achieved,
+                             "peak_fraction": achieved / row["peak_tflops"] if row["peak_tflops"] else None,
+                             "train_step_s": step_s, "train_volumes_per_s": samples_per_s,
+                             "eval_volumes_per_s": None, "peak_memory_mb": None, "peak_memory_gib": None,
+                             "trials_per_gpu_by_memory": None})
     table = pd.DataFrame(rows)
+    for column in ["peak_tflops", "peak_fraction", "peak_memory_mb"]:  # None (a CPU, an unknown GPU) -> NaN
+        table[column] = pd.to_numeric(table[column])
     augment = augmentation_seconds(shape, channels, args.augmentation, args.aug_strength, repeats=max(3, args.steps))
     # Without loader workers a trial augments, then steps: its rate is bounded by the sum of both.
     table["augment_s_per_volume"] = augment
     table["fed_volumes_per_s"] = args.batch_size / (table["train_step_s"] + augment * args.batch_size)
+    table["torchio_ms_per_sample"] = augment * 1000
+    device_data = device_data_seconds(shape, channels, args.batch_size, device, args.augmentation,
+                                      args.aug_strength, repeats=max(3, args.steps))
+    table["data_ms_per_sample"] = augment * 1000 if args.augmentation == "heavy" else device_data * 1000
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"Device: {name}; torch {torch.__version__}; volume {table['shape_xyz'][0]} x {channels} channel(s)")
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    issue_columns = ["model", "device", "precision", "batch_size", "trials_per_device", "samples_per_s", "step_ms",
+                     "data_ms_per_sample", "torchio_ms_per_sample", "achieved_tflops", "peak_tflops",
+                     "peak_fraction", "checkpoint_mb_per_epoch", "peak_memory_mb"]
+    table = table[issue_columns + [c for c in table.columns if c not in issue_columns]]
+    print(table[issue_columns].to_string(index=False, float_format=lambda v: f"{v:.3g}", na_rep="-"))
+    print("\n" + table[[c for c in table.columns if c not in issue_columns[1:]]].to_string(
+        index=False, float_format=lambda v: f"{v:.3g}", na_rep="-"))
     print(f"\nTorchIO '{args.augmentation}' augmentation at strength {args.aug_strength}: "
           f"{augment * 1000:.0f} ms per volume on one CPU thread.")
-    if device.type == "cuda" and augment > 0 and (table["train_step_s"] < augment * args.batch_size).any():
+    if args.augmentation == "heavy":
+        print("data_ms_per_sample: heavy augmentation runs in TorchIO on the CPU, so it is the TorchIO figure.")
+    else:
+        print(f"On-device data path ('{args.augmentation}': gather float16, cast, "
+              f"{'augment_light, ' if args.augmentation == 'light' else ''}permute) on {device}: "
+              f"{device_data * 1000:.3g} ms per sample.")
+    if device.type != "cuda":
+        print("Concurrent trials per device: skipped on a CPU (trials_per_device = 1); "
+              "peak TFLOP/s is known for CUDA GPUs only. MPS is not handled.")
+    elif any(n > 1 for n in concurrency):
+        print("Rows with trials_per_device > 1: that many concurrent processes on this device, samples_per_s "
+              "and achieved_tflops aggregated over them.")
+    # Only heavy augmentation still runs in TorchIO on the CPU during training; light runs on the device.
+    if (device.type == "cuda" and args.augmentation == "heavy" and augment > 0
+            and (table["train_step_s"] < augment * args.batch_size).any()):
         print("The GPU step is faster than the CPU augmentation: give trials loader workers "
               "(--set num_workers=2 with --cpus-per-trial 3) or more CPUs.")
     if args.output:

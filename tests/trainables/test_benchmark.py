@@ -45,3 +45,76 @@ def test_bad_options_are_named(capsys):
     assert "--shape takes three positive sizes" in capsys.readouterr().err
     assert benchmark.main(["--augmentation", "strong"]) == 2
     assert "augmentation must be one of none, light, heavy" in capsys.readouterr().err
+
+
+def test_issue_columns_flops_data_paths_and_checkpoint_size(tmp_path, capsys):
+    from models import build_model
+
+    out = tmp_path / "bench.csv"
+    assert benchmark.main(["--models", "mc3_18", "--shape", "16,16,12", "--batch-size", "2", "--device", "cpu",
+                           "--warmup", "1", "--steps", "2", "--output", str(out)]) == 0
+    table = pd.read_csv(out)
+    for column in ["model", "device", "precision", "batch_size", "trials_per_device", "samples_per_s", "step_ms",
+                   "data_ms_per_sample", "torchio_ms_per_sample", "achieved_tflops", "peak_tflops", "peak_fraction",
+                   "checkpoint_mb_per_epoch", "peak_memory_mb", "flops_per_step",
+                   "train_step_s", "train_volumes_per_s", "augment_s_per_volume"]:  # today's columns stay
+        assert column in table, column
+    row = table.iloc[0]
+    assert row["trials_per_device"] == 1 and row["flops_per_step"] > 0
+    step_s = row["step_ms"] / 1000
+    assert np.isclose(row["achieved_tflops"], row["flops_per_step"] / step_s / 1e12)
+    assert np.isclose(row["samples_per_s"], 2 / step_s)
+    # No peak figure for a CPU, so no fraction of it; no CUDA memory either.
+    assert pd.isna(row["peak_tflops"]) and pd.isna(row["peak_fraction"]) and pd.isna(row["peak_memory_mb"])
+    assert row["data_ms_per_sample"] > 0 and row["torchio_ms_per_sample"] > 0
+    assert np.isclose(row["torchio_ms_per_sample"], 1000 * row["augment_s_per_volume"])
+    # The checkpoint: weights + Adam's two moments of every parameter (+ BatchNorm buffers, step counters).
+    model = build_model("mc3_18", num_classes=3, in_channels=1)
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    moments = 2 * sum(p.numel() * 4 for p in model.parameters())
+    assert np.isclose(row["checkpoint_mb_per_epoch"], (weights + moments) / 2**20, rtol=0.01)
+    printed = capsys.readouterr().out
+    assert "skipped on a CPU (trials_per_device = 1)" in printed and "MPS is not handled" in printed
+
+
+def test_checkpoint_bytes_of_a_tiny_model_by_hand():
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(1, 4, 3), nn.BatchNorm3d(4), nn.Flatten(), nn.LazyLinear(3))
+    model(torch.randn(2, 1, 5, 5, 5))
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 1, 5, 5, 5)).sum().backward()
+    optimizer.step()
+    params = sum(p.numel() for p in model.parameters())  # 4*27+4 + 4+4 + 3*108+3 = 447
+    assert params == 447
+    # fp32 weights, exp_avg, exp_avg_sq; BatchNorm running mean/var (fp32) and num_batches_tracked (int64).
+    by_hand = 3 * 4 * params + 2 * 4 * 4 + 8
+    assert np.isclose(benchmark.checkpoint_bytes(model, optimizer), by_hand, rtol=0.01)
+
+
+def test_peak_table_knows_gpus_by_name_only_on_cuda(monkeypatch):
+    import torch
+
+    assert benchmark.peak_tflops(torch.device("cpu"), "bfloat16") is None
+    for name, precision, expected in [("NVIDIA H100 80GB HBM3", "bfloat16", 989.0),
+                                      ("NVIDIA H100 PCIe", "bfloat16", 756.0), ("NVIDIA H200", "bfloat16", 989.0),
+                                      ("NVIDIA A100-SXM4-80GB", "float16", 312.0), ("NVIDIA L4", "bfloat16", 121.0),
+                                      ("Tesla T4", "float16", 65.0), ("Tesla V100-SXM2-16GB", "float16", 125.0),
+                                      ("NVIDIA L40S", "bfloat16", None), ("Some GPU", "float16", None)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        assert benchmark.peak_tflops(torch.device("cuda"), precision) == expected, name
+
+
+def test_concurrent_processes_report_an_aggregate_rate():
+    # main runs this on CUDA only; the mechanism itself works on any device.
+    import torch
+
+    samples_per_s, step_s = benchmark.concurrent_rate(2, "mc3_18", (8, 8, 8), 1, 1, torch.device("cpu"), False, 0, 1)
+    assert samples_per_s > 0 and step_s > 0
+
+
+def test_bad_concurrency_is_named(capsys):
+    assert benchmark.main(["--concurrency", "0,2"]) == 2
+    assert "--concurrency takes positive process counts" in capsys.readouterr().err
