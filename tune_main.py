@@ -1,6 +1,6 @@
 """Ray Tune orchestration of the paper's protocol, an Optuna search around it, and a CPU demo.
 
-    python tune_main.py --experiment demo                      # synthetic data, CPU, ~10 minutes
+    python tune_main.py --experiment demo                      # synthetic data, CPU, ~4 minutes on 2 cores
     python tune_main.py --experiment paper --data-root DIR --output OUT
     python tune_main.py --experiment search --data-root DIR --output OUT --num-samples 20
 
@@ -22,19 +22,23 @@ os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_
 
 from datasets import DataSpec, InvalidDataError, prepare_data
 from datasets.atomic import write_csv_atomic, write_text_atomic
+from datasets.disk_space import DiskFullError
 from datasets.cohort import parse_max_per_class
 from models import KineticsWeightsNotFound, resolve_weights_path
 from search_spaces import deviations_from_paper, space_table
-from trainables.experiment import ExperimentConfig, field_names, parse_overrides
+from trainables.experiment import ExperimentConfig, field_names, new_run_id, parse_overrides
 from trainables.ray_trainable import trial_name
 
 log = logging.getLogger("tune_main")
 
 # The demo: small phantoms, coarse voxels, a few epochs — shortened so it ends on 2 CPU cores. 64 optimiser
 # steps are few: a larger step than the default (batch 4 and BN recalibration are defaults already).
+# One checkpoint per trial, at its end: a demo trial takes ~20-45 s, and writing the model + Adam state every
+# epoch (138-398 MB, then copied by Tune) cost ~35 s of a ~215 s grid (measured: 9 trials, 2 cores).
+DEMO_EPOCHS = 8
 DEMO_DATA = {"n_hgg": 20, "n_lgg": 20, "n_healthy": 20, "seed": 0, "downsample": 4.0}
-DEMO_OPTIONS = {"spacing": 10.0, "epochs": 8, "num_samples": 2, "search_models": ("mc3_18",),
-                "overrides": {"lr": 3e-4}}
+DEMO_OPTIONS = {"spacing": 10.0, "epochs": DEMO_EPOCHS, "num_samples": 2, "search_models": ("mc3_18",),
+                "overrides": {"lr": 3e-4, "checkpoint_every": DEMO_EPOCHS}}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,8 +171,15 @@ def planned_trials(config: ExperimentConfig, folds: int) -> list[str]:
             for m, p in config.arms() for f in range(folds)] if config.experiment in ("paper", "demo") else []
 
 
+def tune_runs(config: ExperimentConfig, searched: bool) -> dict[str, str]:
+    """Where this experiment's Tune runs live (the grid and/or the search), for experiment.json and the user."""
+    kinds = [kind for kind, used in (("paper", config.experiment in ("paper", "demo")), ("search", searched)) if used]
+    return {kind: f"{config.storage_root}/{config.tune_run_name(kind)}" for kind in kinds}
+
+
 def save_experiment_record(config: ExperimentConfig, data, studies: list[dict]) -> None:
-    record = {**config.to_dict(), "n_folds": len(data.plan.folds), "classes": list(data.classes),
+    record = {**config.to_dict(), "tune_runs": tune_runs(config, bool(studies)),
+              "n_folds": len(data.plan.folds), "classes": list(data.classes),
               "arms": [{"model": m, "pretrained": p} for m, p in config.arms()],
               "planned_trials": planned_trials(config, len(data.plan.folds)),
               "paper_config_id": config.paper_config_id(),
@@ -183,18 +194,40 @@ def save_experiment_record(config: ExperimentConfig, data, studies: list[dict]) 
     write_text_atomic(config.output_path / "experiment.json", json.dumps(record, indent=2))
 
 
+def assign_run_id(config: ExperimentConfig) -> None:
+    """The id in this experiment's Tune run names: the one saved in OUT/experiment.json, else a new one.
+
+    An experiment saved before run ids existed has none and keeps its runs' old names (``paper``, ``search``),
+    so it still resumes.
+    """
+    saved_file = config.output_path / "experiment.json"
+    if saved_file.is_file():
+        config.run_id = json.loads(saved_file.read_text()).get("options", {}).get("run_id")
+    else:
+        config.run_id = new_run_id()
+
+
 def refuse_changed_options(config: ExperimentConfig) -> None:
     saved_file = config.output_path / "experiment.json"
     if saved_file.is_file():
-        changed = config.differences(json.loads(saved_file.read_text()).get("options", {}))
+        saved = json.loads(saved_file.read_text()).get("options", {})
+        changed = config.differences(saved)
         if changed:
+            hint = ""
+            if "storage" in changed:
+                original = saved.get("storage") or str(config.output_path / "ray")
+                hint = (f". Its Tune runs (finished trials, checkpoints) are under --storage {original}: rerun with "
+                        f"--storage {original}")
             raise ValueError(f"{config.output_path} holds an experiment run with other options ({', '.join(changed)}); "
-                             "rerun with the same options to resume it, or choose another --output")
+                             f"rerun with the same options to resume it, or choose another --output{hint}")
 
 
 def interrupted(grid) -> bool:
-    """Tune returns normally on Ctrl-C; unfinished trials without an error tell us it was stopped."""
-    return any(result.error is None and not result.metrics.get("fold_finished") for result in grid)
+    """Tune returns normally on Ctrl-C; unfinished trials without an error tell us it was stopped.
+
+    A trial that failed permanently (``fold_failed``) is over, not interrupted."""
+    return any(result.error is None and not result.metrics.get("fold_finished")
+               and not result.metrics.get("fold_failed") for result in grid)
 
 
 def stop_interrupted(config: ExperimentConfig) -> int:
@@ -208,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = config_from_args(args)
+        assign_run_id(config)
         if config.experiment == "demo":
             ensure_demo_data(config)
         check_kinetics_weights(config)
@@ -231,9 +265,17 @@ def fit_baselines(data, config: ExperimentConfig, out: Path) -> None:
           + ", ".join(f"{name} {value:.3f}" for name, value in scores.items()), flush=True)
 
 
+def tensorboard_command(config: ExperimentConfig, searched: bool) -> str:
+    """OUT/ray holds this experiment's runs only; a shared --storage holds other experiments' too: name ours."""
+    if not config.storage:
+        return f"tensorboard --logdir {config.output_path / 'ray'}"
+    return "tensorboard --logdir_spec " + ",".join(f"{kind}:{path}" for kind, path in tune_runs(config, searched).items())
+
+
 def run_experiment(config: ExperimentConfig) -> int:
     import ray
 
+    from trainables.cluster import ClusterCheckError, check_cluster, ignored_ray_address, init_options
     from trainables.collect import collect, write_tables
     from trainables.tuning import grid_fold_values, run_grid, run_search, search_studies, trial_resources
 
@@ -248,7 +290,7 @@ def run_experiment(config: ExperimentConfig) -> int:
             config.cache_path, splits_file=out / "splits.json", num_workers=config.preprocess_workers,
             cohort_file=out / "cohort.json",
         )
-    except (InvalidDataError, ValueError, FileNotFoundError) as error:
+    except (InvalidDataError, ValueError, FileNotFoundError, DiskFullError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"Data: {len(data.cached.table)} subjects, classes {', '.join(data.classes)}, cache {data.cache_dir}; "
@@ -260,8 +302,18 @@ def run_experiment(config: ExperimentConfig) -> int:
     folds = len(data.plan.folds)
     save_experiment_record(config, data, search_studies(config, search_arms, folds, {}))
 
-    ray.init(address=config.address, include_dashboard=False) if config.address else ray.init(include_dashboard=False)
+    note = ignored_ray_address(config)
+    if note:
+        print(note, flush=True)
+    ray.init(**init_options(config))  # with --address: the code reaches every node through the runtime_env
     try:
+        if config.address:
+            try:
+                notes, _ = check_cluster(config, data.cache_dir)
+            except ClusterCheckError as error:
+                print(f"error: {error}", file=sys.stderr)
+                return 2
+            print("\n".join(notes), flush=True)
         resources = trial_resources(config)
         print(f"Each trial gets {resources} (cluster: {ray.cluster_resources()})", flush=True)
         grids = []
@@ -300,7 +352,7 @@ def run_experiment(config: ExperimentConfig) -> int:
             report = build_report(out)
             print(summary(report))
             print(f"Report: {report / 'report.md'} and {report / 'report.html'}")
-    print(f"TensorBoard: tensorboard --logdir {config.storage or out / 'ray'}")
+    print(f"TensorBoard: {tensorboard_command(config, bool(search_arms))}")
     return 0 if failed.empty else 1
 
 

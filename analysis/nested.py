@@ -15,6 +15,10 @@ on that fold's training part and are scored on its inner validation part only. H
   same folds.
 * **Deployment** (`deploy_config`): the configuration to train a final model with. Its choice may use
   every fold's inner validation, which is why it is never reported with a test score.
+
+Failed trials (ERROR or FAILED in trials.csv) never compete. Each fold's row names its failed trials, an
+estimate over fewer folds than studied says which fold is missing and why, and a configuration with a failed
+fold is left out of the deployment ranking (its mean over the other folds would hide the failure) and named.
 """
 from __future__ import annotations
 
@@ -26,23 +30,26 @@ import pandas as pd
 from analysis.load import HYPERPARAMETERS, Experiment
 from analysis.metrics import arm_metrics, overall_metrics
 from analysis.names import Arm, arm_sort_key
+from analysis.partial import failed_folds, failed_folds_text, failed_trials
 
 SEARCH = "search"
 LEAK_SUBJECTS_SHOWN = 5  # a leak lists this many subject ids per trial, then a count
 TIE_DECIMALS = 12  # means over folds equal to this many decimals are a tie
 
 SELECTION_COLUMNS = ["model", "pretrained", "fold", "config_id", "trial_name", *HYPERPARAMETERS, "inner_val_macro_f1",
-                     "test_macro_f1", "n_candidates", "candidate_trials"]
+                     "test_macro_f1", "n_candidates", "candidate_trials", "n_failed", "failed_trials"]
 DEPLOY_COLUMNS = ["model", "pretrained", "config_id", "rule", *HYPERPARAMETERS, "inner_val_macro_f1_mean",
-                  "evaluated_folds", "chosen_in_folds"]
+                  "evaluated_folds", "chosen_in_folds", "excluded_configs"]
 # Why a deployment configuration was picked (the `rule` column).
 RULE_EVERY_FOLD = "evaluated in every fold: best mean inner-validation macro F1"
 RULE_BEST_CHOICE = "no configuration evaluated in every fold: the fold choice with the best inner-validation macro F1"
+RULE_ALL_FAILED = "none: every configuration has a failed fold"
 
 
 def estimate_columns(classes: list[str]) -> list[str]:
     """nested_estimate.csv's columns: one row per (arm, estimate), estimate = "nested" or "paper_default"."""
-    return ["model", "pretrained", "estimate", "n_folds", "folds", "trials", "test_macro_f1_mean", "test_macro_f1_std",
+    return ["model", "pretrained", "estimate", "n_folds", "folds", "trials", "missing_folds", "test_macro_f1_mean",
+            "test_macro_f1_std",
             "test_macro_f1_pooled", "test_accuracy_mean", "test_accuracy_std", "test_accuracy_pooled",
             *[f"test_f1_{c}_pooled" for c in classes]]
 
@@ -157,11 +164,26 @@ def leak_check(candidates: pd.DataFrame, test_subjects: list[str] | None, trial_
     return " | ".join(parts) or "ok"
 
 
+def study_failures(trials: pd.DataFrame | None, study: FoldStudy) -> list[str]:
+    """The study's failed trials (ERROR or FAILED): its own search trials of its fold, and the grid trial it was
+    to be handed. They never compete; they are named beside the fold's choice."""
+    failed = failed_trials(trials)
+    if failed.empty:
+        return []
+    mine = failed[(failed["model"] == study.model) & (failed["pretrained"] == study.pretrained)
+                  & (failed["fold"] == study.fold)]
+    own = (mine["experiment"] == SEARCH) | (mine["trial_name"] == (study.grid_trial or ""))
+    return sorted(mine.loc[own, "trial_name"])
+
+
 def selection_row(exp: Experiment, study: FoldStudy, candidates: pd.DataFrame) -> dict:
-    """nested_selection.csv's row for one study: the chosen trial, its scores and who it competed with."""
+    """nested_selection.csv's row for one study: the chosen trial, its scores, who it competed with and which of
+    the study's trials failed."""
     chosen = choose(candidates, exp.paper_config_id)
+    failed = study_failures(exp.trials, study)
     row = {"model": study.model, "pretrained": study.pretrained, "fold": study.fold,
-           "n_candidates": len(candidates), "candidate_trials": ";".join(candidates["trial_name"])}
+           "n_candidates": len(candidates), "candidate_trials": ";".join(candidates["trial_name"]),
+           "n_failed": len(failed), "failed_trials": ";".join(failed)}
     if chosen is None:
         return {**row, "config_id": "", "trial_name": "", **{h: np.nan for h in HYPERPARAMETERS},
                 "inner_val_macro_f1": np.nan, "test_macro_f1": np.nan}
@@ -203,13 +225,15 @@ def paper_default_predictions(exp: Experiment, arm: Arm, folds: list[int]) -> pd
     return chosen[chosen["trial_name"].isin(set(first))]
 
 
-def estimate_row(preds: pd.DataFrame, arm: Arm, estimate: str, classes: list[str]) -> dict:
+def estimate_row(preds: pd.DataFrame, arm: Arm, estimate: str, classes: list[str], missing: str = "") -> dict:
     """Fold mean, sample std (ddof=1) and pooled value of macro F1, accuracy and per-class F1 of one set of
-    test predictions (one trial per fold), computed by the same code as the paper tables."""
+    test predictions (one trial per fold), computed by the same code as the paper tables. ``missing`` names the
+    studied folds that have no trial here, and why."""
     metrics = arm_metrics(preds, classes, [arm])
     folds = sorted(int(f) for f in metrics.per_fold_overall["fold"])
     row = {"model": arm[0], "pretrained": arm[1], "estimate": estimate, "n_folds": len(folds),
-           "folds": ";".join(map(str, folds)), "trials": ";".join(metrics.per_fold_overall["trial_name"])}
+           "folds": ";".join(map(str, folds)), "trials": ";".join(metrics.per_fold_overall["trial_name"]),
+           "missing_folds": missing}
     overall = metrics.overall.set_index("metric")
     for metric, name in (("macro_f1", "test_macro_f1"), ("accuracy", "test_accuracy")):
         for stat in ("mean", "std", "pooled"):
@@ -222,16 +246,46 @@ def estimate_row(preds: pd.DataFrame, arm: Arm, estimate: str, classes: list[str
 
 def nested_estimate(exp: Experiment, selection: pd.DataFrame) -> pd.DataFrame:
     """Per searched arm: the nested estimate (each fold's chosen trial on that fold's test part) and the paper's
-    configuration on the same folds."""
+    configuration on the same folds. A studied fold without a chosen trial (every candidate failed, or none ran)
+    is named in ``missing_folds``, and so is a fold where the paper's configuration has no trial."""
     rows = []
     for arm in _arms(selection):
-        chosen = selection[(selection["model"] == arm[0]) & (selection["pretrained"] == arm[1])
-                           & (selection["trial_name"] != "")]
+        studied = selection[(selection["model"] == arm[0]) & (selection["pretrained"] == arm[1])]
+        chosen = studied[studied["trial_name"] != ""]
         preds = exp.predictions[exp.predictions["trial_name"].isin(set(chosen["trial_name"]))]
-        rows.append(estimate_row(preds, arm, "nested", exp.classes))
+        rows.append(estimate_row(preds, arm, "nested", exp.classes, _unchosen_folds(studied, preds)))
         folds = sorted(int(f) for f in preds["fold"].unique())
-        rows.append(estimate_row(paper_default_predictions(exp, arm, folds), arm, "paper_default", exp.classes))
+        default = paper_default_predictions(exp, arm, folds)
+        note = _default_gaps(exp, arm, sorted(int(f) for f in studied["fold"]), folds, set(default["fold"]))
+        rows.append(estimate_row(default, arm, "paper_default", exp.classes, note))
     return pd.DataFrame(rows, columns=estimate_columns(exp.classes))
+
+
+def _default_gaps(exp: Experiment, arm: Arm, studied: list[int], nested_folds: list[int], present: set) -> str:
+    """Why a studied fold is absent from the paper configuration's row: it failed there, it has no trial there, or
+    (finished) it is left out to stay on the nested estimate's folds."""
+    failed = failed_folds(exp.trials, arm, exp.paper_config_id) if exp.paper_config_id else {}
+    notes = []
+    for fold in studied:
+        if fold in present:
+            continue
+        if fold in failed:
+            why = "failed"
+        else:
+            why = "no trial" if fold in nested_folds else "left out, as in the nested estimate"
+        notes.append(f"fold {fold}: {why}")
+    return "; ".join(notes)
+
+
+def _unchosen_folds(studied: pd.DataFrame, preds: pd.DataFrame) -> str:
+    """'fold 1: no finished candidate (2 failed)' for each studied fold that adds nothing to the estimate."""
+    notes = []
+    for r in studied.sort_values("fold").itertuples(index=False):
+        if r.fold in set(preds["fold"]):
+            continue
+        why = "no finished candidate" if not r.trial_name else "no test predictions"
+        notes.append(f"fold {r.fold}: {why}" + (f" ({r.n_failed} failed)" if r.n_failed else ""))
+    return "; ".join(notes)
 
 
 def _arms(frame: pd.DataFrame) -> list[Arm]:
@@ -240,14 +294,18 @@ def _arms(frame: pd.DataFrame) -> list[Arm]:
 
 # ---------------------------------------------------------------------------------------- deployment
 def deploy_choice(candidates: pd.DataFrame, chosen: pd.DataFrame, folds: list[int],
-                  paper_config_id: str | None) -> tuple[str, str] | None:
+                  paper_config_id: str | None,
+                  excluded: frozenset[str] | set[str] = frozenset()) -> tuple[str, str] | None:
     """(config_id, rule) of the configuration to deploy for one arm, or None without any candidate.
 
     Preferred: a configuration evaluated in every fold (identical seeds make the studies' first suggestions
     coincide, and the paper's configuration is in every study), ranked by its mean over folds of
     inner-validation macro F1. Else the fold-chosen configuration with the best inner-validation score. Ties
-    go to the paper's configuration, then to the smallest config_id.
+    go to the paper's configuration, then to the smallest config_id. ``excluded`` configurations (a fold of
+    theirs failed) are not ranked at all: a mean over their other folds would hide the failure.
     """
+    candidates = candidates[~candidates["config_id"].isin(excluded)]
+    chosen = chosen[~chosen["config_id"].isin(excluded)]
     per_fold = candidates.groupby(["config_id", "fold"])["best_val_macro_f1"].mean().reset_index()
     coverage = {cid: {int(f) for f in grp["fold"]} for cid, grp in per_fold.groupby("config_id")}
     everywhere = [cid for cid, seen in coverage.items() if set(folds) <= seen]
@@ -271,16 +329,45 @@ def _best(scores: pd.Series, paper_config_id: str | None) -> str:
     return str(ranked[0][0])
 
 
+def configs_with_failed_folds(exp: Experiment, studies: list[FoldStudy], arm: Arm) -> dict[str, dict[int, list[str]]]:
+    """config_id -> {fold: failed trials} for the arm's configurations that failed in a fold of its studies and
+    have no finished trial there (search trials, and the grid trials handed to the studies)."""
+    if exp.trials is None:
+        return {}
+    handed = {s.grid_trial for s in studies if s.arm == arm and s.grid_trial}
+    pool = exp.trials[(exp.trials["experiment"] == SEARCH) | exp.trials["trial_name"].isin(handed)]
+    studied = {s.fold for s in studies if s.arm == arm}
+    out = {}
+    for cid in sorted(set(failed_trials(pool)["config_id"])):
+        folds = {f: names for f, names in failed_folds(pool, arm, cid).items() if f in studied}
+        if folds:
+            out[str(cid)] = folds
+    return out
+
+
+def _excluded_text(failed: dict[str, dict[int, list[str]]]) -> str:
+    return "; ".join(f"{cid} ({failed_folds_text(folds)})" for cid, folds in failed.items())
+
+
 def deploy_config(exp: Experiment, studies: list[FoldStudy], candidates: pd.DataFrame,
                   selection: pd.DataFrame) -> pd.DataFrame:
-    """deploy_config.csv: per arm the configuration for a final model. No test score: it is not an estimate."""
+    """deploy_config.csv: per arm the configuration for a final model. No test score: it is not an estimate.
+
+    Configurations with a failed fold are left out of the ranking and named in ``excluded_configs``; an arm
+    whose every configuration failed somewhere gets a row without a configuration (rule RULE_ALL_FAILED).
+    """
     rows = []
     for arm in _arms(selection):
         folds = sorted(s.fold for s in studies if s.arm == arm)
         mine = candidates[(candidates["model"] == arm[0]) & (candidates["pretrained"] == arm[1])]
         chosen = selection[(selection["model"] == arm[0]) & (selection["pretrained"] == arm[1])]
-        picked = deploy_choice(mine, chosen, folds, exp.paper_config_id)
+        failed = configs_with_failed_folds(exp, studies, arm)
+        picked = deploy_choice(mine, chosen, folds, exp.paper_config_id, excluded=set(failed))
         if picked is None:
+            if failed and not mine.empty:
+                rows.append({"model": arm[0], "pretrained": arm[1], "config_id": "", "rule": RULE_ALL_FAILED,
+                             **{h: np.nan for h in HYPERPARAMETERS}, "inner_val_macro_f1_mean": np.nan,
+                             "evaluated_folds": "", "chosen_in_folds": "", "excluded_configs": _excluded_text(failed)})
             continue
         cid, rule = picked
         runs = mine[mine["config_id"] == cid].sort_values("trial_name", kind="stable")
@@ -288,7 +375,8 @@ def deploy_config(exp: Experiment, studies: list[FoldStudy], candidates: pd.Data
         rows.append({"model": arm[0], "pretrained": arm[1], "config_id": cid, "rule": rule,
                      **{h: runs[h].iloc[0] for h in HYPERPARAMETERS}, "inner_val_macro_f1_mean": float(scores.mean()),
                      "evaluated_folds": ";".join(str(int(f)) for f in scores.index),
-                     "chosen_in_folds": ";".join(str(int(f)) for f in chosen[chosen["config_id"] == cid]["fold"])})
+                     "chosen_in_folds": ";".join(str(int(f)) for f in chosen[chosen["config_id"] == cid]["fold"]),
+                     "excluded_configs": _excluded_text(failed)})
     return pd.DataFrame(rows, columns=DEPLOY_COLUMNS)
 
 

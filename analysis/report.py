@@ -18,7 +18,7 @@ from analysis.load import Experiment, check_one_trial_per_fold, load_experiment
 from analysis.metrics import arm_metrics, confusion_counts, roc_per_class
 from analysis.names import Arm, arm_label, display_name, display_names_note
 from analysis.paper import PAPER_CITATION, published
-from analysis.partial import PartialResults, partial_results
+from analysis.partial import STATUS_MEANING, PartialResults, partial_results
 from analysis.stats import POWER_CAVEAT, bootstrap_f1_ci, pairwise_tests
 from analysis import search_report as sr
 from analysis import tables as tb
@@ -194,6 +194,9 @@ def _what_ran(doc: Document, exp: Experiment, arms: list[Arm], partial: PartialR
     if exp.trials is not None:
         counts = exp.trials["status"].value_counts().sort_index()
         items.append("trials.csv statuses: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + ".")
+    if len(partial.failed):
+        items.append(f"**{len(partial.failed)} trial(s) failed** (ERROR or FAILED; see *Failed trials* for each "
+                     "error): no mean over folds includes them, and each table that lacks one of their folds names it.")
     if exp.paper_defaults:
         items.append(f"Grid hyperparameters ({exp.default_label}): " + ", ".join(
             f"{k}={tb.fmt_hp(v)}" for k, v in sorted(exp.paper_defaults.items())) + ".")
@@ -316,10 +319,17 @@ def _partial(doc, exp, partial: PartialResults) -> None:
     doc.para("Nothing is zero-filled: a failed or missing trial contributes no row, and is listed here by name.")
     doc.heading("Failed trials", 3)
     failed = partial.failed
+    if len(failed):
+        doc.para("*ERROR*: the trial crashed and Tune's retries (`--max-failures`, each from the trial's last "
+                 "checkpoint) did not get past it. *FAILED*: a permanent error (a missing or unreadable input, a bad "
+                 "value, a full disk) that a retry would meet again, so it was not retried. Neither contributes "
+                 "results: every mean over folds that lacks one of them says which fold failed. After fixing the "
+                 "cause, rerun the same command: both kinds run again, from their last checkpoint.")
     doc.table(pd.DataFrame({"Trial": failed["trial_name"], "Model": failed["model"].map(display_name),
                             "Pre-trained": failed["pretrained"].map({True: "yes", False: "no"}),
                             "Fold": failed["fold"].map(_fold_text), "Config": failed["config_id"],
-                            "Error (first line)": failed["error"]}),
+                            "Status": failed["status"].map(lambda s: f"{s} ({STATUS_MEANING.get(s, '')})"),
+                            "Error": failed["error"]}),
               empty="None." if exp.trials is not None else "Unknown: trials.csv is missing.")
     doc.heading("Missing trials", 3)
     missing = partial.missing
@@ -328,7 +338,8 @@ def _partial(doc, exp, partial: PartialResults) -> None:
         "Fold": missing["fold"].map(_fold_text), "Reason": missing["reason"]}), empty="None.")
     doc.heading("Arms with fewer folds than planned", 3)
     short = [f"{arm_label(r.model, r.pretrained)}: {r.folds_present}/{r.folds_planned} folds"
-             + (f" (missing folds: {r.missing_folds})" if r.missing_folds else "")
+             + (f" (missing folds: {r.missing_folds}" + (f"; failed: {r.failed_folds}" if r.failed_folds else "") + ")"
+                if r.missing_folds else "")
              for r in partial.arm_folds.itertuples(index=False) if r.folds_present < r.folds_planned]
     if short:
         doc.bullets(short)

@@ -107,9 +107,10 @@ def estimate_display(estimate: pd.DataFrame, classes: list[str], n_folds: int, d
     """Nested estimate and the defaults on the same folds, per arm: fold mean ± std and pooled values."""
     rows = []
     for r in estimate.to_dict("records"):
+        gaps = _text(r.get("missing_folds"))  # studied folds without a trial here, and why (a failure, mostly)
         row = {"Model": display_name(r["model"]), "Pre-trained": "yes" if r["pretrained"] else "no",
                "Configuration": "nested: chosen per fold" if r["estimate"] == NESTED else default_label,
-               "Folds": f"{int(r['n_folds'])}/{n_folds}",
+               "Folds": f"{int(r['n_folds'])}/{n_folds}" + (f" ({gaps})" if gaps else ""),
                "Macro F1 (mean ± std)": tb.fmt_pm(r["test_macro_f1_mean"], r["test_macro_f1_std"]),
                "Macro F1 pooled": tb.fmt(r["test_macro_f1_pooled"]),
                "Accuracy (mean ± std)": tb.fmt_pm(r["test_accuracy_mean"], r["test_accuracy_std"]),
@@ -118,6 +119,11 @@ def estimate_display(estimate: pd.DataFrame, classes: list[str], n_folds: int, d
             row[f"F1 {cls} pooled"] = tb.fmt(r[f"test_f1_{cls}_pooled"])
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _text(value) -> str:
+    """A cell as text; NaN (how an empty CSV cell reads back) is empty."""
+    return "" if value is None or (isinstance(value, float) and value != value) else str(value)
 
 
 def _config_text(config_id: str, paper_config_id: str | None, default_label: str) -> str:
@@ -136,7 +142,8 @@ def selection_display(selection: pd.DataFrame, exp: Experiment) -> pd.DataFrame:
                **(tb.hp_cells(r, exp.paper_defaults, show_default=r["config_id"] != exp.paper_config_id) if chosen
                   else dict.fromkeys(HYPERPARAMETERS, "")),
                "Inner-val macro F1": tb.fmt(r["inner_val_macro_f1"]),
-               "Test macro F1 (this fold)": tb.fmt(r["test_macro_f1"]), "Candidates": str(r["n_candidates"])}
+               "Test macro F1 (this fold)": tb.fmt(r["test_macro_f1"]),
+               "Candidates": str(r["n_candidates"]) + (f" ({r['n_failed']} failed)" if r.get("n_failed") else "")}
         if "leak_check" in r:
             row["Leak check"] = r["leak_check"]
         rows.append(row)
@@ -178,13 +185,16 @@ def deploy_display(deploy: pd.DataFrame, exp: Experiment) -> pd.DataFrame:
     """The configuration to deploy per arm, with inner-validation scores only: never a test score."""
     rows = []
     for r in deploy.to_dict("records"):
+        configured = bool(_text(r["config_id"]))
         rows.append({"Model": display_name(r["model"]), "Pre-trained": "yes" if r["pretrained"] else "no",
-                     "Configuration": _config_text(r["config_id"], exp.paper_config_id, exp.default_label),
-                     **tb.hp_cells(r, exp.paper_defaults, show_default=r["config_id"] != exp.paper_config_id),
+                     "Configuration": (_config_text(r["config_id"], exp.paper_config_id, exp.default_label)
+                                       if configured else "none"),
+                     **(tb.hp_cells(r, exp.paper_defaults, show_default=r["config_id"] != exp.paper_config_id)
+                        if configured else dict.fromkeys(HYPERPARAMETERS, "")),
                      "Inner-val macro F1 (mean over evaluated folds)": tb.fmt(r["inner_val_macro_f1_mean"]),
                      "Evaluated in folds": str(r["evaluated_folds"]).replace(";", ", "),
                      "Chosen in folds": str(r["chosen_in_folds"]).replace(";", ", ") or "none",
-                     "Rule": r["rule"]})
+                     "Rule": r["rule"], "Not ranked (a fold failed)": _text(r.get("excluded_configs")) or "none"})
     return pd.DataFrame(rows)
 
 
@@ -211,7 +221,8 @@ def _nested_estimate(doc: Document, exp: Experiment, res: SearchResults, report_
              "trial of that study trained or was selected on. Cells are mean ± sample std (ddof = 1) over those "
              "folds, and *pooled* over all their test predictions concatenated. The estimate is of the whole "
              f"procedure (search and choice), not of one configuration ({CITATION}). The {exp.default_label} on the "
-             "same folds are shown beside it.")
+             "same folds are shown beside it. *Folds* names a studied fold that adds nothing (no finished candidate: "
+             "its trials failed or did not run); the mean is then over the other folds only.")
     doc.table(estimate_display(res.nested.estimate, exp.classes, exp.n_folds, exp.default_label),
               empty="No finished search trials: no nested estimate.")
     if res.figure is not None:
@@ -224,7 +235,8 @@ def _fold_choices(doc: Document, exp: Experiment, nested: NestedSearch) -> None:
     doc.para("One row per arm and outer fold: the chosen trial's hyperparameters (a value that differs from the "
              f"{exp.default_label} names the default in brackets), its inner-validation macro F1 (what it was chosen "
              "on), its macro F1 on the fold's test part (its contribution to the nested estimate) and the number of "
-             "candidates (finished trials of that fold's study; nested_selection.csv names them).")
+             "candidates (finished trials of that fold's study; nested_selection.csv names them, and the study's "
+             "failed trials, which never compete).")
     doc.table(selection_display(nested.selection, exp), empty="No studies.")
     doc.bullets(agreement_sentences(nested.selection, exp))
     doc.para(leak_sentence(nested.selection))
@@ -238,8 +250,10 @@ def _deploy(doc: Document, exp: Experiment, nested: NestedSearch) -> None:
              "inner-validation macro F1 (identical seeds make the studies' first suggestions coincide across folds, "
              "and the paper's configuration is in every study); when none was evaluated in every fold, the "
              "fold-chosen configuration with the best inner-validation macro F1. Ties go to the paper's "
-             "configuration, then to the smallest config id. This choice uses every fold's inner validation, so it "
-             "comes with no test score: the performance to expect is the nested estimate above.")
+             "configuration, then to the smallest config id. A configuration with a failed fold is not ranked (a mean "
+             "over its other folds would hide the failure) and is named in the last column. This choice uses every "
+             "fold's inner validation, so it comes with no test score: the performance to expect is the nested "
+             "estimate above.")
     doc.table(deploy_display(nested.deploy, exp))
 
 

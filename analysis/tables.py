@@ -15,7 +15,7 @@ from analysis.load import HYPERPARAMETERS, Experiment
 from analysis.metrics import ArmMetrics
 from analysis.names import Arm, arm_sort_key, display_name
 from analysis.paper import published, table_for
-from analysis.partial import PartialResults
+from analysis.partial import PartialResults, failed_folds
 
 STAR = "★"
 
@@ -256,7 +256,7 @@ def _arm_text(model: str, pretrained: bool) -> str:
 # ----------------------------------------------------------------------------- search before nested CV
 BEST_COLUMNS = ["model", "pretrained", "role", "config_id", *HYPERPARAMETERS, "inner_val_macro_f1_mean",
                 "inner_val_macro_f1_std", "inner_folds", "test_folds", "test_macro_f1_mean", "test_macro_f1_std",
-                "test_macro_f1_pooled", "test_accuracy_mean", "test_accuracy_pooled"]
+                "test_macro_f1_pooled", "test_accuracy_mean", "test_accuracy_pooled", "failed_folds"]
 
 
 def best_configs(exp: Experiment) -> pd.DataFrame:
@@ -267,7 +267,9 @@ def best_configs(exp: Experiment) -> pd.DataFrame:
     validation part is drawn from fold j's training part, which holds fold k's test subjects, so the mean
     over folds lets every fold's test subjects take part in the choice (the report says so; nested runs use
     `analysis.nested` instead). Configs with all planned folds finished rank before partial ones, so one
-    lucky fold cannot win; ties are broken by config_id for determinism. Test scores come from predictions.csv.
+    lucky fold cannot win; a config with a failed fold (ERROR or FAILED, no finished trial in that fold) is not
+    ranked at all, and its row names the failed folds; ties are broken by config_id for determinism. Test scores
+    come from predictions.csv.
     """
     trials = exp.trials
     if trials is None:
@@ -282,11 +284,12 @@ def best_configs(exp: Experiment) -> pd.DataFrame:
         arm_done = done[arm_mask(done, arm)]
         if arm_done.empty:
             continue
+        broken = {cid for cid in set(arm_done["config_id"]) if failed_folds(search, arm, cid)}
         agg = arm_done.groupby("config_id").agg(mean=("best_val_macro_f1", "mean"), n=("fold", "nunique")).reset_index()
+        agg = agg[~agg["config_id"].isin(broken)]
         agg["complete"] = agg["n"] >= exp.n_folds
         agg = agg.sort_values(["complete", "mean", "config_id"], ascending=[False, False, True], kind="stable")
-        best_id = str(agg["config_id"].iloc[0])
-        roles = [("best", best_id)]
+        roles = [("best", str(agg["config_id"].iloc[0]))] if len(agg) else []
         if exp.paper_config_id is not None:
             roles.append(("paper_default", exp.paper_config_id))
         for role, cid in roles:
@@ -327,7 +330,9 @@ def _config_row(exp: Experiment, search: pd.DataFrame, arm: Arm, role: str, cid:
     pooled = (f1_score(sel["label"], sel["pred"], labels=exp.classes, average="macro", zero_division=0)
               if len(sel) else np.nan)
     std = lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else np.nan  # noqa: E731
+    failed = failed_folds(search, arm, cid)
     return {"model": arm[0], "pretrained": arm[1], "role": role, "config_id": cid, **hp,
+            "failed_folds": ";".join(map(str, failed)),
             "inner_val_macro_f1_mean": float(done["best_val_macro_f1"].mean()) if len(done) else np.nan,
             "inner_val_macro_f1_std": std(done["best_val_macro_f1"].to_numpy()),
             "inner_folds": int(done["fold"].nunique()), "test_folds": len(fold_f1),
@@ -352,12 +357,22 @@ def best_configs_display(best: pd.DataFrame, paper_defaults: dict, default_label
         row = {"Model": display_name(r["model"]), "Pre-trained": "yes" if r["pretrained"] else "no",
                "Config": ("chosen by mean over folds" if chosen else default_label) + f" `{r['config_id']}`",
                **hp_cells(r, paper_defaults, show_default=chosen)}
-        row["Inner-val macro F1"] = f"{fmt_pm(r['inner_val_macro_f1_mean'], r['inner_val_macro_f1_std'])} ({r['inner_folds']} folds)"
-        row["Test macro F1"] = f"{fmt_pm(r['test_macro_f1_mean'], r['test_macro_f1_std'])} ({r['test_folds']} folds){mark_}"
+        failed = _failed_note(r.get("failed_folds"))
+        inner, test = (fmt_pm(r["inner_val_macro_f1_mean"], r["inner_val_macro_f1_std"]),
+                       fmt_pm(r["test_macro_f1_mean"], r["test_macro_f1_std"]))
+        row["Inner-val macro F1"] = f"{inner} ({r['inner_folds']} folds{failed})"
+        row["Test macro F1"] = f"{test} ({r['test_folds']} folds{failed}){mark_}"
         row["Test macro F1 pooled"] = fmt(r["test_macro_f1_pooled"]) + mark_
         row["Test accuracy"] = fmt(r["test_accuracy_mean"]) + mark_
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _failed_note(failed_folds) -> str:
+    """'; fold 1 failed' for a best_configs row whose mean leaves out failed folds ('' when none)."""
+    text = "" if failed_folds is None or (isinstance(failed_folds, float) and np.isnan(failed_folds)) else str(failed_folds)
+    folds = [f for f in text.replace(".0", "").split(";") if f]
+    return f"; fold{'s' if len(folds) > 1 else ''} {', '.join(folds)} failed" if folds else ""
 
 
 def hp_cells(record: dict, paper_defaults: dict, show_default: bool) -> dict[str, str]:

@@ -7,7 +7,9 @@ import sys
 
 from datasets.cohort import parse_max_per_class
 from datasets.prepare import DataSpec, PreprocessConfig, SplitSpec, check_data, prepare_data
+from datasets.splits import check_class_counts, check_classes_present
 from datasets.stripping import check_stripping
+from datasets.validation import ValidationReport
 
 
 def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +33,29 @@ def _spec(args: argparse.Namespace) -> DataSpec:
     )
 
 
+def _report_class_counts(report: ValidationReport, folds: int | None, split: str | None) -> bool:
+    """Print what the class counts of the valid subjects would stop; True when ``check`` should fail.
+
+    Without --folds/--split the fold checks use prepare's defaults and only print a note: the run's
+    own options decide, and ``check`` does not know them.
+    """
+    try:
+        check_classes_present(report.counts)
+    except ValueError as error:
+        print(f"Class counts: {error}")
+        return True
+    chosen = folds is not None or split is not None
+    spec = SplitSpec(split or "kfold", folds if folds is not None else 3)
+    grouped = len({r.group for r in report.valid}) < len(report.valid)
+    try:
+        check_class_counts(report.counts, spec.scheme, spec.n_splits, spec.test_size, spec.val_fraction, grouped)
+    except ValueError as error:
+        print(f"Class counts: {error}" if chosen else
+              f"Note, for the default --folds 3 --split kfold (pass --folds to check your run's): {error}")
+        return chosen
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m datasets", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -38,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     check = commands.add_parser("check", help="open every volume; list counts per class and every invalid file")
     _add_source_arguments(check)
     check.add_argument("--cache-dir", default=None, help="remember per-file results here (optional)")
+    check.add_argument("--folds", type=int, default=None,
+                       help="check the class counts against this many folds (default: 3, reported as a note only)")
+    check.add_argument("--split", default=None, choices=["kfold", "shuffle"], help="as for prepare (default kfold)")
 
     synthetic = commands.add_parser("synthetic", help="write BraTS+IXI shaped phantoms built on the MNI152 template")
     synthetic.add_argument("out")
@@ -76,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                       "the classes apart); strip the volumes listed, or pass --allow-unstripped.")
             if report.problems and args.skip_invalid:
                 print(f"--skip-invalid: {len(report.problems)} subject(s) will be left out")
-            return 1 if refused or (report.problems and not args.skip_invalid) else 0
+            counts_refused = _report_class_counts(report, args.folds, args.split)
+            return 1 if refused or counts_refused or (report.problems and not args.skip_invalid) else 0
         if args.command == "synthetic":
             from datasets.synthetic import write_synthetic_dataset
 

@@ -19,7 +19,7 @@ from datasets.cohort import check_max_per_class, draw_cohort, save_cohort
 from datasets.preprocessing import CachedDataset, PreprocessConfig, preprocess
 from datasets.records import SubjectRecord
 from datasets.sources import class_order, discover_brats_ixi, read_manifest
-from datasets.splits import SplitPlan, audit_splits, check_split_options, plan_splits
+from datasets.splits import SplitPlan, audit_splits, check_class_counts, check_split_options, plan_splits
 from datasets.stripping import StrippingCheck, check_stripping, require_consistent_stripping
 from datasets.validation import InvalidDataError, Problem, ValidationReport, require_valid, validate_records
 
@@ -141,10 +141,13 @@ def prepare_data(
     num_workers: int | None = None,
     cohort_file: str | os.PathLike | None = None,
 ) -> PreparedData:
-    """Validate, check stripping, draw the cohort, register (optional), preprocess (cached), split and audit.
+    """Validate, check stripping and class counts, draw the cohort, register (optional), preprocess (cached),
+    split and audit.
 
-    Every refusal (invalid files, mixed skull stripping, an unknown class in ``max_per_class``) comes
-    before the first volume is preprocessed. Reuses ``splits_file`` and ``cohort_file`` if they exist (resume).
+    Every refusal (invalid files, mixed skull stripping, an unknown class in ``max_per_class``, class
+    counts the folds cannot split) comes before the first volume is preprocessed; class counts are
+    checked again when registration or preprocessing leaves subjects out (--skip-invalid). Reuses
+    ``splits_file`` and ``cohort_file`` if they exist (resume).
     """
     report = check_data(spec, cache_root)
     if report.problems:
@@ -154,6 +157,7 @@ def prepare_data(
     stripping = check_stripping(records, report.profiles, report.classes)
     require_consistent_stripping(stripping, spec.allow_unstripped)
     _log_stripping(stripping, spec.allow_unstripped)
+    require_class_counts(records, report.classes, split_spec)
     if cohort_file is not None:
         save_cohort(cohort_file, cohort)
     subjects = subject_table(records, report)
@@ -161,9 +165,17 @@ def prepare_data(
     if preprocess_config.register != "none":
         records, failed = _register(records, spec, preprocess_config, cache_root, num_workers)
         excluded += [p.subject_id for p in failed]
-        subjects = subjects[~subjects["subject_id"].isin({p.subject_id for p in failed})].reset_index(drop=True)
-    cached = preprocess(records, preprocess_config, cache_root, num_workers=num_workers)
+        if failed:
+            subjects = _drop(subjects, {p.subject_id for p in failed})
+            require_class_counts(records, report.classes, split_spec, after="registration")
+    cached = preprocess(records, preprocess_config, cache_root, num_workers=num_workers, skip_invalid=spec.skip_invalid)
     table = cached.table
+    failed_ids = _left_out_by_preprocessing(cached)
+    if failed_ids:
+        excluded += sorted(failed_ids)
+        subjects = _drop(subjects, failed_ids)
+        require_class_counts([r for r in records if r.subject_id not in failed_ids], report.classes, split_spec,
+                             after="preprocessing")
     if splits_file is not None and Path(splits_file).is_file():
         plan = SplitPlan.load(splits_file)
         audit_splits(plan, table)
@@ -178,6 +190,34 @@ def prepare_data(
     return PreparedData(str(cached.directory), report.classes, plan, preprocess_config.spacing,
                         excluded=tuple(excluded), register=preprocess_config.register,
                         stripping=stripping.to_dict(), cohort=cohort, subjects=subjects)
+
+
+def require_class_counts(records: Sequence[SubjectRecord], classes: Sequence[str], split_spec: SplitSpec,
+                         after: str | None = None) -> None:
+    """Refuse the run's class counts before spending time on them (:func:`datasets.splits.check_class_counts`);
+    ``after`` names the step that left subjects out, so the message says why counts shrank."""
+    counts = {c: sum(1 for r in records if r.label == c) for c in classes}
+    grouped = len({r.group for r in records}) < len(records)
+    try:
+        check_class_counts(counts, split_spec.scheme, split_spec.n_splits, split_spec.test_size,
+                           split_spec.val_fraction, grouped)
+    except ValueError as error:
+        if after is None:
+            raise
+        raise ValueError(f"After the subjects that {after} left out (--skip-invalid): {error}") from None
+
+
+def _left_out_by_preprocessing(cached: CachedDataset) -> set[str]:
+    """Subjects ``preprocess`` left out with --skip-invalid (its meta's "failed"), each logged with its reason."""
+    failed = cached.meta.get("failed", [])
+    for failure in failed:
+        log.warning("Left out (--skip-invalid): %s: %s (subject %s)", failure["path"], failure["reason"],
+                    failure["subject_id"])
+    return {failure["subject_id"] for failure in failed}
+
+
+def _drop(subjects: pd.DataFrame, ids: set[str]) -> pd.DataFrame:
+    return subjects[~subjects["subject_id"].isin(ids)].reset_index(drop=True)
 
 
 def _log_stripping(check: StrippingCheck, allowed: bool) -> None:

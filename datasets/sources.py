@@ -5,14 +5,18 @@ every problem is reported in one place.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
 
 from datasets.records import PAPER_CLASSES, SubjectRecord
+
+log = logging.getLogger(__name__)
 
 BRATS_GRADES = ("HGG", "LGG")
 # IXI<nnn>-<Site>-<nnnn>-T1.nii[.gz] as downloaded, or FSL BET's skull-stripped ...-T1_brain.nii[.gz].
@@ -93,31 +97,95 @@ def read_manifest(manifest: str | os.PathLike) -> list[SubjectRecord]:
     """Read a CSV with ``subject_id``, ``label``, ``path`` or ``path_<contrast>`` columns, optional ``group`` and ``site``.
 
     Several ``path_*`` columns become input channels in column order. Relative paths are taken
-    relative to the manifest's folder, so a data set can be moved with its manifest.
+    relative to the manifest's folder, so a data set can be moved with its manifest. Labels are
+    normalised (:func:`normalise_labels`): a stray space or another case must not make a new class.
     """
     manifest = Path(manifest)
+    frame = _read_manifest_table(manifest)
+    path_columns = [c for c in frame.columns if c == "path" or c.startswith("path_")]
+    labels, merged = normalise_labels(list(frame["label"]))
+    if merged:
+        log.warning("Manifest %s: labels that differ only in case or surrounding spaces were merged: %s",
+                    manifest, "; ".join(merged))
+    records = []
+    for label, (_, row) in zip(labels, frame.iterrows()):
+        sid = row["subject_id"].strip()
+        paths = tuple(str((manifest.parent / row[c].strip()).resolve()) if row[c].strip() else "" for c in path_columns)
+        group = row["group"].strip() if "group" in frame.columns and row["group"].strip() else sid
+        site = row["site"].strip() if "site" in frame.columns else ""
+        records.append(SubjectRecord(sid, label, paths, group=group, source="manifest", site=site))
+    return records
+
+
+def _read_manifest_table(manifest: Path) -> pd.DataFrame:
+    """The manifest as strings, refused with its name and the fix when it is missing, empty or lacks columns."""
     if not manifest.is_file():
         raise FileNotFoundError(f"--manifest {manifest} does not exist")
-    frame = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    expected = "subject_id, label and path (or path_<contrast>) columns"
+    try:
+        frame = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"Manifest {manifest} is empty; write a header row with {expected}, then one row per "
+                         "subject") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise ValueError(f"Manifest {manifest} is not a readable CSV ({error}); save it as comma-separated text "
+                         f"with {expected}") from None
+    frame.columns = [str(c).strip() for c in frame.columns]
     path_columns = [c for c in frame.columns if c == "path" or c.startswith("path_")]
     missing = [c for c in ("subject_id", "label") if c not in frame.columns]
     if missing or not path_columns:
         need = missing + ([] if path_columns else ["path (or path_<contrast>)"])
         raise ValueError(f"Manifest {manifest} lacks column(s) {', '.join(need)}; it has {', '.join(frame.columns)}")
-    records = []
-    for _, row in frame.iterrows():
-        paths = tuple(str((manifest.parent / row[c]).resolve()) if row[c] else "" for c in path_columns)
-        group = row["group"] if "group" in frame.columns and row["group"] else row["subject_id"]
-        site = row["site"] if "site" in frame.columns else ""
-        records.append(SubjectRecord(row["subject_id"], row["label"], paths, group=group, source="manifest", site=site))
-    return records
+    if frame.empty:
+        raise ValueError(f"Manifest {manifest} has no subjects (a header and no rows); add one row per subject "
+                         f"with its {expected}")
+    return frame
+
+
+def _spelling(label: str) -> str:
+    return label.strip().casefold()
+
+
+def normalise_labels(labels: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Trimmed labels, each spelled as the paper's class it matches regardless of case, else as its
+    first-seen spelling; and one note per class that was written in more than one way."""
+    paper = {_spelling(c): c for c in PAPER_CLASSES}
+    chosen: dict[str, str] = {}
+    for label in labels:
+        chosen.setdefault(_spelling(label), paper.get(_spelling(label), label.strip()))
+    normalised = [chosen[_spelling(label)] for label in labels]
+    variants: dict[str, Counter] = {}
+    for raw, label in zip(labels, normalised):
+        if raw != label:
+            variants.setdefault(label, Counter())[raw] += 1
+    notes = [", ".join(f"{raw!r} ({n} row{'s' if n > 1 else ''})" for raw, n in seen.items()) + f" -> {label!r}"
+             for label, seen in variants.items()]
+    return normalised, notes
 
 
 def class_order(records: Sequence[SubjectRecord], classes: Sequence[str] | None = None) -> tuple[str, ...]:
     """The label set, in a stable order: given explicitly, the paper's for BraTS/IXI labels, else sorted."""
     if classes:
-        return tuple(classes)
+        return match_classes(classes, [r.label for r in records])
     present = {r.label for r in records if r.label}
     if present <= set(PAPER_CLASSES):
         return tuple(c for c in PAPER_CLASSES if c in present)
     return tuple(sorted(present))
+
+
+def match_classes(requested: Sequence[str], labels: Sequence[str]) -> tuple[str, ...]:
+    """``--classes`` spelled as the data spells them (else as the paper does), matched regardless of case and
+    surrounding spaces, in the order given."""
+    known = {_spelling(c): c for c in PAPER_CLASSES}
+    known.update({_spelling(label): label for label in labels if label})
+    matched: list[str] = []
+    for name in requested:
+        if not name.strip():
+            raise ValueError(f"--classes {','.join(requested)} has an empty name; list the labels separated by "
+                             "single commas")
+        label = known.get(_spelling(name), name.strip())
+        if label in matched:
+            raise ValueError(f"--classes names {label} twice ({','.join(requested)}; names match regardless of "
+                             "case and spaces); list each class once")
+        matched.append(label)
+    return tuple(matched)

@@ -5,11 +5,13 @@ used instead. The plan is saved as JSON with its seed and audited before any tra
 """
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -77,6 +79,179 @@ def check_split_options(scheme: str, n_splits: int, test_size: float, val_fracti
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
 
 
+def check_class_counts(counts: Mapping[str, int], scheme: str = "kfold", n_splits: int = 3, test_size: float = 0.3,
+                       val_fraction: float = 0.2, grouped: bool = False) -> None:
+    """Refuse, before any preprocessing, class counts with which some fold would lack a class.
+
+    ``counts`` maps every class of the run (one asked for with --classes included) to its number of
+    subjects. Checked in order: no class is empty, at least two classes, a subject per test part, and
+    a subject in both inner parts (training, validation) of every fold (:func:`fewest_inner_subjects`).
+    """
+    check_split_options(scheme, n_splits, test_size, val_fraction)
+    check_classes_present(counts)
+    _require_a_subject_per_fold(counts, n_splits)
+    fewest = fewest_inner_subjects(counts, scheme, n_splits, test_size, val_fraction, grouped)
+    short = [c for c, n in fewest.items() if n < 1]
+    if short:
+        needed = _needed_for_inner_parts(counts, short, scheme, n_splits, test_size, val_fraction, grouped)
+        fix = ("add subjects, use fewer --folds, or drop the class with --classes" if scheme == "kfold" else
+               "add subjects, or drop the class with --classes (each shuffle split holds out test_size of every "
+               "class, whatever --folds)")
+        raise ValueError(
+            f"Too few subjects for every fold's inner training and validation parts to hold each class "
+            f"({_options(scheme, n_splits, test_size, val_fraction)}): "
+            + ", ".join(f"{c} has {counts[c]}" for c in short) + f"; each needs at least {needed}. A fold whose "
+            f"validation part lacks a class picks its best epoch without that class. Fix: {fix}"
+        )
+
+
+def check_classes_present(counts: Mapping[str, int]) -> None:
+    """An empty class scores a silent zero F1, and a single class fails every trial in Ray: refuse both."""
+    empty = [c for c, n in counts.items() if n == 0]
+    found = ", ".join(f"{c} {n}" for c, n in counts.items() if n > 0) or "none"
+    if empty:
+        raise ValueError(
+            f"No valid subject has the label {', '.join(empty)} (asked for with --classes, or every file of the class "
+            f"was left out as invalid); subjects found per class: {found}. Add subjects of {', '.join(empty)}, or "
+            "leave it out of --classes"
+        )
+    if len(counts) < 2:
+        raise ValueError(
+            f"{'Only one class has' if counts else 'No class has'} subjects ({found}); a classifier needs at least "
+            "two. Add subjects of another class, or check the labels (--classes, the manifest's label column)"
+        )
+
+
+def _require_a_subject_per_fold(counts: Mapping[str, int], n_splits: int) -> None:
+    few = {c: n for c, n in counts.items() if n < n_splits}
+    if few:
+        raise ValueError(
+            f"Every class needs at least {n_splits} subjects for {n_splits} folds (one per test part); "
+            + ", ".join(f"{c}: {n}" for c, n in few.items())
+            + ". Add subjects, use fewer --folds, or drop the class with --classes"
+        )
+
+
+def _options(scheme: str, n_splits: int, test_size: float, val_fraction: float) -> str:
+    held_out = "" if scheme == "kfold" else f", test_size {test_size:g}"
+    return f"--split {scheme}, --folds {n_splits}{held_out}, val_fraction {val_fraction:g}"
+
+
+# Up to this many classes every order in which they can first appear is tried (5! = 120); beyond, a bound.
+MAX_ENUMERATED_CLASSES = 5
+
+
+def fewest_inner_subjects(counts: Mapping[str, int], scheme: str, n_splits: int, test_size: float,
+                          val_fraction: float, grouped: bool = False) -> dict[str, int]:
+    """Per class, the fewest subjects ``plan_splits`` can put in the smaller inner part (training or validation)
+    of any fold, whatever the seed and the subject ids; 0 means some fold's inner part can lack the class.
+
+    Without repeated groups the parts' class counts depend on the counts alone, and every outcome is
+    enumerated: the outer split's training parts (``kfold``: StratifiedKFold deals each class's
+    subjects round-robin over the folds, in the order the classes first appear; ``shuffle``:
+    StratifiedShuffleSplit), then the inner StratifiedShuffleSplit of each. Both give a class its
+    share rounded down, and the leftover subjects to the largest fractions, ties broken at random.
+    With groups (or more than MAX_ENUMERATED_CLASSES classes) :func:`_bounded_fewest` gives a lower
+    bound instead (with groups, assuming groups of about one subject: StratifiedGroupKFold's parts
+    depend on the group sizes, which counts do not tell).
+    """
+    names = list(counts)
+    if grouped or len(names) > MAX_ENUMERATED_CLASSES:
+        return {c: _bounded_fewest(counts, c, scheme, n_splits, test_size, val_fraction, grouped) for c in names}
+    vector = np.array([counts[c] for c in names])
+    outer = _kfold_training_parts(vector, n_splits) if scheme == "kfold" else _shuffle_training_parts(vector, test_size)
+    fewest = np.min([_inner_fewest(np.array(train), val_fraction) for train in outer], axis=0)
+    return {c: int(n) for c, n in zip(names, fewest)}
+
+
+def _mode_outcomes(counts: np.ndarray, draws: int) -> list[np.ndarray]:
+    """Every split of ``draws`` over classes that scikit-learn's ``_approximate_mode`` can return."""
+    continuous = counts / counts.sum() * draws  # the same float operations, so the same ties
+    floored = np.floor(continuous)
+    remainder = continuous - floored
+    need = int(draws - floored.sum())
+    outcomes = [floored]
+    for value in np.sort(np.unique(remainder))[::-1]:
+        if need <= 0:
+            break
+        tied = np.flatnonzero(remainder == value)
+        take = min(len(tied), need)
+        outcomes = [o + np.isin(np.arange(len(o)), chosen) for o in outcomes
+                    for chosen in itertools.combinations(tied, take)]
+        need -= take
+    return [o.astype(int) for o in outcomes]
+
+
+def _kfold_training_parts(counts: np.ndarray, n_splits: int) -> set[tuple[int, ...]]:
+    parts = set()
+    for order in itertools.permutations(range(len(counts))):
+        dealt = np.repeat(np.array(order), counts[list(order)])  # sorted by order of appearance
+        for fold in range(n_splits):
+            parts.add(tuple(counts - np.bincount(dealt[fold::n_splits], minlength=len(counts))))
+    return parts
+
+
+def _shuffle_training_parts(counts: np.ndarray, test_size: float) -> set[tuple[int, ...]]:
+    total = int(counts.sum())
+    return {tuple(train) for train in _mode_outcomes(counts, total - math.ceil(test_size * total))}
+
+
+def _inner_fewest(train: np.ndarray, val_fraction: float) -> np.ndarray:
+    """Per class, the fewest subjects in the smaller of the inner fit and validation parts of ``train``."""
+    total = int(train.sum())
+    n_val = math.ceil(val_fraction * total)
+    fewest = np.zeros(len(train), dtype=int)
+    present = train > 0
+    if n_val >= total:
+        return fewest
+    fits = _mode_outcomes(train[present], total - n_val)
+    fewest[present] = np.min([np.minimum(fit, train[present] - fit) for fit in fits], axis=0)
+    return fewest
+
+
+def _bounded_fewest(counts: Mapping[str, int], cls: str, scheme: str, n_splits: int, test_size: float,
+                    val_fraction: float, grouped: bool) -> int:
+    """A lower bound for :func:`fewest_inner_subjects`: the smallest training share of ``cls`` (t of T), split
+    by its rounded-down share; with groups the splits hold out round(fraction n) of each class (groups of
+    about one subject assumed)."""
+    total, n = sum(counts.values()), counts[cls]
+    if scheme == "kfold":
+        parts = [(n - -(-n // n_splits), total - size) for size in {-(-total // n_splits), total // n_splits}]
+    elif grouped:
+        held = {c: int(round(test_size * k)) for c, k in counts.items()}
+        parts = [(n - held[cls], total - sum(held.values()))]
+    else:
+        train = total - math.ceil(test_size * total)
+        parts = [(math.floor(n / total * train), train)]
+    return min(_bounded_inner(t, size, val_fraction, grouped) for t, size in parts)
+
+
+def _bounded_inner(t: int, total: int, val_fraction: float, grouped: bool) -> int:
+    if t < 1 or total < 1:
+        return 0
+    n_val = math.ceil(val_fraction * total)
+    sure = min(t * n_val // total, t * (total - n_val) // total)
+    if grouped:  # the inner split may be the grouped one: round(val_fraction t) held out, all of them at worst
+        held = int(round(val_fraction * t))
+        sure = min(sure, held, t - held)
+    return sure
+
+
+def _needed_for_inner_parts(counts: Mapping[str, int], short: Sequence[str], scheme: str, n_splits: int,
+                            test_size: float, val_fraction: float, grouped: bool) -> int:
+    """The fewest subjects per short class with which every class is in every fold's inner parts."""
+    raise_to, n = set(short), min(counts[c] for c in short)
+    for _ in range(100_000):  # a bound, never reached: a large enough class always gets its share
+        n += 1
+        trial = {c: max(k, n) if c in raise_to else k for c, k in counts.items()}
+        fewest = fewest_inner_subjects(trial, scheme, n_splits, test_size, val_fraction, grouped)
+        still = {c for c, k in fewest.items() if k < 1}
+        if not still:
+            break
+        raise_to |= still  # a growing total can shrink a small class's share: it has to grow as well
+    return n
+
+
 def outer_splitter(scheme: str, n_splits: int, test_size: float, seed: int, grouped: bool):
     """The paper's two readings: k-fold CV (2:1 for k=3), or k random 70:30 splits."""
     if scheme == "kfold":
@@ -138,13 +313,12 @@ def plan_splits(
     check_split_options(scheme, n_splits, test_size, val_fraction)
     table = table.sort_values("subject_id").reset_index(drop=True)
     ids, y, groups = table["subject_id"].to_numpy(), table["label"].to_numpy(), table["group"].to_numpy()
-    small = table["label"].value_counts()
-    if (small < n_splits).any():
-        raise ValueError(
-            f"Every class needs at least {n_splits} subjects for {n_splits} folds; "
-            + ", ".join(f"{c}: {n}" for c, n in small.items() if n < n_splits)
-        )
     grouped = len(set(groups)) < len(groups)
+    counts = {str(c): int(n) for c, n in table["label"].value_counts(sort=False).items()}
+    if outer is None:
+        check_class_counts(counts, scheme, n_splits, test_size, val_fraction, grouped)
+    else:  # a stock splitter's parts cannot be predicted from the counts
+        _require_a_subject_per_fold(counts, n_splits)
     outer = outer or outer_splitter(scheme, n_splits, test_size, seed, grouped)
     plan = SplitPlan(scheme, n_splits, test_size, val_fraction, seed)
     for index, (train_idx, test_idx) in enumerate(outer.split(ids, y, groups if grouped else None)):

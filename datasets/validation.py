@@ -86,6 +86,9 @@ def inspect_volume(path: str | os.PathLike) -> tuple[str | None, dict | None]:
         return f"not 3-D (shape {tuple(image.shape)})", None
     if min(shape) == 0:
         return f"empty image (shape {shape})", None
+    unplaceable = affine_problem(image.affine)
+    if unplaceable is not None:
+        return unplaceable, None
     try:
         data = np.asanyarray(image.dataobj, dtype=np.float32).reshape(shape)
     except (EOFError, OSError, ValueError, zlib.error) as error:
@@ -97,10 +100,35 @@ def inspect_volume(path: str | os.PathLike) -> tuple[str | None, dict | None]:
     return None, volume_profile(image, data)
 
 
+AFFINE_FIX = "fix the header's qform/sform, e.g. with nibabel or fslorient"
+
+
+def affine_problem(affine: np.ndarray) -> str | None:
+    """Why the voxel-to-world affine cannot place the volume, or None: resampling inverts it, so a
+    singular or non-finite one fails inside preprocessing with an error that names no file."""
+    affine = np.asarray(affine, dtype=float)
+    if not np.isfinite(affine).all():
+        return f"affine is not finite (NaN/Inf in the header's voxel-to-world matrix): {AFFINE_FIX}"
+    linear = affine[:3, :3]
+    sizes = np.sqrt((linear**2).sum(axis=0))
+    listed = ", ".join(f"{s:g}" for s in sizes)
+    if sizes.min() == 0:
+        return f"affine is singular (voxel sizes {listed}): {AFFINE_FIX}"
+    if abs(np.linalg.det(linear)) <= 1e-6 * np.prod(sizes):  # relative: voxel axes (nearly) parallel
+        return f"affine is singular (voxel axes are parallel; voxel sizes {listed}): {AFFINE_FIX}"
+    return None
+
+
+# Bumped whenever inspect_volume checks something new, so results cached by an older check are redone.
+# 2: the affine is checked (singular or non-finite).
+CHECK_VERSION = 2
+
+
 class _CheckCache:
     """Per-file results keyed by (size, mtime): a changed file is checked again.
 
-    Entries of an older format (no profile for a valid file) are checked again, once.
+    The file records ``CHECK_VERSION``; a cache written by another version (or the unversioned
+    format before it) is dropped whole, since its "valid" verdicts come from fewer checks.
     """
 
     def __init__(self, path: Path | None) -> None:
@@ -108,9 +136,11 @@ class _CheckCache:
         self.entries: dict[str, dict] = {}
         if path is not None and path.is_file():
             try:
-                self.entries = json.loads(path.read_text())
+                stored = json.loads(path.read_text())
             except json.JSONDecodeError:
-                self.entries = {}  # A damaged cache costs one re-check, never a wrong answer.
+                stored = {}  # A damaged cache costs one re-check, never a wrong answer.
+            if isinstance(stored, dict) and stored.get("version") == CHECK_VERSION:
+                self.entries = dict(stored.get("files", {}))
 
     def check(self, file: str) -> tuple[str | None, dict | None]:
         try:
@@ -129,7 +159,7 @@ class _CheckCache:
     def save(self) -> None:
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(self.path, json.dumps(self.entries, sort_keys=True))
+            write_text_atomic(self.path, json.dumps({"version": CHECK_VERSION, "files": self.entries}, sort_keys=True))
 
 
 def validate_records(
@@ -138,11 +168,13 @@ def validate_records(
     """Check labels, subject ids and every file of every subject."""
     report = ValidationReport(classes=tuple(classes))
     cache = _CheckCache(Path(cache_file) if cache_file else None)
-    seen = Counter(r.subject_id for r in records)
+    entries: dict[str, list[SubjectRecord]] = {}
+    for record in records:
+        entries.setdefault(record.subject_id, []).append(record)
     for record in records:
         problem = None
-        if seen[record.subject_id] > 1:
-            problem = Problem(record.subject_id, ";".join(record.paths), f"duplicate subject id ({seen[record.subject_id]} entries)")
+        if len(entries[record.subject_id]) > 1:
+            problem = Problem(record.subject_id, ";".join(record.paths), _duplicate_reason(entries[record.subject_id]))
         elif record.label not in report.classes:
             problem = Problem(record.subject_id, ";".join(record.paths), f"unknown label {record.label!r} (expected one of {', '.join(report.classes)})")
         else:
@@ -158,6 +190,15 @@ def validate_records(
             report.problems.append(problem)
     cache.save()
     return report
+
+
+def _duplicate_reason(entries: Sequence[SubjectRecord]) -> str:
+    """Same id twice: harmless-looking when the labels agree, a labelling error to resolve when they do not."""
+    if len({r.label for r in entries}) == 1:
+        return f"duplicate subject id ({len(entries)} entries)"
+    listed = ", ".join(f"{r.label!r} ({';'.join(r.paths) or 'no file'})" for r in entries)
+    return (f"duplicate subject id ({len(entries)} entries) with conflicting labels {listed}; give the subject one "
+            "label, or distinct ids if these are different subjects")
 
 
 def require_valid(report: ValidationReport, skip_invalid: bool) -> list[SubjectRecord]:

@@ -5,9 +5,15 @@ OUT/predictions.csv: experiment, model, pretrained, fold, config_id, trial_name,
 OUT/epochs.csv: experiment, model, pretrained, fold, config_id, trial_name, epoch, train_loss,
     val_loss, val_accuracy, val_macro_f1, val_f1_<class>..., lr, seconds
 OUT/trial_subjects.csv: trial_name, part (train/val/test), subject_id: what each finished trial used
-OUT/trials.csv: experiment, trial_name, model, pretrained, fold, config_id, status, error, lr,
-    weight_decay, dropout, augmentation, aug_strength, epochs_run, best_epoch, best_val_macro_f1,
-    n_train, n_val, n_test
+OUT/trials.csv: experiment, trial_name, model, pretrained, fold, config_id, status, error, node_id,
+    hostname, lr, weight_decay, dropout, augmentation, aug_strength, epochs_run, best_epoch,
+    best_val_macro_f1, n_train, n_val, n_test
+
+Statuses: TERMINATED (finished, outputs collected), FAILED (a permanent error: missing input, bad value,
+full disk; not retried), ERROR (a crash that Tune's retries, --max-failures, did not get past), INCOMPLETE
+(stopped before its end, e.g. Ctrl-C), MISSING (planned, never started). ``error`` is one line: the
+exception's type, message and where it was raised (trainables.errors), not Ray's header. ``node_id`` and
+``hostname``: the Ray node of the trial's last report.
 """
 from __future__ import annotations
 
@@ -19,18 +25,38 @@ import pandas as pd
 from ray import tune
 
 from datasets.atomic import write_csv_atomic
+from trainables.errors import error_text, is_permanent_result_error, one_line
 from trainables.ray_trainable import config_id, fold_of, trial_name
 
 KEY_COLUMNS = ["experiment", "model", "pretrained", "fold", "config_id", "trial_name"]
 HYPERPARAMETERS = ["lr", "weight_decay", "dropout", "augmentation", "aug_strength"]
 TRIAL_COLUMNS = ["experiment", "trial_name", "model", "pretrained", "fold", "config_id", "status", "error",
-                 *HYPERPARAMETERS, "epochs_run", "best_epoch", "best_val_macro_f1", "n_train", "n_val", "n_test"]
+                 "node_id", "hostname", *HYPERPARAMETERS, "epochs_run", "best_epoch", "best_val_macro_f1", "n_train",
+                 "n_val", "n_test"]
 
 
 def _keys(config: dict[str, Any]) -> dict[str, Any]:
     return {"experiment": config.get("_experiment", "paper"), "model": config["model"],
             "pretrained": bool(config["pretrained"]), "fold": fold_of(config), "config_id": config_id(config),
             "trial_name": trial_name(config)}
+
+
+def trial_status(result: tune.Result, finished: bool) -> tuple[str, str]:
+    """(status, one-line error) of a trial; FAILED (permanent, not retried) is kept apart from ERROR (retries used up).
+
+    A permanent failure ends as Tune ERROR (see trainables.ray_trainable) with a ``PermanentTrialError``; its
+    failure report holds the error line made where it happened. A trial whose last result is that report
+    but which has no error (stopped after too many no-op restarts) failed permanently too.
+    """
+    metrics = result.metrics or {}
+    reported = one_line(metrics.get("error") or "", limit=2000) if metrics.get("fold_failed") else ""
+    if result.error is not None:
+        if is_permanent_result_error(result.error):
+            return "FAILED", reported or error_text(result.error)
+        return "ERROR", error_text(result.error)
+    if finished:
+        return "TERMINATED", ""
+    return ("FAILED", reported) if reported else ("INCOMPLETE", "")
 
 
 def _read_outputs(result: tune.Result) -> dict[str, Any]:
@@ -74,9 +100,10 @@ def collect(result_grids: Iterable[tune.ResultGrid], planned: Iterable[str] = ()
             seen.add(keys["trial_name"])
             outputs = _read_outputs(result)
             summary = outputs.get("summary", {})
-            row = {**keys, **{k: result.config.get(k) for k in HYPERPARAMETERS},
-                   "status": "ERROR" if result.error else ("TERMINATED" if summary else "INCOMPLETE"),
-                   "error": str(result.error).strip().splitlines()[0] if result.error else "",
+            status, error = trial_status(result, finished=bool(summary))
+            metrics = result.metrics or {}
+            row = {**keys, **{k: result.config.get(k) for k in HYPERPARAMETERS}, "status": status, "error": error,
+                   "node_id": metrics.get("node_id", ""), "hostname": metrics.get("hostname", ""),
                    "epochs_run": summary.get("epochs_run"), "best_epoch": summary.get("best_epoch"),
                    "best_val_macro_f1": summary.get("best_val_macro_f1"), "n_train": summary.get("n_train"),
                    "n_val": summary.get("n_val"), "n_test": summary.get("n_test")}
@@ -88,7 +115,7 @@ def collect(result_grids: Iterable[tune.ResultGrid], planned: Iterable[str] = ()
                          for part, ids in summary.get("subjects", {}).items() for sid in ids]
     for name in planned:
         if name not in seen:
-            trials.append({"trial_name": name, "status": "MISSING", "error": ""})
+            trials.append({"trial_name": name, "status": "MISSING", "error": "", "node_id": "", "hostname": ""})
 
     def ordered(frames: list[pd.DataFrame]) -> pd.DataFrame:
         if not frames:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -13,12 +14,18 @@ from trainables.fold_training import DEFAULT_CONFIG, PAPER_DEFAULTS, resolve_con
 from trainables.ray_trainable import config_id
 
 EXPERIMENTS = ("paper", "search", "demo")
+# The Tune runs an experiment may hold: the fixed grid and the nested search (the demo runs both).
+TUNE_RUNS = ("paper", "search")
 PRETRAINED_CHOICES = {"none": (False,), "kinetics": (True,), "both": (False, True)}
-# Options that only change how a run is executed, not what it computes: they may differ on resume.
 # Training options that change how often state is saved, not what is computed: may differ on resume.
 EXECUTION_ONLY_OVERRIDES = {"checkpoint_every"}
-EXECUTION_ONLY = {"address", "storage", "gpus_per_trial", "cpus_per_trial", "max_failures", "preprocess_workers",
+# Options that only change how a run is executed, not what it computes: they may differ on resume.
+# --storage is not one of them: the Tune runs (finished trials, checkpoints) live there, so another
+# --storage would silently start every trial again beside an Optuna study that already holds them.
+EXECUTION_ONLY = {"address", "gpus_per_trial", "cpus_per_trial", "max_failures", "preprocess_workers",
                   "max_concurrent", "report"}
+# Not an option: the experiment's identity, set once (see ``run_id`` below) and never compared.
+NOT_COMPARED = EXECUTION_ONLY | {"run_id"}
 
 
 @dataclass
@@ -59,6 +66,10 @@ class ExperimentConfig:
     max_failures: int = 2
     preprocess_workers: int | None = None
     report: bool = True
+    # Names this experiment's Tune runs ("paper-<run_id>", "search-<run_id>") so that experiments sharing one
+    # --storage never restore each other's runs. Made on the first run, saved in OUT/experiment.json and read
+    # back on resume; None for experiments saved before run ids existed, whose runs keep the bare names.
+    run_id: str | None = None
 
     def __post_init__(self) -> None:
         # Lists arrive from JSON (a resumed run's saved options); keep one type so comparisons hold.
@@ -73,6 +84,8 @@ class ExperimentConfig:
             raise ValueError(f"--models: unknown {unknown}; choose from {', '.join(MODEL_NAMES)}")
         if self.pretrained not in PRETRAINED_CHOICES:
             raise ValueError(f"--pretrained must be one of {', '.join(PRETRAINED_CHOICES)}, got {self.pretrained!r}")
+        if self.max_failures < 0:
+            raise ValueError(f"--max-failures must be 0 or more, got {self.max_failures}")
         if self.num_samples < 1:
             raise ValueError(f"--num-samples must be at least 1, got {self.num_samples}")
         if self.gpus_per_trial <= 0 or (self.gpus_per_trial > 1 and not float(self.gpus_per_trial).is_integer()):
@@ -86,6 +99,11 @@ class ExperimentConfig:
             if path is not None and not (Path(path).is_dir() if kind == "folder" else Path(path).is_file()):
                 raise ValueError(f"{option} {path}: no such {kind}")
         self.training_constants()
+        if self.address and not self.storage:
+            raise ValueError(
+                f"--address {self.address} needs --storage: trials on other hosts write their results and checkpoints "
+                "to Ray Tune's storage, and the default (OUT/ray) is on this machine only. Give a folder that every "
+                "node mounts at the same path (e.g. --storage /shared/runs) or a URI (s3://bucket/runs).")
 
     @property
     def output_path(self) -> Path:
@@ -94,6 +112,17 @@ class ExperimentConfig:
     @property
     def cache_path(self) -> Path:
         return Path(self.cache_dir).resolve() if self.cache_dir else self.output_path / "cache"
+
+    @property
+    def storage_root(self) -> str:
+        """Ray Tune's storage: --storage (a shared folder or a URI, kept as text), else OUT/ray."""
+        return (self.storage or str(self.output_path / "ray")).rstrip("/")
+
+    def tune_run_name(self, kind: str) -> str:
+        """The Tune run of ``kind`` (``paper``: the grid, ``search``) under ``storage_root``, unique per experiment."""
+        if kind not in TUNE_RUNS:
+            raise ValueError(f"Tune run kind must be one of {', '.join(TUNE_RUNS)}, got {kind!r}")
+        return kind if self.run_id is None else f"{kind}-{self.run_id}"
 
     def preprocess_config(self) -> PreprocessConfig:
         return PreprocessConfig(spacing=self.spacing, register=self.register)
@@ -125,9 +154,11 @@ class ExperimentConfig:
         def computed(key: str, value: Any) -> Any:
             if key == "overrides" and isinstance(value, dict):
                 return {k: v for k, v in value.items() if k not in EXECUTION_ONLY_OVERRIDES}
+            if key == "storage":  # no --storage is OUT/ray: giving that folder explicitly changes nothing
+                return (value or str(self.output_path / "ray")).rstrip("/")
             return value
 
-        return sorted(k for k in mine if k not in EXECUTION_ONLY and k in saved
+        return sorted(k for k in mine if k not in NOT_COMPARED and k in saved
                       and computed(k, saved[k]) != computed(k, mine[k]))
 
 
@@ -150,3 +181,8 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 def field_names() -> list[str]:
     return [f.name for f in fields(ExperimentConfig)]
+
+
+def new_run_id() -> str:
+    """A short random id for a new experiment's Tune runs (8 hex digits: collisions are not a practical risk)."""
+    return uuid.uuid4().hex[:8]

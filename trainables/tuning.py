@@ -17,16 +17,16 @@ from datasets import PreparedData
 from search_spaces import SEARCH_SPACE, optuna_distributions
 from trainables.experiment import ExperimentConfig
 from trainables.nested_search import FoldStudies, StudyKey
-from trainables.ray_trainable import fold_trial, trial_name
+from trainables.ray_trainable import TUNE_METRIC, fold_trial, trial_name
 
 log = logging.getLogger(__name__)
 
-METRIC, MODE = "val_macro_f1_best", "max"
+METRIC, MODE = TUNE_METRIC, "max"  # the trial reports it, NaN in a permanent failure's report
 # Training and validation only: test scores are for the outputs and the report at the end, not for a person
 # watching a search (who might otherwise stop, change and restart it on what the test folds say).
 PROGRESS_METRICS = {"epoch": "epoch", "train_loss": "train loss", "val_loss": "val loss",
                     "val_macro_f1": "val F1", "val_macro_f1_best": "best val F1"}
-SEARCH_RUN = "search"
+GRID_RUN, SEARCH_RUN = "paper", "search"  # kinds of Tune run; their names carry the experiment's run id
 
 
 def trial_resources(config: ExperimentConfig) -> dict[str, float]:
@@ -48,7 +48,7 @@ def _trainable(data: PreparedData, resources: dict[str, float]):
 def _run_config(config: ExperimentConfig, name: str, parameter_columns: list[str]) -> tune.RunConfig:
     return tune.RunConfig(
         name=name,
-        storage_path=config.storage or str(config.output_path / "ray"),
+        storage_path=config.storage_root,
         failure_config=tune.FailureConfig(max_failures=config.max_failures),
         # Only the newest checkpoint is kept: the finished fold's holds its best weights and outputs.
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
@@ -59,7 +59,9 @@ def _run_config(config: ExperimentConfig, name: str, parameter_columns: list[str
 
 
 def _tune_config(**kwargs: Any) -> tune.TuneConfig:
-    return tune.TuneConfig(metric=METRIC, mode=MODE,
+    # reuse_actors: a finished trial's worker process runs the next trial with the same resources, so torch,
+    # torchvision and (on a GPU) the CUDA context are set up once per worker, not once per trial.
+    return tune.TuneConfig(metric=METRIC, mode=MODE, reuse_actors=True,
                            trial_name_creator=lambda trial: trial_name(trial.config),
                            trial_dirname_creator=lambda trial: f"{trial_name(trial.config)}_{trial.trial_id}",
                            **kwargs)
@@ -67,7 +69,12 @@ def _tune_config(**kwargs: Any) -> tune.TuneConfig:
 
 def experiment_path(config: ExperimentConfig, name: str) -> str:
     """Where Tune keeps run ``name``; joined as text so that a ``--storage`` URI (s3://...) stays one."""
-    return f"{(config.storage or str(config.output_path / 'ray')).rstrip('/')}/{name}"
+    return f"{config.storage_root}/{name}"
+
+
+def run_path(config: ExperimentConfig, kind: str) -> str:
+    """Where this experiment's run of ``kind`` (grid or search) lives: its own name, never another experiment's."""
+    return experiment_path(config, config.tune_run_name(kind))
 
 
 def _fit_or_restore(path: str, trainable, make_tuner: Callable[[], tune.Tuner]) -> tune.ResultGrid:
@@ -92,10 +99,11 @@ def run_grid(config: ExperimentConfig, data: PreparedData, resources: dict[str, 
         "fold": tune.grid_search(list(range(len(data.plan.folds)))),
     }
     return _fit_or_restore(
-        experiment_path(config, "paper"), trainable,
+        run_path(config, GRID_RUN), trainable,
         lambda: tune.Tuner(trainable, param_space=param_space,
                            tune_config=_tune_config(max_concurrent_trials=config.max_concurrent),
-                           run_config=_run_config(config, "paper", ["model", "pretrained", "fold"])),
+                           run_config=_run_config(config, config.tune_run_name(GRID_RUN),
+                                                  ["model", "pretrained", "fold"])),
     )
 
 
@@ -172,7 +180,7 @@ def run_search(config: ExperimentConfig, data: PreparedData, resources: dict[str
             trainable, param_space={},
             tune_config=_tune_config(search_alg=searcher, num_samples=sum(max(q, 0) for q in quota.values()),
                                      max_concurrent_trials=config.max_concurrent),
-            run_config=_run_config(config, SEARCH_RUN, ["model", "pretrained", "fold", *searched]),
+            run_config=_run_config(config, config.tune_run_name(SEARCH_RUN), ["model", "pretrained", "fold", *searched]),
         )
 
-    return _fit_or_restore(experiment_path(config, SEARCH_RUN), trainable, new_tuner)
+    return _fit_or_restore(run_path(config, SEARCH_RUN), trainable, new_tuner)

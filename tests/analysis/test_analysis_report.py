@@ -148,7 +148,9 @@ def test_partial_results_are_named_and_not_zero_filled(partial_dir):
         assert name in md
     assert "RuntimeError: CUDA out of memory while allocating 2.00 GiB" in md
     assert "Traceback" not in md  # first line of the error only
-    assert "2/3 (missing fold 2)" in md and "2/3 (missing fold 1)" in md
+    # r3d_18 pre-trained fold 2 ERRORed: named as failed; mc3_18 scratch fold 1 never ran: missing
+    assert "2/3 (fold 2 failed)" in md and "2/3 (missing fold 1)" in md
+    assert "ERROR (crashed; retries used up)" in md and "1 trial(s) failed" in md
     assert "0/3 (missing folds 0, 1, 2)" in md and "no results" in md  # planned arm that never ran
     tables = report / "tables"
     failed = pd.read_csv(tables / "failed_trials.csv")

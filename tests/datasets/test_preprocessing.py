@@ -76,3 +76,51 @@ def test_parallel_workers_give_the_same_arrays(tmp_path, two_sources):
 def test_bad_parameters_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         PreprocessConfig(**kwargs)
+
+
+def _rewrite(path, transform, dtype=np.float32):
+    """The ellipsoid at ``path`` with its voxels passed through ``transform``, stored as ``dtype``."""
+    image = nib.load(path)
+    data = transform(image.get_fdata(dtype=np.float64)).astype(dtype)
+    nib.save(nib.Nifti1Image(data, image.affine), str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("spacing", [4.0, 8.0])  # the file's own grid (no interpolation) and a coarser one
+def test_values_up_to_1e6_preprocess_to_finite_values_in_the_unit_range(tmp_path, dtype, spacing):
+    path = _rewrite(write_ellipsoid(tmp_path / "bright.nii.gz"), lambda d: d * (1e6 / d.max()), dtype)
+    assert nib.load(path).get_fdata().max() == pytest.approx(1e6)
+    volumes = preprocess([SubjectRecord("s", "HGG", (path,), "s")], PreprocessConfig(spacing=spacing),
+                         tmp_path / "cache", num_workers=1).volumes()
+    assert np.isfinite(volumes).all() and float(volumes.min()) == 0.0 and float(volumes.max()) == 1.0
+
+
+def test_float64_beyond_float32_range_is_scaled_before_the_cast(tmp_path):
+    # Read as float32 these voxels were inf, and the whole volume NaN; scaled first, they match the 1e6 volume.
+    huge = _rewrite(write_ellipsoid(tmp_path / "huge.nii.gz"), lambda d: d * (1e300 / d.max()), np.float64)
+    bright = _rewrite(write_ellipsoid(tmp_path / "bright.nii.gz"), lambda d: d * (1e6 / d.max()), np.float64)
+    config = PreprocessConfig(spacing=8.0)
+    from_huge = preprocess_module._resample_and_crop((huge,), config)
+    assert np.isfinite(from_huge).all() and from_huge.min() == 0 and from_huge.max() == 1
+    np.testing.assert_allclose(from_huge.astype(np.float32), preprocess_module._resample_and_crop((bright,), config),
+                               atol=1e-3)
+
+
+def test_a_brain_that_cannot_be_rescaled_is_refused_instead_of_cached_as_inf(tmp_path):
+    # TorchIO's RescaleIntensity leaves a constant brain as it is (with a warning): 1e6 became inf in float16.
+    path = _rewrite(write_ellipsoid(tmp_path / "mask.nii.gz"), lambda d: np.where(d > 0, 1e6, 0.0))
+    with pytest.raises(preprocess_module.VolumeFailure,
+                       match=f"{path}: ValueError: every brain voxel between the 0.5th and 99.5th percentiles is "
+                             f"1e\\+06: nothing to rescale to \\[0, 1\\]"):
+        preprocess_module._resample_and_crop((path,), PreprocessConfig(spacing=4.0))
+
+
+def test_non_finite_voxels_fail_with_the_file_named(tmp_path):
+    def one_nan(data):
+        data[12, 14, 10] = np.nan
+        return data
+
+    path = _rewrite(write_ellipsoid(tmp_path / "nan.nii.gz"), one_nan)
+    with pytest.raises(preprocess_module.VolumeFailure, match=f"{path}: ValueError: NaN or inf in 1 of 13440 voxels"):
+        preprocess_module._resample_and_crop((path,), PreprocessConfig(spacing=8.0))

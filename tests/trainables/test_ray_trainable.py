@@ -17,7 +17,7 @@ from trainables.ray_trainable import BEST_WEIGHTS_FOLDER, FAIL_ONCE_KEY, config_
 
 @pytest.fixture(scope="module")
 def ray_session():
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)  # its own Ray, even beside another one
     yield
     ray.shutdown()
 

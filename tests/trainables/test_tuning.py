@@ -44,6 +44,14 @@ def grid_run(phantom_root, weights_dir, tmp_path_factory):
     return out, argv
 
 
+def tune_run(out: Path, kind: str) -> Path:
+    """The experiment's own Tune run of ``kind`` (``<storage>/<kind>-<run_id>``), as OUT/experiment.json records it."""
+    run_id = json.loads((out / "experiment.json").read_text())["run_id"]
+    path = json.loads((out / "experiment.json").read_text())["tune_runs"][kind]
+    assert run_id and path == f"{out}/ray/{kind}-{run_id}"
+    return Path(path)
+
+
 def trial_folders(storage: Path) -> list[Path]:
     return sorted(p for p in storage.iterdir() if p.is_dir() and (p / "params.json").is_file())
 
@@ -115,10 +123,10 @@ def test_unstripped_healthy_is_refused_then_allowed_drawn_and_reported(tmp_path,
 
 def test_trials_get_cpu_only_resources_without_a_gpu(grid_run):
     out, _ = grid_run
-    for folder in trial_folders(out / "ray" / "paper"):
+    for folder in trial_folders(tune_run(out, "paper")):
         params = json.loads((folder / "params.json").read_text())
         assert params["model"] == "r2plus1d_18" and "gpu" not in json.dumps(params)
-    state = next((out / "ray" / "paper").glob("experiment_state*.json")).read_text()
+    state = next((tune_run(out, "paper")).glob("experiment_state*.json")).read_text()
     assert '"GPU": 0' not in state and "'GPU'" not in state.replace("'GPU': 0", "")
 
 
@@ -129,7 +137,7 @@ def test_trials_get_a_gpu_share_where_the_cluster_has_a_gpu(tmp_path):
     from trainables.experiment import ExperimentConfig
     from trainables.tuning import trial_resources
 
-    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False)  # its own, even beside another
     try:
         assert trial_resources(ExperimentConfig(output=str(tmp_path))) == {"cpu": 1.0, "gpu": 0.25}
         assert trial_resources(ExperimentConfig(output=str(tmp_path), gpus_per_trial=0.5, cpus_per_trial=4)) == \
@@ -142,7 +150,7 @@ def test_tensorboard_tags_read_back_from_event_files(grid_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out, _ = grid_run
-    folder = trial_folders(out / "ray" / "paper")[0]
+    folder = trial_folders(tune_run(out, "paper"))[0]
     events = EventAccumulator(str(folder))
     events.Reload()
     tags = set(events.Tags()["scalars"])
@@ -156,20 +164,20 @@ def test_tensorboard_tags_read_back_from_event_files(grid_run):
 
 def test_rerunning_a_finished_experiment_runs_nothing_again(grid_run):
     out, argv = grid_run
-    before = {p.name: (p / "progress.csv").read_text() for p in trial_folders(out / "ray" / "paper")}
+    before = {p.name: (p / "progress.csv").read_text() for p in trial_folders(tune_run(out, "paper"))}
     assert tune_main.main(argv) == 0
-    after = {p.name: (p / "progress.csv").read_text() for p in trial_folders(out / "ray" / "paper")}
+    after = {p.name: (p / "progress.csv").read_text() for p in trial_folders(tune_run(out, "paper"))}
     assert after == before
     assert len(pd.read_csv(out / "trials.csv")) == 4
 
 
 def test_resume_reads_the_saved_options_and_runs_nothing_again(grid_run, capsys):
     out, _ = grid_run
-    before = {p.name: (p / "progress.csv").read_text() for p in trial_folders(out / "ray" / "paper")}
+    before = {p.name: (p / "progress.csv").read_text() for p in trial_folders(tune_run(out, "paper"))}
     assert tune_main.main(["--resume", "--output", str(out), "--no-report"]) == 0
     printed = capsys.readouterr().out
     assert '"experiment": "paper"' in printed and '"epochs": 1' in printed and '"batch_size": 4' in printed
-    assert {p.name: (p / "progress.csv").read_text() for p in trial_folders(out / "ray" / "paper")} == before
+    assert {p.name: (p / "progress.csv").read_text() for p in trial_folders(tune_run(out, "paper"))} == before
     assert tune_main.main(["--resume", "--output", str(out), "--epochs", "5"]) == 2
     assert "other options (epochs)" in capsys.readouterr().err
 
@@ -194,10 +202,11 @@ def test_a_binary_manifest_runs_end_to_end_with_its_own_labels(phantom_root, tmp
     assert tune_main.main(argv) == 0
     predictions = pd.read_csv(out / "predictions.csv")
     assert len(predictions) == len(rows)  # every subject tested once over the two folds
-    assert [c for c in predictions.columns if c.startswith("prob_")] == ["prob_healthy", "prob_tumour"]
-    assert set(predictions["label"]) == {"healthy", "tumour"}
+    # Labels matching a paper class whatever their case take the paper's spelling (here and in --classes).
+    assert [c for c in predictions.columns if c.startswith("prob_")] == ["prob_Healthy", "prob_tumour"]
+    assert set(predictions["label"]) == {"Healthy", "tumour"}
     per_class = pd.read_csv(out / "report" / "tables" / "per_class.csv")
-    assert set(per_class["class"]) == {"healthy", "tumour"}
+    assert set(per_class["class"]) == {"Healthy", "tumour"}
     overall = pd.read_csv(out / "report" / "tables" / "overall.csv")
     macro = overall[overall["metric"] == "macro_f1"].iloc[0]
     f1 = per_class[per_class["metric"] == "f1"]
@@ -285,8 +294,11 @@ def test_nested_search_interrupted_and_resumed_runs_each_trial_once_in_its_fold_
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen([sys.executable, "tune_main.py", *argv], cwd=REPO, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    storage = out / "ray" / "search"
     deadline = time.time() + 300
+    while time.time() < deadline and not (out / "experiment.json").is_file():  # written before Ray starts
+        assert process.poll() is None, process.stdout.read()
+        time.sleep(0.5)
+    storage = tune_run(out, "search")
     # Interrupt soon after one trial has logged its last epoch (the others are running or pending),
     # leaving Tune a moment to register that trial's checkpoint and mark it done.
     while time.time() < deadline and not logged_finished(storage):
@@ -345,7 +357,7 @@ def test_a_search_after_the_grid_hands_each_fold_study_its_grid_score(grid_run, 
     data = prepare_data(DataSpec(data_root=str(phantom_root)), PreprocessConfig(spacing=16.0), SplitSpec(n_splits=2),
                         out / "cache", splits_file=out / "splits.json", num_workers=1)
     known = {("r2plus1d_18", False, 0): (0.4321, "grid-f0"), ("r2plus1d_18", False, 1): (0.1234, "grid-f1")}
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
         grid = run_search(config, data, {"cpu": 1}, [("r2plus1d_18", False)], known)
     finally:
@@ -365,3 +377,44 @@ def test_run_paths_keep_a_storage_uri_intact(tmp_path):
 
     assert experiment_path(ExperimentConfig(output=str(tmp_path), storage="s3://bucket/runs/"), "paper") == "s3://bucket/runs/paper"
     assert experiment_path(ExperimentConfig(output=str(tmp_path)), "search-mc3_18-scratch") == f"{tmp_path}/ray/search-mc3_18-scratch"
+
+
+def test_run_names_carry_the_run_id_and_experiments_saved_without_one_keep_the_bare_names(tmp_path):
+    from trainables.experiment import ExperimentConfig
+    from trainables.tuning import GRID_RUN, SEARCH_RUN, run_path
+
+    shared = ExperimentConfig(output=str(tmp_path / "a"), storage="s3://bucket/runs/", run_id="ab12cd34")
+    assert run_path(shared, GRID_RUN) == "s3://bucket/runs/paper-ab12cd34"
+    assert run_path(shared, SEARCH_RUN) == "s3://bucket/runs/search-ab12cd34"
+    legacy = ExperimentConfig(output=str(tmp_path / "b"))
+    assert (run_path(legacy, GRID_RUN), run_path(legacy, SEARCH_RUN)) == (f"{tmp_path}/b/ray/paper", f"{tmp_path}/b/ray/search")
+
+
+def test_a_run_id_is_made_once_read_back_and_absent_for_old_experiments(tmp_path):
+    from trainables.experiment import ExperimentConfig
+
+    fresh = ExperimentConfig(output=str(tmp_path / "new"))
+    tune_main.assign_run_id(fresh)
+    other = ExperimentConfig(output=str(tmp_path / "other"))
+    tune_main.assign_run_id(other)
+    assert len(fresh.run_id) == 8 and int(fresh.run_id, 16) >= 0 and fresh.run_id != other.run_id
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    (saved / "experiment.json").write_text(json.dumps({"options": {**fresh.to_dict(), "output": str(saved)}}))
+    resumed = ExperimentConfig(output=str(saved))
+    tune_main.assign_run_id(resumed)
+    assert resumed.run_id == fresh.run_id
+    (saved / "experiment.json").write_text(json.dumps({"options": {"experiment": "paper", "output": str(saved)}}))
+    tune_main.assign_run_id(resumed)
+    assert resumed.run_id is None and resumed.tune_run_name("paper") == "paper"
+
+
+def test_storage_counts_as_an_option_and_no_storage_means_out_ray(tmp_path):
+    from trainables.experiment import ExperimentConfig
+
+    config = ExperimentConfig(output=str(tmp_path))
+    saved = config.to_dict()
+    assert config.differences({**saved, "storage": str(tmp_path / "ray")}) == []
+    assert config.differences({**saved, "storage": "/shared/runs"}) == ["storage"]
+    assert ExperimentConfig(output=str(tmp_path), storage="s3://b/runs/").differences({**saved, "storage": "s3://b/runs"}) == []
+    assert config.differences({**saved, "address": "auto", "gpus_per_trial": 1.0}) == []  # execution only

@@ -1,0 +1,253 @@
+"""Every refusal comes before preprocessing or Ray, and names the file or option and the fix."""
+import json
+import logging
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from datasets import DataSpec, PreprocessConfig, SplitSpec, check_data, prepare_data
+from datasets.__main__ import main
+from datasets.records import SubjectRecord
+from datasets.sources import class_order, read_manifest
+from datasets.splits import check_class_counts, fewest_inner_subjects, plan_splits
+from datasets.validation import check_volume, validate_records
+from tests.conftest import write_ellipsoid
+
+AFFINE_FIX = "fix the header's qform/sform, e.g. with nibabel or fslorient"
+
+
+def write_with_affine(path: Path, affine: np.ndarray) -> Path:
+    """A readable volume whose sform is ``affine`` as given (nibabel refuses to build such an image itself)."""
+    data = np.random.default_rng(0).random((6, 6, 6)).astype(np.float32)
+    header = nib.Nifti1Header()
+    header.set_data_shape(data.shape)
+    header.set_data_dtype(np.float32)
+    header["srow_x"], header["srow_y"], header["srow_z"] = affine[:3]
+    header["sform_code"], header["qform_code"] = 1, 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, None, header=header), str(path))
+    return path
+
+
+def write_manifest(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+# --- manifests -------------------------------------------------------------------------------------------
+
+
+def test_an_empty_manifest_is_named_with_the_columns_it_needs(tmp_path, capsys):
+    manifest = write_manifest(tmp_path / "m.csv", "")
+    with pytest.raises(ValueError, match=r"Manifest .*m\.csv is empty; write a header row with subject_id, label "
+                                         r"and path \(or path_<contrast>\) columns, then one row per subject"):
+        read_manifest(manifest)
+    assert main(["check", "--manifest", str(manifest)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: Manifest {manifest} is empty")
+
+
+def test_a_manifest_with_a_header_and_no_rows_has_no_subjects(tmp_path):
+    manifest = write_manifest(tmp_path / "m.csv", "subject_id,label,path\n")
+    with pytest.raises(ValueError, match=r"m\.csv has no subjects \(a header and no rows\); add one row per subject"):
+        read_manifest(manifest)
+
+
+def test_labels_are_trimmed_and_matched_regardless_of_case_with_a_warning(tmp_path, caplog):
+    rows = [(" s1", "HGG "), ("s2", "HGG "), ("s3", "HGG "), ("s4", "hgg"), ("s5", "HGG"),
+            ("s6", "methylated"), ("s7", "Methylated "), ("s8", "lgg")]
+    manifest = tmp_path / "m.csv"
+    pd.DataFrame({"subject_id": [r[0] for r in rows], "label": [r[1] for r in rows],
+                  "path": ["x.nii.gz"] * len(rows)}).to_csv(manifest, index=False)
+    with caplog.at_level(logging.WARNING, logger="datasets.sources"):
+        records = read_manifest(manifest)
+    assert [(r.subject_id, r.label) for r in records] == [
+        ("s1", "HGG"), ("s2", "HGG"), ("s3", "HGG"), ("s4", "HGG"), ("s5", "HGG"),
+        ("s6", "methylated"), ("s7", "methylated"), ("s8", "LGG")]
+    assert records[0].group == "s1"
+    message = caplog.text
+    assert "'HGG ' (3 rows), 'hgg' (1 row) -> 'HGG'" in message
+    assert "'Methylated ' (1 row) -> 'methylated'" in message
+    assert "'lgg' (1 row) -> 'LGG'" in message
+
+
+def test_classes_option_is_matched_like_the_labels():
+    records = [SubjectRecord("a", "HGG", ("a.nii.gz",), "a"), SubjectRecord("b", "methylated", ("b.nii.gz",), "b")]
+    assert class_order(records, [" hgg", "METHYLATED ", "healthy"]) == ("HGG", "methylated", "Healthy")
+    with pytest.raises(ValueError, match="--classes names HGG twice .* list each class once"):
+        class_order(records, ["HGG", "hgg "])
+
+
+def test_one_id_with_two_labels_names_both_labels_and_files(tmp_path, capsys):
+    a, b = write_ellipsoid(tmp_path / "a.nii.gz"), write_ellipsoid(tmp_path / "b.nii.gz", seed=1)
+    pd.DataFrame({"subject_id": ["s1", "s1", "s2"], "label": ["HGG", "LGG", "LGG"],
+                  "path": [a.name, b.name, a.name]}).to_csv(tmp_path / "m.csv", index=False)
+    assert main(["check", "--manifest", str(tmp_path / "m.csv")]) == 1
+    out = capsys.readouterr().out
+    reason = (f"duplicate subject id (2 entries) with conflicting labels 'HGG' ({a}), 'LGG' ({b}); give the subject "
+              "one label, or distinct ids if these are different subjects (subject s1)")
+    assert out.count(reason) == 2
+
+
+# --- affine -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("affine, reason", [
+    (np.diag([0.0, 1, 1, 1]), "affine is singular (voxel sizes 0, 1, 1): "),
+    (np.array([[2.0, 2, 0, 0], [0, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]),
+     "affine is singular (voxel axes are parallel; voxel sizes 2, 2, 1): "),
+    (np.diag([np.nan, 1, 1, 1]), "affine is not finite (NaN/Inf in the header's voxel-to-world matrix): "),
+    (np.diag([1.0, np.inf, 1, 1]), "affine is not finite (NaN/Inf in the header's voxel-to-world matrix): "),
+])
+def test_a_degenerate_affine_is_a_problem_of_its_file(tmp_path, affine, reason):
+    assert check_volume(write_with_affine(tmp_path / "bad.nii.gz", affine)) == reason + AFFINE_FIX
+
+
+def test_check_lists_a_degenerate_affine_and_skip_invalid_leaves_it_out(tmp_path, capsys):
+    root = tmp_path / "data"
+    for grade in ("HGG", "LGG"):
+        for i in range(2):
+            write_ellipsoid(root / f"{grade}/{grade}{i}/{grade}{i}_t1ce.nii.gz", seed=i)
+    bad = write_with_affine(root / "HGG/Z/Z_t1ce.nii.gz", np.diag([0.0, 1, 1, 1]))
+    assert main(["check", "--data-root", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert f"  {bad}: affine is singular (voxel sizes 0, 1, 1): {AFFINE_FIX} (subject Z)" in out
+    assert main(["check", "--data-root", str(root), "--skip-invalid"]) == 0
+    assert "--skip-invalid: 1 subject(s) will be left out" in capsys.readouterr().out
+
+
+def test_results_cached_by_an_older_check_are_not_trusted(tmp_path):
+    path = write_with_affine(tmp_path / "bad.nii.gz", np.diag([0.0, 1, 1, 1]))
+    stat = os.stat(path)
+    cache = tmp_path / "validation.json"
+    # What the previous, unversioned cache said about this very file: valid.
+    cache.write_text(json.dumps({str(path): {"stamp": [stat.st_size, stat.st_mtime_ns], "reason": None,
+                                             "profile": {"voxel_x": 0.0}}}))
+    record = SubjectRecord("bad", "HGG", (str(path),), "bad")
+    report = validate_records([record], ("HGG",), cache)
+    assert [p.reason for p in report.problems] == [f"affine is singular (voxel sizes 0, 1, 1): {AFFINE_FIX}"]
+    assert json.loads(cache.read_text())["version"] == 2
+
+
+# --- class counts -------------------------------------------------------------------------------------------
+
+
+def test_a_class_asked_for_without_subjects_names_the_classes_found():
+    with pytest.raises(ValueError, match=r"No valid subject has the label Healthy \(asked for with --classes, .*\); "
+                                         r"subjects found per class: LGG 5, HGG 6\. Add subjects of Healthy, or "
+                                         r"leave it out of --classes"):
+        check_class_counts({"LGG": 5, "HGG": 6, "Healthy": 0})
+
+
+def test_one_class_is_refused():
+    with pytest.raises(ValueError, match=r"Only one class has subjects \(HGG 9\); a classifier needs at least two"):
+        check_class_counts({"HGG": 9})
+
+
+def test_fewer_subjects_than_folds_says_how_many():
+    with pytest.raises(ValueError, match=r"Every class needs at least 3 subjects for 3 folds \(one per test part\); "
+                                         r"LGG: 2\. Add subjects, use fewer --folds, or drop the class with --classes"):
+        check_class_counts({"HGG": 9, "LGG": 2}, n_splits=3)
+
+
+def test_k_fold_counts_that_leave_a_validation_part_without_a_class():
+    # 4/4/4, 3 folds: each training part is 2/3/3 of 8; the inner split draws ceil(0.2 * 8) = 2 for validation
+    # and 6 for fitting, 1.5/2.25/2.25 -> 1/2/2 plus the largest remainder (0.5): 2/2/2, leaving 0/1/1.
+    # 6/6/6: training parts 4/4/4 of 12, validation ceil(2.4) = 3 -> 1/1/1. 5/5/5 can still leave one out.
+    assert fewest_inner_subjects({"LGG": 4, "HGG": 4, "Healthy": 4}, "kfold", 3, 0.3, 0.2) == \
+        {"LGG": 0, "HGG": 0, "Healthy": 0}
+    assert min(fewest_inner_subjects({"LGG": 5, "HGG": 5, "Healthy": 5}, "kfold", 3, 0.3, 0.2).values()) == 0
+    with pytest.raises(ValueError, match=r"inner training and validation parts to hold each class \(--split kfold, "
+                                         r"--folds 3, val_fraction 0\.2\): LGG has 4, HGG has 4, Healthy has 4; "
+                                         r"each needs at least 6\. .* Fix: add subjects, use fewer --folds, or drop "
+                                         r"the class with --classes"):
+        check_class_counts({"LGG": 4, "HGG": 4, "Healthy": 4}, "kfold", 3)
+    check_class_counts({"LGG": 6, "HGG": 6, "Healthy": 6}, "kfold", 3)
+
+
+def test_shuffle_counts_that_leave_a_validation_part_without_a_class():
+    # 4/4, test_size 0.3: 8 - ceil(2.4) = 5 train (3/2), validation ceil(0.2 * 5) = 1 subject for 2 classes.
+    # 5/5: 7 train (4/3), validation ceil(1.4) = 2, fit 5 = 2.86/2.14 -> 3/2, validation 1/1.
+    with pytest.raises(ValueError, match=r"\(--split shuffle, --folds 2, test_size 0\.3, val_fraction 0\.2\): a has "
+                                         r"4, b has 4; each needs at least 5\. .*whatever --folds\)"):
+        check_class_counts({"a": 4, "b": 4}, "shuffle", 2)
+    check_class_counts({"a": 5, "b": 5}, "shuffle", 2)
+
+
+def test_counts_the_check_accepts_give_every_class_a_validation_subject_in_every_fold():
+    table = pd.DataFrame({"label": ["LGG"] * 6 + ["HGG"] * 6 + ["Healthy"] * 6})
+    table["subject_id"] = table["group"] = [f"s{i:02d}" for i in range(len(table))]
+    label = dict(zip(table["subject_id"], table["label"]))
+    for seed in range(3):
+        for fold in plan_splits(table, "kfold", 3, seed=seed).folds:
+            assert {label[s] for s in fold.val} == {"LGG", "HGG", "Healthy"}
+
+
+@pytest.fixture
+def small_tree(tmp_path):
+    root = tmp_path / "data"
+    for grade in ("HGG", "LGG"):
+        for i in range(4):
+            write_ellipsoid(root / f"{grade}/{grade}{i}/{grade}{i}_t1ce.nii.gz", seed=i)
+    return root
+
+
+def test_class_counts_stop_a_run_before_anything_is_written(small_tree, tmp_path):
+    cache = tmp_path / "cache"
+    with pytest.raises(ValueError, match="LGG has 4, HGG has 4; each needs at least 5"):
+        prepare_data(DataSpec(data_root=str(small_tree)), PreprocessConfig(spacing=8.0), SplitSpec(n_splits=3),
+                     cache, cohort_file=tmp_path / "cohort.json")
+    with pytest.raises(ValueError, match="No valid subject has the label Healthy .*subjects found per class: HGG 4, "
+                                         "LGG 4"):
+        prepare_data(DataSpec(data_root=str(small_tree), classes=("hgg", "lgg", "healthy")),
+                     PreprocessConfig(spacing=8.0), SplitSpec(n_splits=2, val_fraction=0.5), cache)
+    with pytest.raises(ValueError, match=r"Only one class has subjects \(HGG 4\)"):
+        prepare_data(DataSpec(data_root=str(small_tree), classes=("HGG",), skip_invalid=True),
+                     PreprocessConfig(spacing=8.0), SplitSpec(n_splits=2, val_fraction=0.5), cache)
+    assert sorted(p.name for p in cache.iterdir()) == ["validation.json"]  # nothing preprocessed
+    assert not (tmp_path / "cohort.json").exists()
+
+
+def test_check_reports_class_counts_for_the_folds_asked_for(small_tree, capsys):
+    assert main(["check", "--data-root", str(small_tree), "--folds", "3"]) == 1
+    out = capsys.readouterr().out
+    assert "Class counts: Too few subjects for every fold's inner training and validation parts" in out
+    assert main(["check", "--data-root", str(small_tree)]) == 0  # prepare's default folds: a note only
+    assert "Note, for the default --folds 3 --split kfold (pass --folds to check your run's)" in capsys.readouterr().out
+    assert main(["check", "--data-root", str(small_tree), "--folds", "2", "--classes", "HGG,LGG,Healthy"]) == 1
+    assert "Class counts: No valid subject has the label Healthy" in capsys.readouterr().out
+
+
+# --- failures in preprocessing --------------------------------------------------------------------------------
+
+
+def damage_keeping_size_and_time(path: Path) -> None:
+    """Corrupt the compressed voxels after validation vouched for the file: its cached verdict still holds."""
+    stat = os.stat(path)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 64] = bytes(64)
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_a_file_that_fails_in_preprocessing_is_left_out_and_the_counts_rechecked(small_tree, tmp_path, caplog):
+    write_ellipsoid(small_tree / "LGG/LGG4/LGG4_t1ce.nii.gz", seed=4)
+    bad_affine = write_with_affine(small_tree / "HGG/Z/Z_t1ce.nii.gz", np.diag([0.0, 1, 1, 1]))
+    spec, cache = DataSpec(data_root=str(small_tree), skip_invalid=True), tmp_path / "cache"
+    check_data(spec, cache)  # validation.json now vouches for LGG4's file
+    damaged = small_tree / "LGG/LGG4/LGG4_t1ce.nii.gz"
+    damage_keeping_size_and_time(damaged)
+    with caplog.at_level(logging.WARNING, logger="datasets.prepare"):
+        data = prepare_data(spec, PreprocessConfig(spacing=8.0), SplitSpec(n_splits=2, val_fraction=0.5), cache,
+                            num_workers=1)
+    assert data.excluded == ("Z", "LGG4")
+    assert "LGG4" not in set(data.cached.table["subject_id"]) and "LGG4" not in set(data.subjects["subject_id"])
+    assert f"Left out (--skip-invalid): {damaged}: " in caplog.text
+    assert bad_affine.exists()
+    # 4/5 passes 3 folds at val_fraction 0.2; the 4/4 left after preprocessing does not (the entry is reused).
+    with pytest.raises(ValueError, match=r"After the subjects that preprocessing left out \(--skip-invalid\): Too few "
+                                         r"subjects .*LGG has 4, HGG has 4; each needs at least 5"):
+        prepare_data(spec, PreprocessConfig(spacing=8.0), SplitSpec(n_splits=3), cache, num_workers=1)

@@ -1,0 +1,345 @@
+"""Fault injection on real Ray Tune runs: a killed worker, a killed driver, a permanent error.
+
+Tiny phantoms (24 subjects at 16 mm, mc3_18, 2 folds, 1-4 epochs of about a second each); each test starts and
+stops its own Ray instance (in this process, or in a driver subprocess whose leftovers are killed with its process
+group), so no Ray process outlives its test. About 2-2.5 minutes on 2 cores shared with other work.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import ray
+import torch
+from ray import tune
+from torchvision.models.video import mc3_18
+
+from datasets import DataSpec, PreprocessConfig, SplitSpec, prepare_data
+from models import weights_filename
+from trainables.collect import collect
+from trainables.errors import error_text
+from trainables.ray_trainable import (FAULT_LOG_KEY, SLEEP_ONCE_KEY, check_cache, fold_trial, node_identity,
+                                      trial_name)
+from trainables.tuning import METRIC, MODE
+
+REPO = Path(__file__).resolve().parents[2]
+TRIAL = {"model": "mc3_18", "pretrained": False, "batch_size": 4, "checkpoint_every": 1, "_experiment": "paper"}
+
+
+@pytest.fixture(scope="module")
+def cache_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def data(phantom_root, cache_root):
+    """The phantoms cached at 16 mm, as tune_main caches them (the driver test reuses the entry via --cache-dir)."""
+    return prepare_data(DataSpec(data_root=str(phantom_root)), PreprocessConfig(spacing=16.0), SplitSpec(n_splits=2),
+                        cache_root, num_workers=1)
+
+
+def start_ray(tmp_path: Path) -> None:
+    """Ray in this process; no torch hub cache, so only --weights-dir holds Kinetics weights.
+
+    ``address="local"``: a Ray instance of its own, even where another one runs on this machine (``ray.init()``
+    would join that one).
+    """
+    ray.init(address="local", num_cpus=2, include_dashboard=False,
+             runtime_env={"env_vars": {"TORCH_HOME": str(tmp_path / "torch_home")}})
+
+
+@pytest.fixture
+def ray_here(tmp_path):
+    """Ray for one test, stopped after it (its processes with it)."""
+    start_ray(tmp_path)
+    yield
+    ray.shutdown()
+
+
+def tuner(data, param_space: dict, storage: Path, max_failures: int) -> tune.Tuner:
+    """As trainables.tuning builds it: Tune's metric (which a failure report must carry), one checkpoint kept."""
+    return tune.Tuner(
+        tune.with_parameters(fold_trial, data=data), param_space=param_space,
+        tune_config=tune.TuneConfig(metric=METRIC, mode=MODE),
+        run_config=tune.RunConfig(storage_path=str(storage), name="faults",
+                                  failure_config=tune.FailureConfig(max_failures=max_failures),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+
+
+def events(log_dir: Path, name: str) -> list[dict]:
+    path = log_dir / f"{name}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def epochs_by_attempt(log_dir: Path, name: str) -> list[list[int]]:
+    """The epochs each process of a trial reached (logged before each report), in order of the processes."""
+    attempts: dict[int, list[int]] = {}
+    for event in events(log_dir, name):
+        attempts.setdefault(event["pid"], [])
+        if event["event"] == "epoch":
+            attempts[event["pid"]].append(event["epoch"])
+    return list(attempts.values())
+
+
+def assert_each_subject_predicted_once_per_arm(predictions: pd.DataFrame, data) -> None:
+    everyone = sorted(data.cached.table["subject_id"])
+    for arm, rows in predictions.groupby(["model", "pretrained"]):
+        assert sorted(rows["subject_id"]) == everyone, arm
+
+
+def kill_when_sleeping(log_dir: Path, killed: list[int], timeout: float = 240) -> None:
+    """Wait for the trial that sleeps in its epoch (SLEEP_ONCE_KEY) and SIGKILL its worker process."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for path in log_dir.glob("*.jsonl"):
+            for event in (json.loads(line) for line in path.read_text().splitlines()):
+                if event["event"] == "sleeping":
+                    os.kill(event["pid"], signal.SIGKILL)  # a Ray worker of this test's own Ray instance
+                    killed.append(event["pid"])
+                    return
+        time.sleep(0.2)
+
+
+def test_a_killed_worker_resumes_from_its_checkpoint_and_every_subject_is_predicted_once(data, tmp_path, ray_here):
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    space = {**TRIAL, "fold": tune.grid_search([0, 1]), "epochs": 2, FAULT_LOG_KEY: str(log_dir), SLEEP_ONCE_KEY: 2}
+    killed: list[int] = []
+    killer = threading.Thread(target=kill_when_sleeping, args=(log_dir, killed), daemon=True)
+    killer.start()
+    grid = tuner(data, space, tmp_path / "ray", max_failures=1).fit()
+    killer.join(timeout=1)
+    assert len(killed) == 1
+    assert [result.error for result in grid] == [None, None]
+
+    tables = collect([grid])
+    trials = tables["trials"]
+    assert list(trials["status"]) == ["TERMINATED", "TERMINATED"] and list(trials["error"]) == ["", ""]
+    assert set(trials["node_id"]) == {ray.get_runtime_context().get_node_id()}
+    assert_each_subject_predicted_once_per_arm(tables["predictions"], data)
+
+    (victim,) = [name for name in trials["trial_name"] if killed[0] in {e["pid"] for e in events(log_dir, name)}]
+    # Killed in epoch 2 (after its training, before its report): the restarted process continued from epoch 1's
+    # checkpoint, so it trained epoch 2 only; epoch 1 ran once.
+    assert epochs_by_attempt(log_dir, victim) == [[1, 2], [2]]
+    (other,) = set(trials["trial_name"]) - {victim}
+    assert epochs_by_attempt(log_dir, other) == [[1, 2]]
+    (result,) = [r for r in grid if trial_name(r.config) == victim]
+    assert list(result.metrics_dataframe["epoch"]) == [1, 2]  # each epoch reported to Tune once
+    epochs = tables["epochs"]
+    assert list(epochs[epochs["trial_name"] == victim]["epoch"]) == [1, 2]
+
+
+def test_a_permanent_error_fails_at_once_with_its_message_and_runs_again_after_the_fix(data, tmp_path, ray_here):
+    """Missing Kinetics weights: no retry does any work, trials.csv says FAILED with the real message and the
+    node, and after the weights are put in place the same run, restored as the driver restores it, finishes."""
+    log_dir, weights_dir = tmp_path / "log", tmp_path / "kinetics"
+    log_dir.mkdir()
+    weights_dir.mkdir()
+    space = {**TRIAL, "pretrained": True, "weights_dir": str(weights_dir), "fold": 0, "epochs": 1,
+             FAULT_LOG_KEY: str(log_dir)}
+    name = trial_name(space)
+    grid = tuner(data, space, tmp_path / "ray", max_failures=1).fit()
+    (result,) = grid
+
+    kinds = [event["event"] for event in events(log_dir, name)]
+    # The first attempt found the problem before building a model (no epoch); the restart by Tune did nothing.
+    assert kinds == ["start", "no-op restart"]
+    history = result.metrics_dataframe
+    assert len(history) == 1 and bool(history["fold_failed"].iloc[0])  # one result: the failure report
+    trials = collect([grid])["trials"]
+    row = trials.iloc[0]
+    node = ray.get_runtime_context().get_node_id()
+    assert row["status"] == "FAILED" and row["node_id"] == node
+    error = row["error"]
+    assert error.startswith(f"PermanentTrialError: node {node_identity()['hostname']} (Ray node {node}) has no "
+                            "Kinetics-400 weights for mc3_18")
+    assert str(weights_dir / weights_filename("mc3_18")) in error and "shared storage" in error
+    assert "(at trainables/ray_trainable.py:" in error and "in check_weights)" in error
+    assert "ray::" not in error and "\n" not in error
+    assert_a_crash_is_told_by_its_own_exception()
+
+    # The user copies the weights and runs the same command again: a new driver process, with a new Ray instance.
+    torch.save(mc3_18(weights=None, num_classes=400).state_dict(), weights_dir / weights_filename("mc3_18"))
+    ray.shutdown()
+    start_ray(tmp_path)
+    restored = tune.Tuner.restore(str(tmp_path / "ray" / "faults"),
+                                  trainable=tune.with_parameters(fold_trial, data=data),
+                                  resume_unfinished=True, resume_errored=True)  # as trainables.tuning restores
+    grid = restored.fit()
+    assert [result.error for result in grid] == [None]
+    tables = collect([grid])
+    assert list(tables["trials"]["status"]) == ["TERMINATED"] and list(tables["trials"]["error"]) == [""]
+    assert sorted(tables["predictions"]["subject_id"]) == sorted(data.plan.folds[0].test)
+    assert epochs_by_attempt(log_dir, name)[-1] == [1]  # the rerun trained
+
+
+def assert_a_crash_is_told_by_its_own_exception() -> None:
+    """Any error from a Ray worker (a trial that ends as ERROR, too): its type, message and frame, not Ray's header."""
+    @ray.remote(max_retries=0)
+    def read_volume():
+        try:
+            {}["volumes"]
+        except KeyError as error:  # a chained exception: the last traceback block is the one to tell
+            raise OSError("volumes.npy is unreadable\nin /cache/abc") from error
+
+    with pytest.raises(ray.exceptions.RayTaskError) as caught:
+        ray.get(read_volume.remote())
+    text = error_text(caught.value)
+    assert text.startswith("OSError: volumes.npy is unreadable | in /cache/abc (at tests/trainables/test_faults.py:")
+    assert text.endswith(" in read_volume)") and "KeyError" not in text
+
+
+def test_a_live_exception_is_told_with_the_library_frame_and_the_project_frame_that_called_it(tmp_path):
+    import numpy as np
+
+    from trainables.errors import MAX_MESSAGE_CHARS, describe_exception, is_permanent
+
+    try:
+        np.load(tmp_path / "volumes.npy")
+    except FileNotFoundError as error:
+        text, permanent = describe_exception(error), is_permanent(error)
+    assert text.startswith(f"FileNotFoundError: [Errno 2] No such file or directory: '{tmp_path / 'volumes.npy'}' "
+                           "(at numpy/")
+    assert ", via tests/trainables/test_faults.py:" in text and text.endswith(
+        " in test_a_live_exception_is_told_with_the_library_frame_and_the_project_frame_that_called_it)")
+    assert permanent and not is_permanent(RuntimeError("CUDA out of memory")) and not is_permanent(SystemExit(0))
+    try:
+        raise RuntimeError("x" * 1000 + "\nsecond line")
+    except RuntimeError as error:
+        text = describe_exception(error)
+    assert text.startswith("RuntimeError: xxx") and f"{'x' * (MAX_MESSAGE_CHARS - 16)}…" in text and "\n" not in text
+
+
+def test_the_preflight_names_the_node_the_missing_file_and_the_fix(data, tmp_path):
+    import shutil
+
+    from trainables.errors import PermanentTrialError
+
+    entry = tmp_path / "entry"
+    shutil.copytree(data.cache_dir, entry)
+    node = {"node_id": "abc123", "hostname": "worker-7"}
+    check_cache(entry, node)  # a sound copy passes
+    (entry / "volumes.npy").unlink()
+    with pytest.raises(PermanentTrialError) as caught:
+        check_cache(entry, node)
+    message = str(caught.value)
+    assert message.startswith(f"node worker-7 (Ray node abc123) cannot use the preprocessing cache entry {entry}: ")
+    assert "volumes.npy is missing" in message and "--cache-dir on shared storage" in message
+    with pytest.raises(PermanentTrialError, match="does not exist here"):
+        check_cache(tmp_path / "elsewhere", node)
+
+
+# ------------------------------------------------------------------------------------------ the driver
+def run_dirs(out: Path) -> list[Path]:
+    """The Tune run folders under OUT/ray (whatever their name): those with a saved experiment state."""
+    return sorted({p.parent for p in (out / "ray").glob("*/experiment_state*.json")})
+
+
+def recorded_terminated(out: Path) -> list[Path]:
+    """Trial folders that Tune's saved experiment state records as TERMINATED: what a restore keeps."""
+    from ray.tune import ExperimentAnalysis
+
+    folders = []
+    for run in run_dirs(out):
+        try:
+            folders += [Path(t.path) for t in ExperimentAnalysis(str(run)).trials if t.status == "TERMINATED"]
+        except Exception:  # noqa: BLE001 - the state file is being replaced; look again
+            pass
+    return folders
+
+
+def progress_rows(folder: Path) -> int:
+    try:
+        return len(pd.read_csv(folder / "progress.csv"))
+    except (FileNotFoundError, pd.errors.EmptyDataError, pd.errors.ParserError):
+        return 0
+
+
+def group_alive(group: int) -> list[int]:
+    """Processes of a process group still running (zombies excluded)."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":
+            alive.append(int(stat.parent.name))
+    return alive
+
+
+def kill_group(group: int) -> None:
+    """SIGKILL of a driver leaves its Ray instance (GCS, raylet, trial workers) behind; they share its process
+    group (the driver runs in its own session), so end them with it: nothing else on this machine is touched."""
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    deadline = time.time() + 30
+    while group_alive(group) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not group_alive(group)
+
+
+def run_driver(command: list[str], env: dict[str, str], timeout: float = 300) -> tuple[int, str]:
+    """The driver in its own session; whatever Ray left behind in its process group is ended afterwards."""
+    driver = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
+    try:
+        output, _ = driver.communicate(timeout=timeout)
+    finally:
+        kill_group(driver.pid)
+    return driver.returncode, output
+
+
+def test_a_killed_driver_is_resumed_by_the_same_command_without_retraining_finished_trials(phantom_root, data,
+                                                                                         cache_root, tmp_path):
+    out = tmp_path / "out"
+    command = [sys.executable, "tune_main.py", "--experiment", "paper", "--data-root", str(phantom_root),
+               "--output", str(out), "--cache-dir", str(cache_root), "--models", "mc3_18", "--pretrained", "none",
+               "--folds", "2", "--spacing", "16", "--epochs", "4", "--set", "batch_size=4", "--max-concurrent", "1",
+               "--no-report"]
+    # RAY_ADDRESS=local: the driver starts its own Ray instance even where another one runs on this machine.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": "local"}
+    driver = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        # Kill once one trial is recorded as finished and the other has reported an epoch (one at a time).
+        while time.time() < deadline:
+            assert driver.poll() is None, driver.stdout.read()
+            done = recorded_terminated(out)
+            running = [p for run in run_dirs(out) for p in run.iterdir()
+                       if p.is_dir() and p not in done and progress_rows(p) >= 1]
+            if done and running:
+                break
+            time.sleep(0.2)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        kill_group(driver.pid)
+    assert driver.returncode == -signal.SIGKILL
+    finished_first = {folder: (folder / "progress.csv").read_text() for folder in recorded_terminated(out)}
+    assert len(finished_first) == 1, finished_first
+
+    returncode, output = run_driver(command, env)
+    assert returncode == 0, output[-5000:]
+    trials = pd.read_csv(out / "trials.csv")
+    assert list(trials["status"]) == ["TERMINATED", "TERMINATED"] and trials["node_id"].notna().all()
+    predictions = pd.read_csv(out / "predictions.csv", dtype={"subject_id": str})
+    subjects = pd.read_csv(out / "subjects.csv", dtype={"subject_id": str})
+    for arm, rows in predictions.groupby(["model", "pretrained"]):
+        assert sorted(rows["subject_id"]) == sorted(subjects["subject_id"]), arm
+    for folder, progress in finished_first.items():
+        assert (folder / "progress.csv").read_text() == progress  # the finished trial did not run again
+    epochs = pd.read_csv(out / "epochs.csv")
+    assert epochs.groupby("trial_name")["epoch"].apply(list).tolist() == [[1, 2, 3, 4]] * 2
