@@ -241,3 +241,52 @@ def _paired_bars(frame: pd.DataFrame, key: str, series: list[tuple[str, str, str
 
 def figure_name(kind: str, arm: Arm | None = None) -> str:
     return f"{kind}_{arm_slug(*arm)}.png" if arm is not None else f"{kind}.png"
+
+
+ARM_COLOURS = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray"]
+
+
+def precision_recall_figure(curves: dict, arms: list[Arm], positive: str, path: Path) -> Path | None:
+    """Two-class runs: precision-recall curve of the positive class per arm (pooled folds), AP in the legend,
+    with the positive prevalence (a classifier without skill) as a dotted line per arm."""
+    arms = [a for a in arms if a in curves]
+    if not arms:
+        return None
+    with matplotlib.rc_context(RC):
+        fig = Figure(figsize=(5.6, 4.2), layout="constrained")
+        ax = fig.subplots()
+        for i, arm in enumerate(arms):
+            recall, precision, ap, prevalence = curves[arm]
+            colour = ARM_COLOURS[i % len(ARM_COLOURS)]
+            ax.step(recall, precision, where="post", color=colour, label=f"{arm_label(*arm)} (AP {ap:.3f})")
+            ax.axhline(prevalence, color=colour, linestyle=":", linewidth=0.8)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel(f"Recall (sensitivity) of {positive}")
+        ax.set_ylabel(f"Precision of {positive}")
+        ax.set_title(f"Precision-recall, positive class {positive}, pooled folds")
+        ax.legend(loc="lower left", fontsize=7)
+        return save_figure(fig, path)
+
+
+def reliability_figure(curves: dict, arms: list[Arm], path: Path) -> Path | None:
+    """Reliability diagram: accuracy against mean top-class confidence per non-empty bin (10 equal-width
+    bins, sklearn's calibration_curve), one line per arm; the diagonal is perfect calibration."""
+    arms = [a for a in arms if a in curves]
+    if not arms:
+        return None
+    with matplotlib.rc_context(RC):
+        fig = Figure(figsize=(5.6, 4.2), layout="constrained")
+        ax = fig.subplots()
+        ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=0.8, label="perfect calibration")
+        for i, arm in enumerate(arms):
+            confidence, accuracy = curves[arm]
+            ax.plot(confidence, accuracy, marker="o", markersize=3, color=ARM_COLOURS[i % len(ARM_COLOURS)],
+                    label=arm_label(*arm))
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("Mean top-class confidence (bin)")
+        ax.set_ylabel("Accuracy (bin)")
+        ax.set_title("Reliability diagram, pooled folds (10 equal-width bins)")
+        ax.legend(loc="upper left", fontsize=7)
+        return save_figure(fig, path)

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from analysis import binary as bn
+from analysis import calibration as cal
 from analysis import confound_report as cr
 from analysis import figures as figs
 from analysis.document import Document
@@ -90,6 +92,11 @@ def build_report(out_dir: str | Path, bootstrap_samples: int = 2000, seed: int =
     result_arms = [a for a in arms if tb.arm_mask(metrics.per_fold_overall, a).any()]
     confounds = cr.analyse_confounds(exp, main_preds, result_arms, bootstrap_samples, seed)
     partial.extra_folds.update(cr.baseline_folds(confounds, exp.n_folds))
+    binary = bn.is_binary(classes)
+    if binary:
+        bin_summary = bn.binary_summary(main_preds, classes, result_arms, bootstrap_samples, seed)
+        bin_report = bn.classification_report_table(main_preds, classes, result_arms)
+    calibration = cal.calibration_table(main_preds, classes, result_arms)
     comp = tb.paper_comparison(metrics, arms, classes, partial, confounds.baseline_metrics, confounds.baseline_arms)
 
     # ---------------------------------------------------------------- tables
@@ -106,6 +113,10 @@ def build_report(out_dir: str | Path, bootstrap_samples: int = 2000, seed: int =
     w.csv("failed_trials.csv", partial.failed)
     w.csv("missing_trials.csv", partial.missing)
     cr.write_tables(w.csv, exp, confounds)
+    if binary:
+        w.csv("binary_auc.csv", bin_summary)
+        w.csv("classification_report.csv", bin_report)
+    w.csv("calibration.csv", calibration)
 
     # ---------------------------------------------------------------- figures
     fig_dir = w.figures_dir
@@ -115,6 +126,11 @@ def build_report(out_dir: str | Path, bootstrap_samples: int = 2000, seed: int =
                                                   partial.folds_label(a).split(" ")[0])) for a in result_arms}
     fig_heat = w.figure(figs.heatmap_figure(metrics, arms, classes, fig_dir / "heatmap_classwise.png"))
     fig_roc = {a: w.figure(figs.roc_figure(curves, a, classes, fig_dir / figs.figure_name("roc", a))) for a in result_arms}
+    fig_pr = (w.figure(figs.precision_recall_figure(bn.pr_curves(main_preds, classes, result_arms), result_arms,
+                                                    bn.positive_class(classes), fig_dir / "precision_recall.png"))
+              if binary else None)
+    fig_rel = w.figure(figs.reliability_figure(cal.reliability_curves(main_preds, classes, result_arms), result_arms,
+                                               fig_dir / "reliability.png"))
     fig_learn = {}
     if main_epochs is not None:
         fig_learn = {a: w.figure(figs.learning_curve_figure(main_epochs, a, fig_dir / figs.figure_name("learning", a)))
@@ -134,6 +150,9 @@ def build_report(out_dir: str | Path, bootstrap_samples: int = 2000, seed: int =
     cr.shortcut_section(doc, confounds, classes, bootstrap_samples, seed)
     cr.per_site_section(doc, confounds, classes)
     _statistics(doc, tests, boot, result_arms, classes, bootstrap_samples, seed, exp.n_folds)
+    if binary:
+        _binary_section(doc, bin_summary, bin_report, result_arms, classes, fig_pr, report_dir, bootstrap_samples, seed)
+    _calibration_section(doc, calibration, fig_rel, report_dir)
     _figures(doc, exp, result_arms, arms, auc, roc_notes, fig_conf, fig_heat, fig_roc, fig_learn, report_dir, classes)
     if search is not None:
         sr.search_section(doc, exp, search, report_dir)
@@ -273,6 +292,61 @@ def _statistics(doc, tests, boot, result_arms, classes, n_boot, seed, n_folds) -
              "predictions: subjects are drawn with replacement and the metric recomputed; cells are "
              "pooled value [2.5 %, 97.5 %]. The intervals reflect test-set sampling only, not training variability.")
     doc.table(tb.bootstrap_display(boot, result_arms, classes), empty="No paper-protocol predictions.")
+
+
+DATA_LINE = "Data: each arm's pooled outer-test (out-of-fold) predictions."
+
+
+def _binary_section(doc, summary, report, result_arms, classes, fig_pr, report_dir, n_boot, seed) -> None:
+    positive = bn.positive_class(classes)
+    threshold, threshold_text = bn.decision_threshold()
+    doc.heading("Two-class results", 2)
+    doc.para(f"Positive class: `{positive}` (the second class in the run's class order "
+             + ", ".join(f"`{c}`" for c in classes) + f"); its score is prob_{positive}. Sensitivity and specificity "
+             f"use {threshold_text}: predicted {positive} when prob_{positive} > {threshold:g}, the same as the "
+             "argmax prediction.")
+    doc.heading("ROC AUC, average precision, sensitivity and specificity", 3)
+    doc.para(f"{DATA_LINE} Bootstrap: {n_boot} resamples of subjects (with replacement, a subject's rows together), "
+             f"seed {seed}; percentile 95% CI of the ROC AUC (scikit-learn roc_auc_score). Resamples with a single "
+             "label value have no AUC and are left out (counted in tables/binary_auc.csv). Average precision is "
+             "scikit-learn's average_precision_score.")
+    rows = []
+    for r in summary.itertuples(index=False):
+        rows.append({"Model": display_name(r.model), "Pre-trained": "yes" if r.pretrained else "no",
+                     "Subjects": r.n_subjects, "ROC AUC [95% CI]": f"{tb.fmt(r.auc) or 'n/a'} "
+                     f"[{tb.fmt(r.auc_low) or 'n/a'}, {tb.fmt(r.auc_high) or 'n/a'}]",
+                     "Average precision": tb.fmt(r.average_precision) or "n/a",
+                     f"Sensitivity ({threshold:g})": tb.fmt(r.sensitivity) or "n/a",
+                     f"Specificity ({threshold:g})": tb.fmt(r.specificity) or "n/a"})
+    doc.table(pd.DataFrame(rows), empty="No paper-protocol predictions.")
+    if fig_pr is not None:
+        doc.image(fig_pr, _rel(fig_pr, report_dir),
+                  f"Precision-recall curves of {positive} (scikit-learn precision_recall_curve), AP in the legend; "
+                  f"dotted: prevalence of {positive}. {DATA_LINE}")
+    doc.heading("Classification report", 3)
+    doc.para(f"scikit-learn classification_report at {threshold_text}, per arm: precision, recall, F1 and support "
+             "(subjects) per class, accuracy (in the F1 column, as scikit-learn prints it), macro and weighted "
+             f"averages (zero_division = 0). {DATA_LINE}")
+    display = pd.DataFrame({
+        "Model": report["model"].map(display_name), "Pre-trained": report["pretrained"].map({True: "yes", False: "no"}),
+        "": report["row"], "Precision": report["precision"].map(tb.fmt), "Recall": report["recall"].map(tb.fmt),
+        "F1": report["f1"].map(tb.fmt), "Support": report["support"]})
+    doc.table(display, empty="No paper-protocol predictions.")
+
+
+def _calibration_section(doc, calibration, fig_rel, report_dir) -> None:
+    doc.heading("Calibration", 2)
+    doc.para(f"{DATA_LINE} {cal.BRIER_DEFINITION}. {cal.ECE_DEFINITION}. Lower is better for both.")
+    doc.table(pd.DataFrame({"Model": calibration["model"].map(display_name),
+                            "Pre-trained": calibration["pretrained"].map({True: "yes", False: "no"}),
+                            "Predictions": calibration["n_predictions"], "Brier": calibration["brier"].map(tb.fmt),
+                            "ECE (10 bins)": calibration["ece"].map(tb.fmt)}),
+              empty="No paper-protocol predictions.")
+    if fig_rel is not None:
+        doc.image(fig_rel, _rel(fig_rel, report_dir),
+                  "Reliability diagram: accuracy against mean top-class confidence in each non-empty bin of 10 "
+                  f"equal-width bins (scikit-learn calibration_curve); the dashed diagonal is perfect calibration. "
+                  f"{DATA_LINE}")
 
 
 def _figures(doc, exp, result_arms, arms, auc, roc_notes, fig_conf, fig_heat, fig_roc, fig_learn, report_dir,
