@@ -329,7 +329,7 @@ def _binary_section(doc, summary, report, result_arms, classes, fig_pr, report_d
              f"averages (zero_division = 0). {DATA_LINE}")
     display = pd.DataFrame({
         "Model": report["model"].map(display_name), "Pre-trained": report["pretrained"].map({True: "yes", False: "no"}),
-        "": report["row"], "Precision": report["precision"].map(tb.fmt), "Recall": report["recall"].map(tb.fmt),
+        "Row": report["row"], "Precision": report["precision"].map(tb.fmt), "Recall": report["recall"].map(tb.fmt),
         "F1": report["f1"].map(tb.fmt), "Support": report["support"]})
     doc.table(display, empty="No paper-protocol predictions.")
 
