@@ -46,8 +46,12 @@ def decision_threshold() -> tuple[float, str]:
     return THRESHOLD, THRESHOLD_TEXT
 
 
-def _arm_frame(preds: pd.DataFrame, arm: Arm) -> pd.DataFrame:
-    return preds[(preds["model"] == arm[0]) & (preds["pretrained"] == arm[1])]
+def _arm_frames(preds: pd.DataFrame, arms: list[Arm]):
+    """(arm, its pooled predictions) for every arm that has any."""
+    for arm in arms:
+        arm_df = preds[(preds["model"] == arm[0]) & (preds["pretrained"] == arm[1])]
+        if not arm_df.empty:
+            yield arm, arm_df
 
 
 def _target_score(arm_df: pd.DataFrame, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -117,10 +121,7 @@ def binary_summary(preds: pd.DataFrame, classes: list[str], arms: list[Arm], n_r
     """One row per arm with predictions: AUC [bootstrap CI], average precision, sensitivity and specificity."""
     threshold, source = decision_threshold()
     rows = []
-    for arm in arms:
-        arm_df = _arm_frame(preds, arm)
-        if arm_df.empty:
-            continue
+    for arm, arm_df in _arm_frames(preds, arms):
         y, score = _target_score(arm_df, classes)
         sens, spec = sensitivity_specificity(y, score > threshold)
         ap = float(average_precision_score(y, score)) if y.any() else np.nan
@@ -134,10 +135,7 @@ def binary_summary(preds: pd.DataFrame, classes: list[str], arms: list[Arm], n_r
 def pr_curves(preds: pd.DataFrame, classes: list[str], arms: list[Arm]) -> dict:
     """arm -> (recall, precision, average precision, positive prevalence) from sklearn's precision_recall_curve."""
     curves = {}
-    for arm in arms:
-        arm_df = _arm_frame(preds, arm)
-        if arm_df.empty:
-            continue
+    for arm, arm_df in _arm_frames(preds, arms):
         y, score = _target_score(arm_df, classes)
         if not y.any():
             continue  # no positive subject: precision-recall is undefined
@@ -151,10 +149,7 @@ def classification_report_table(preds: pd.DataFrame, classes: list[str], arms: l
     then accuracy (in the f1 column, as sklearn prints it), macro avg and weighted avg; zero_division=0."""
     threshold, _ = decision_threshold()
     rows = []
-    for arm in arms:
-        arm_df = _arm_frame(preds, arm)
-        if arm_df.empty:
-            continue
+    for arm, arm_df in _arm_frames(preds, arms):
         report = classification_report(arm_df["label"].to_numpy(), threshold_predictions(arm_df, classes, threshold),
                                        labels=classes, output_dict=True, zero_division=0)
         for name in [*classes, "accuracy", "macro avg", "weighted avg"]:

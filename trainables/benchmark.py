@@ -49,7 +49,7 @@ from datasets import build_augmentation
 from datasets.device_augmentation import augment_light
 from datasets.volume_dataset import batch_to_video_layout, to_video_layout
 from models import MODEL_NAMES, build_model
-from trainables.fold_training import amp_setup, train_step, train_step_loss
+from trainables.fold_training import amp_setup, tensor_bytes, train_step, train_step_loss
 
 # The brain's bounding box at the paper's 2 mm in RAS (x, y, z): MNI152's brain is about 143 x 180 x 153 mm.
 DEFAULT_SHAPE = (72, 90, 77)
@@ -92,15 +92,6 @@ def train_step_flops(model: nn.Module, batch: torch.Tensor, labels: torch.Tensor
 
 def checkpoint_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
     """Tensor bytes of ``model.state_dict()`` and the optimizer's state: what a resumable checkpoint holds."""
-    def tensor_bytes(value) -> int:
-        if isinstance(value, torch.Tensor):
-            return value.element_size() * value.nelement()
-        if isinstance(value, dict):
-            return sum(tensor_bytes(v) for v in value.values())
-        if isinstance(value, (list, tuple)):
-            return sum(tensor_bytes(v) for v in value)
-        return 0
-
     return tensor_bytes(model.state_dict()) + tensor_bytes(optimizer.state_dict()["state"])
 
 

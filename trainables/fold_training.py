@@ -277,7 +277,7 @@ class WeightStore:
         weights = {k: v.detach().cpu() for k, v in weights.items()}
         local = isinstance(self.filesystem, pyarrow.fs.LocalFileSystem)  # a free-space probe means nothing remotely
         tmp = f"{self.path}/.{uuid.uuid4().hex}.tmp"
-        with (_disk_full_is_permanent(self.path, f"the best weights of epoch {epoch}", _tensor_bytes(weights))
+        with (_disk_full_is_permanent(self.path, f"the best weights of epoch {epoch}", tensor_bytes(weights))
               if local else contextlib.nullcontext()):
             self.filesystem.create_dir(self.path, recursive=True)
             try:
@@ -356,7 +356,7 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 def _save_atomic(payload: Any, path: Path) -> None:
     """A checkpoint file, whole or not at all; a full disk ends the trial as a PermanentTrialError that says so."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with _disk_full_is_permanent(path.parent, f"the checkpoint file {path.name}", _tensor_bytes(payload)):
+    with _disk_full_is_permanent(path.parent, f"the checkpoint file {path.name}", tensor_bytes(payload)):
         try:
             # Through a Python file a full disk shows as OSError(ENOSPC) (raised, or as the RuntimeError's
             # context); given a path, torch.save's own writer only says "unexpected pos ...".
@@ -383,14 +383,14 @@ def _disk_full_is_permanent(folder: str | os.PathLike, what: str, needed: int) -
         raise
 
 
-def _tensor_bytes(payload: Any) -> int:
+def tensor_bytes(payload: Any) -> int:
     """The bytes of the tensors in a (nested) state dict: the estimate of its file's size."""
     if isinstance(payload, torch.Tensor):
         return payload.numel() * payload.element_size()
     if isinstance(payload, dict):
-        return sum(_tensor_bytes(value) for value in payload.values())
+        return sum(tensor_bytes(value) for value in payload.values())
     if isinstance(payload, (list, tuple)):
-        return sum(_tensor_bytes(value) for value in payload)
+        return sum(tensor_bytes(value) for value in payload)
     return 0
 
 

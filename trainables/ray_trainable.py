@@ -37,7 +37,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import ray
 from ray import tune
 
@@ -55,7 +54,6 @@ CONFIG_ID_KEYS = ("lr", "weight_decay", "dropout", "augmentation", "aug_strength
                   "bn_recalibration")
 # Tune's metric (trainables.tuning.METRIC): Tune refuses a result without it, so the failure report carries NaN.
 TUNE_METRIC = "val_macro_f1_best"
-CACHE_FILES = ("volumes.npy", "subjects.csv", "meta.json")
 FAILURE_MARKER = ".permanent_failure.json"
 # With a negative --max-failures Tune restarts for ever; after this many no-op restarts the trial returns instead
 # (it then ends as Tune TERMINATED with its failure report, still collected as FAILED, but not resumed).
@@ -121,24 +119,11 @@ def node_label(node: dict[str, str]) -> str:
 
 # ---------------------------------------------------------------------------------------------- preflight
 def cache_problems(cache_dir: Path) -> list[str]:
-    """What keeps this node from reading the cache entry, one line per problem ([] when it can).
-
-    ``CachedDataset.verify(full=False)`` (presence and sizes against meta.json) where the cache has it; else
-    the three files must exist and volumes.npy must open as an array.
-    """
+    """What keeps this node from reading the cache entry, one line per problem ([] when it can): presence and
+    sizes against meta.json (``CachedDataset.verify(full=False)``; the driver checked the checksums)."""
     if not cache_dir.is_dir():
         return [f"the folder {cache_dir} does not exist here"]
-    verify = getattr(CachedDataset(cache_dir), "verify", None)
-    if callable(verify):
-        return list(verify(full=False))
-    missing = [f"{name} is missing" for name in CACHE_FILES if not (cache_dir / name).is_file()]
-    if missing:
-        return missing
-    try:
-        np.load(cache_dir / "volumes.npy", mmap_mode="r")
-    except (OSError, ValueError) as error:
-        return [f"volumes.npy cannot be opened ({type(error).__name__}: {error})"]
-    return []
+    return CachedDataset(cache_dir).verify(full=False)
 
 
 def check_cache(cache_dir: Path, node: dict[str, str]) -> None:

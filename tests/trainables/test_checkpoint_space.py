@@ -26,7 +26,7 @@ def test_a_checkpoint_that_fits_is_written_whole(tmp_path):
     loaded = torch.load(tmp_path / "fold_state.pt", weights_only=False)
     torch.testing.assert_close(loaded["model"], STATE["model"], rtol=0, atol=0)
     assert loaded["history"] == STATE["history"] and [p.name for p in tmp_path.iterdir()] == ["fold_state.pt"]
-    assert fold_training._tensor_bytes(STATE) == STATE_BYTES
+    assert fold_training.tensor_bytes(STATE) == STATE_BYTES
 
 
 def test_too_little_free_space_stops_before_writing(tmp_path, full_disk):
