@@ -37,6 +37,11 @@ log = logging.getLogger("tune_main")
 # epoch (138-398 MB, then copied by Tune) cost ~35 s of a ~215 s grid (measured: 9 trials, 2 cores).
 DEMO_EPOCHS = 8
 DEMO_DATA = {"n_hgg": 20, "n_lgg": 20, "n_healthy": 20, "seed": 0, "downsample": 4.0}
+# --demo-task mgmt: the same training budget on synthetic RSNA-MICCAI 2021 DICOM (two classes, two series as
+# channels; FLAIR stored sagittally for every second subject, so the DICOM orientation handling is exercised).
+DEMO_RSNA_DATA = {"n_methylated": 30, "n_unmethylated": 30, "seed": 0, "downsample": 4.0,
+                  "sequences": ("FLAIR", "T1wCE"), "sagittal": ("FLAIR",)}
+DEMO_RSNA_CONTRASTS = ("flair", "t1wce")
 DEMO_OPTIONS = {"spacing": 10.0, "epochs": DEMO_EPOCHS, "num_samples": 2, "search_models": ("mc3_18",),
                 "overrides": {"lr": 3e-4, "checkpoint_every": DEMO_EPOCHS}}
 
@@ -44,6 +49,9 @@ DEMO_OPTIONS = {"spacing": 10.0, "epochs": DEMO_EPOCHS, "num_samples": 2, "searc
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--experiment", choices=["paper", "search", "demo"], help="default demo")
+    p.add_argument("--demo-task", choices=["tumour", "mgmt"],
+                   help="demo data: tumour (synthetic BraTS/IXI, LGG/HGG/Healthy; default) or mgmt (synthetic "
+                        "RSNA-MICCAI 2021 DICOM, unmethylated/methylated, FLAIR + T1wCE)")
     p.add_argument("--output", help="experiment folder (default runs/<experiment>); reuse it to resume")
     p.add_argument("--resume", action="store_true",
                    help="continue the experiment in --output with the options saved there (no need to repeat them)")
@@ -51,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     source = data.add_mutually_exclusive_group()
     source.add_argument("--data-root", help="folder with BraTS 2019 {HGG,LGG}/<subject>/ and IXI IXI*-T1.nii.gz")
     source.add_argument("--manifest", help="CSV: subject_id, label, path or path_<contrast>..., optional group")
-    data.add_argument("--contrasts", default="t1ce", help="comma list of BraTS contrasts as input channels")
+    data.add_argument("--contrasts", help="comma list of input channels: BraTS contrasts (t1, t1ce, t2, flair; "
+                                          "default t1ce) or RSNA-MICCAI series (flair, t1w, t1wce, t2w)")
     data.add_argument("--classes", help="comma list of labels in output order (default: from the data)")
     data.add_argument("--skip-invalid", action="store_true", help="leave invalid volumes out instead of stopping")
     data.add_argument("--allow-unstripped", action="store_true",
@@ -64,9 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--cache-dir", help="preprocessing cache (default OUT/cache)")
     data.add_argument("--spacing", type=float, help="voxel size in mm after resampling (default 2.0)")
     proto = p.add_argument_group("protocol")
-    proto.add_argument("--models", help="comma list of r2plus1d_18, mc3_18, r3d_18 (default all)")
-    proto.add_argument("--pretrained", choices=["none", "kinetics", "both"], help="default both")
-    proto.add_argument("--weights-dir", help="folder with torchvision's Kinetics-400 .pth files")
+    proto.add_argument("--models", help="comma list of r2plus1d_18, mc3_18, r3d_18 (default: these, the paper's) "
+                                        "and resnet18_2d (the 2-D slice baseline, opt-in)")
+    proto.add_argument("--pretrained", choices=["none", "kinetics", "both"],
+                       help="kinetics: each model's standard pre-training (Kinetics-400; ImageNet for resnet18_2d); "
+                            "default both")
+    proto.add_argument("--weights-dir", help="folder with torchvision's Kinetics-400 .pth files "
+                                             "(and resnet18-f37072fd.pth, ImageNet, for resnet18_2d)")
     proto.add_argument("--folds", type=int, help="number of outer folds / random splits (default 3)")
     proto.add_argument("--split", choices=["kfold", "shuffle"], help="k-fold CV (2:1) or random 70:30 splits")
     proto.add_argument("--epochs", type=int)
@@ -99,7 +112,8 @@ def saved_options(output: Path) -> dict:
 
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     experiment = args.experiment or "demo"
-    output = Path(args.output or f"runs/{experiment}").resolve()
+    default_name = f"{experiment}-mgmt" if experiment == "demo" and args.demo_task == "mgmt" else experiment
+    output = Path(args.output or f"runs/{default_name}").resolve()
     if args.resume:
         options = saved_options(output)  # options given on the command line below must agree with these
         if args.experiment:
@@ -108,6 +122,11 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
         options = {"experiment": experiment}
         if experiment == "demo":
             options.update(DEMO_OPTIONS)
+            if args.demo_task == "mgmt":
+                options.update({"demo_task": "mgmt", "contrasts": DEMO_RSNA_CONTRASTS})
+        elif args.demo_task:
+            raise ValueError(f"--demo-task is for --experiment demo; --experiment {experiment} reads --data-root "
+                             "or --manifest (the RSNA-MICCAI layout is recognised under --data-root)")
         elif not (args.data_root or args.manifest):
             raise ValueError(f"--experiment {experiment} needs --data-root DIR or --manifest CSV "
                              "(or run --experiment demo on the built-in synthetic data)")
@@ -115,7 +134,7 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     given = {
         "data_root": args.data_root and str(Path(args.data_root).resolve()),
         "manifest": args.manifest and str(Path(args.manifest).resolve()),
-        "contrasts": split_list(args.contrasts), "classes": split_list(args.classes) if args.classes else None,
+        "contrasts": split_list(args.contrasts) if args.contrasts else None, "classes": split_list(args.classes) if args.classes else None,
         "skip_invalid": args.skip_invalid or None, "allow_unstripped": args.allow_unstripped or None,
         "register": args.register, "max_per_class": parse_max_per_class(args.max_per_class) or None,
         "cache_dir": args.cache_dir and str(Path(args.cache_dir).resolve()),
@@ -137,13 +156,16 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
 
 def ensure_demo_data(config: ExperimentConfig) -> None:
     """Generate the synthetic phantoms once; later demos reuse them."""
-    from datasets.synthetic import write_synthetic_dataset
-
-    root = config.cache_path / "demo-data"
+    if config.demo_task == "mgmt":
+        from datasets.synthetic_rsna import write_synthetic_rsna as write
+        root, parameters, what = config.cache_path / "demo-rsna-data", DEMO_RSNA_DATA, "RSNA-MICCAI 2021 DICOM"
+    else:
+        from datasets.synthetic import write_synthetic_dataset as write
+        root, parameters, what = config.cache_path / "demo-data", DEMO_DATA, "BraTS/IXI"
     if not (root / ".complete").is_file():
-        print(f"Generating synthetic BraTS/IXI phantoms in {root} ...", flush=True)
-        write_synthetic_dataset(root, **DEMO_DATA)
-        (root / ".complete").write_text(json.dumps(DEMO_DATA))
+        print(f"Generating synthetic {what} phantoms in {root} ...", flush=True)
+        write(root, **parameters)
+        (root / ".complete").write_text(json.dumps(parameters))
     config.data_root = str(root)
 
 
@@ -160,7 +182,7 @@ def check_kinetics_weights(config: ExperimentConfig) -> None:
         return
     if config.experiment != "demo":
         raise KineticsWeightsNotFound("\n\n".join(missing.values()) + "\n\nOr run with --pretrained none.")
-    print(f"Demo: Kinetics-400 weights not found for {', '.join(missing)}; running the from-scratch arms only "
+    print(f"Demo: pre-trained weights not found for {', '.join(missing)}; running the from-scratch arms only "
           f"(put torchvision's files in --weights-dir to include them).")
     config.pretrained = "none"
 

@@ -10,6 +10,7 @@ def summary(report_dir: Path) -> str:
     """One screen: macro F1 per arm, ours beside the published value, the baselines, and the shortcut check."""
     import pandas as pd
 
+    from analysis.names import arm_label
     from analysis.tables import fmt, fmt_diff, fmt_pm
 
     tables = report_dir / "tables"
@@ -19,17 +20,21 @@ def summary(report_dir: Path) -> str:
     arms = pd.read_csv(tables / "arms.csv")[["model", "pretrained", "folds_planned"]]
     planned = int(arms["folds_planned"].max()) if len(arms) else None
     sel = comp[comp["metric"] == "macro_f1"].merge(arms, on=["model", "pretrained"], how="left")
-    lines = ["Macro F1 per arm, paper protocol (* = best fold mean; [baseline] rows do not compete):",
-             f"{'arm':<42} {'folds':>5}  {'macro F1 (mean ± std)':<22} {'pooled':>7} {'paper':>7} {'diff':>8}"]
+    rows = []
     for r in sel.itertuples(index=False):
         if r.baseline:
             arm = f"{r.display_name} [baseline]"
             folds = f"{r.folds}/{planned if planned is not None else '?'}"
         else:
-            arm = f"{r.display_name} ({'pre-trained' if r.pretrained else 'scratch'})"
+            arm = arm_label(r.model, bool(r.pretrained))
             folds = f"{r.folds}/{int(r.folds_planned)}"
+        rows.append((arm, folds, r))
+    width = max([42, *(len(arm) for arm, _, _ in rows)])  # the 2-D baseline's label is longer than the paper arms'
+    lines = ["Macro F1 per arm, paper protocol (* = best fold mean; [baseline] rows do not compete):",
+             f"{'arm':<{width}} {'folds':>5}  {'macro F1 (mean ± std)':<22} {'pooled':>7} {'paper':>7} {'diff':>8}"]
+    for arm, folds, r in rows:
         star = " *" if r.winner else ""
-        lines.append(f"{arm:<42} {folds:>5}  {fmt_pm(r.mean, r.std):<22} {fmt(r.pooled):>7} "
+        lines.append(f"{arm:<{width}} {folds:>5}  {fmt_pm(r.mean, r.std):<22} {fmt(r.pooled):>7} "
                      f"{fmt(r.paper_mean):>7} {fmt_diff(r.difference):>8}{star}")
     lines.append(_shortcut_line(tables, bool(comp["baseline"].any())))
     lines += _search_lines(tables)

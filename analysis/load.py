@@ -60,6 +60,9 @@ class Experiment:
     # so a reader can audit that no candidate of fold k ever saw fold k's test subjects.
     trial_subjects: pd.DataFrame | None = None
     splits: dict[int, dict[str, list[str]]] | None = None
+    # Optional (newer runs): each trial's inner validation part, scored with the weights chosen on it; used
+    # only to choose two-class decision thresholds without test subjects (analysis.binary).
+    val_predictions: pd.DataFrame | None = None
 
     @property
     def experiment(self) -> str:
@@ -139,7 +142,8 @@ class Experiment:
 
 
 def load_experiment(out_dir: str | Path) -> Experiment:
-    """Read OUT/experiment.json, predictions.csv and (when present) epochs.csv and trials.csv."""
+    """Read OUT/experiment.json, predictions.csv and (when present) epochs.csv, trials.csv and the optional
+    tables: baselines, subjects, trial subjects, splits and validation predictions."""
     out_dir = Path(out_dir)
     meta_path = out_dir / "experiment.json"
     pred_path = out_dir / "predictions.csv"
@@ -166,10 +170,14 @@ def load_experiment(out_dir: str | Path) -> Experiment:
     trial_subjects = _read_optional(out_dir / "trial_subjects.csv", notes, "the search's leak check",
                                     _read_trial_subjects)
     splits = _read_optional(out_dir / "splits.json", notes, "the search's leak check", _read_splits)
+    val_predictions = _read_optional(out_dir / "val_predictions.csv", notes,
+                                     "validation-chosen thresholds (0.5 is used instead)",
+                                     lambda p: _read_predictions(p, classes))
     return Experiment(out_dir=out_dir, meta=meta, classes=classes, n_folds=meta["n_folds"],
                       predictions=predictions, epochs=epochs, trials=trials, notes=notes,
                       baseline_predictions=baseline_predictions, baseline_selection=baseline_selection,
-                      subjects=subjects, trial_subjects=trial_subjects, splits=splits)
+                      subjects=subjects, trial_subjects=trial_subjects, splits=splits,
+                      val_predictions=val_predictions)
 
 
 def _read_optional(path: Path, notes: list[str], what: str, reader: Callable[[Path], pd.DataFrame]) -> pd.DataFrame | None:

@@ -19,13 +19,23 @@ BASELINE_NAMES = {"acquisition_baseline": "acquisition-only baseline",
                   "histogram_baseline": "intensity-histogram baseline"}
 
 
+# What "pre-trained" means when the arm label does not say: the paper's video models start from Kinetics-400.
+DEFAULT_PRETRAINING = "Kinetics-400"
+
+
 @lru_cache(maxsize=1)
-def _display_names() -> tuple[dict[str, str], str | None]:
+def _model_tables() -> tuple[dict[str, str], dict[str, str], str | None]:
+    """(display names, pre-training data set per model, why they fell back), from `models` once."""
     try:
-        from models import DISPLAY_NAMES  # heavy: pulls in torch
+        from models import DISPLAY_NAMES, PRETRAINING_DATASETS  # heavy: pulls in torch
     except Exception as exc:  # noqa: BLE001 - any import failure only costs us pretty names
-        return {}, f"could not import models.DISPLAY_NAMES ({type(exc).__name__}: {exc}); model keys shown instead"
-    return dict(DISPLAY_NAMES), None
+        return {}, {}, f"could not import models.DISPLAY_NAMES ({type(exc).__name__}: {exc}); model keys shown instead"
+    return dict(DISPLAY_NAMES), dict(PRETRAINING_DATASETS), None
+
+
+def _display_names() -> tuple[dict[str, str], str | None]:
+    names, _, note = _model_tables()
+    return names, note
 
 
 def display_names_note() -> str | None:
@@ -48,11 +58,21 @@ def normalise_name(name: str) -> str:
     return re.sub(r"\s+", "", str(name)).casefold()
 
 
+def pretraining_label(model: str) -> str:
+    """'pre-trained' for a Kinetics-400 model (the paper's word); else the data set, e.g. 'ImageNet pre-trained'.
+
+    The 2-D baseline's pre-training is ImageNet, and a reader comparing arms must not take it for Kinetics.
+    """
+    dataset = _model_tables()[1].get(model, DEFAULT_PRETRAINING)
+    return "pre-trained" if dataset == DEFAULT_PRETRAINING else f"{dataset} pre-trained"
+
+
 def arm_label(model: str, pretrained: bool) -> str:
-    """'ResNet3D (pre-trained)'; a baseline has no pre-training to speak of, so just its name."""
+    """'ResNet3D (pre-trained)', '2-D baseline: ResNet18 on axial slices (ImageNet pre-trained)'; a scikit-learn
+    baseline has no pre-training to speak of, so just its name."""
     if is_baseline(model):
         return display_name(model)
-    return f"{display_name(model)} ({'pre-trained' if pretrained else 'scratch'})"
+    return f"{display_name(model)} ({pretraining_label(model) if pretrained else 'scratch'})"
 
 
 def arm_slug(model: str, pretrained: bool) -> str:

@@ -26,6 +26,15 @@ def paper_results() -> pd.DataFrame:
     return frame
 
 
+PAPER_TASK = frozenset({"LGG", "HGG", "Healthy"})
+
+
+def is_paper_task(classes) -> bool:
+    """True when a run classifies exactly the paper's three classes: only then are its numbers comparable with the
+    published ones (an LGG-vs-HGG run's LGG F1, or an MGMT run's macro F1, answers another question)."""
+    return frozenset(classes) == PAPER_TASK
+
+
 def published(model: str, pretrained: bool, metric: str, cls: str = "") -> tuple[float, float, int | None]:
     """(mean, std, table) published for this arm; NaNs and None when the paper has no such number.
 

@@ -19,7 +19,7 @@ from datasets.atomic import write_text_atomic
 from analysis.load import Experiment, check_one_trial_per_fold, load_experiment
 from analysis.metrics import arm_metrics, confusion_counts, roc_per_class
 from analysis.names import Arm, arm_label, display_name, display_names_note
-from analysis.paper import PAPER_CITATION, published
+from analysis.paper import PAPER_CITATION, is_paper_task, published
 from analysis.partial import STATUS_MEANING, PartialResults, partial_results
 from analysis.stats import POWER_CAVEAT, bootstrap_f1_ci, pairwise_tests
 from analysis import search_report as sr
@@ -94,8 +94,9 @@ def build_report(out_dir: str | Path, bootstrap_samples: int = 2000, seed: int =
     partial.extra_folds.update(cr.baseline_folds(confounds, exp.n_folds))
     binary = bn.is_binary(classes)
     if binary:
-        bin_summary = bn.binary_summary(main_preds, classes, result_arms, bootstrap_samples, seed)
-        bin_report = bn.classification_report_table(main_preds, classes, result_arms)
+        thresholds = bn.fold_thresholds(main_preds, exp.select_main(exp.val_predictions), classes)
+        bin_summary = bn.binary_summary(main_preds, classes, result_arms, bootstrap_samples, seed, thresholds)
+        bin_report = bn.classification_report_table(main_preds, classes, result_arms, thresholds)
     calibration = cal.calibration_table(main_preds, classes, result_arms)
     comp = tb.paper_comparison(metrics, arms, classes, partial, confounds.baseline_metrics, confounds.baseline_arms)
 
@@ -115,13 +116,15 @@ def build_report(out_dir: str | Path, bootstrap_samples: int = 2000, seed: int =
     cr.write_tables(w.csv, exp, confounds)
     if binary:
         w.csv("binary_auc.csv", bin_summary)
+        w.csv("thresholds.csv", thresholds)
         w.csv("classification_report.csv", bin_report)
     w.csv("calibration.csv", calibration)
 
     # ---------------------------------------------------------------- figures
     fig_dir = w.figures_dir
     fig_macro = w.figure(figs.macro_f1_figure(metrics, arms, fig_dir / "macro_f1_by_arm.png",
-                                              lambda arm: published(arm[0], arm[1], "macro_f1")[0]))
+                                              lambda arm: published(arm[0], arm[1], "macro_f1")[0]
+                                              if is_paper_task(classes) else float("nan")))
     fig_conf = {a: w.figure(figs.confusion_figure(confusion, a, classes, fig_dir / figs.figure_name("confusion", a),
                                                   partial.folds_label(a).split(" ")[0])) for a in result_arms}
     fig_heat = w.figure(figs.heatmap_figure(metrics, arms, classes, fig_dir / "heatmap_classwise.png"))
@@ -244,6 +247,9 @@ def _main_tables(doc, exp, comp, metrics, arms, partial, fig_macro, report_dir, 
              f"mean − published. **Bold** with {tb.STAR} marks the best arm of a column (ours by fold mean; in the "
              "published column the paper's best). *Folds* shows folds present / planned; an arm with fewer folds "
              "than planned is marked with the missing fold numbers. Arms without any result show *no results*.")
+    if not is_paper_task(exp.classes):
+        doc.para(f"This run's classes ({', '.join(exp.classes)}) are not the paper's three (LGG, HGG, Healthy), so no "
+                 "published value is shown: the paper's numbers answer another question.")
     if confounds.baseline_arms:
         doc.para("Rows in *italics* marked *baseline* are the scikit-learn baselines (see *Data, cohort and "
                  "confounds*), computed from baseline_predictions.csv on the same outer folds with the same metric "
@@ -299,12 +305,19 @@ DATA_LINE = "Data: each arm's pooled outer-test (out-of-fold) predictions."
 
 def _binary_section(doc, summary, report, result_arms, classes, fig_pr, report_dir, n_boot, seed) -> None:
     positive = bn.positive_class(classes)
-    threshold, threshold_text = bn.decision_threshold()
     doc.heading("Two-class results", 2)
     doc.para(f"Positive class: `{positive}` (the second class in the run's class order "
-             + ", ".join(f"`{c}`" for c in classes) + f"); its score is prob_{positive}. Sensitivity and specificity "
-             f"use {threshold_text}: predicted {positive} when prob_{positive} > {threshold:g}, the same as the "
-             "argmax prediction.")
+             + ", ".join(f"`{c}`" for c in classes) + f"); its score is prob_{positive}, predicted {positive} when "
+             f"prob_{positive} > the threshold. Two thresholds are reported side by side: 0.5, the argmax prediction "
+             "that papers report, and the validation-chosen threshold: each fold's own threshold, chosen by Youden's "
+             "J (sensitivity + specificity - 1, from scikit-learn roc_curve) on that fold's inner validation part "
+             "and applied to that fold's test subjects only, then pooled, so no test subject influences the "
+             "threshold applied to it. Among equally good cuts the one closest to 0.5 is taken. The validation "
+             "scores come from the weights selected on that same part, so they are optimistic there: a threshold "
+             "placed on them need not hold on test. A fold whose validation part holds one class, where no cut "
+             "beats chance, or that saved no validation predictions (runs made before they were saved) uses 0.5; "
+             "the arm's line below says which. Each fold's threshold: `tables/thresholds.csv`.")
+    doc.bullets([f"{arm_label(r.model, r.pretrained)}: {r.threshold_source}." for r in summary.itertuples(index=False)])
     doc.heading("ROC AUC, average precision, sensitivity and specificity", 3)
     doc.para(f"{DATA_LINE} Bootstrap: {n_boot} resamples of subjects (with replacement, a subject's rows together), "
              f"seed {seed}; percentile 95% CI of the ROC AUC (scikit-learn roc_auc_score). Resamples with a single "
@@ -316,19 +329,22 @@ def _binary_section(doc, summary, report, result_arms, classes, fig_pr, report_d
                      "Subjects": r.n_subjects, "ROC AUC [95% CI]": f"{tb.fmt(r.auc) or 'n/a'} "
                      f"[{tb.fmt(r.auc_low) or 'n/a'}, {tb.fmt(r.auc_high) or 'n/a'}]",
                      "Average precision": tb.fmt(r.average_precision) or "n/a",
-                     f"Sensitivity ({threshold:g})": tb.fmt(r.sensitivity) or "n/a",
-                     f"Specificity ({threshold:g})": tb.fmt(r.specificity) or "n/a"})
+                     "Sensitivity (0.5)": tb.fmt(r.sensitivity_argmax) or "n/a",
+                     "Specificity (0.5)": tb.fmt(r.specificity_argmax) or "n/a",
+                     "Sensitivity (validation threshold)": tb.fmt(r.sensitivity) or "n/a",
+                     "Specificity (validation threshold)": tb.fmt(r.specificity) or "n/a"})
     doc.table(pd.DataFrame(rows), empty="No paper-protocol predictions.")
     if fig_pr is not None:
         doc.image(fig_pr, _rel(fig_pr, report_dir),
                   f"Precision-recall curves of {positive} (scikit-learn precision_recall_curve), AP in the legend; "
                   f"dotted: prevalence of {positive}. {DATA_LINE}")
     doc.heading("Classification report", 3)
-    doc.para(f"scikit-learn classification_report at {threshold_text}, per arm: precision, recall, F1 and support "
-             "(subjects) per class, accuracy (in the F1 column, as scikit-learn prints it), macro and weighted "
-             f"averages (zero_division = 0). {DATA_LINE}")
+    doc.para("scikit-learn classification_report per arm, at 0.5 and at the validation-chosen thresholds (each "
+             "fold its own): precision, recall, F1 and support (subjects) per class, accuracy (in the F1 column, as "
+             f"scikit-learn prints it), macro and weighted averages (zero_division = 0). {DATA_LINE}")
     display = pd.DataFrame({
         "Model": report["model"].map(display_name), "Pre-trained": report["pretrained"].map({True: "yes", False: "no"}),
+        "Threshold": report["threshold_rule"].map({bn.ARGMAX_RULE: "0.5", bn.VALIDATION_RULE: "validation (per fold)"}),
         "Row": report["row"], "Precision": report["precision"].map(tb.fmt), "Recall": report["recall"].map(tb.fmt),
         "F1": report["f1"].map(tb.fmt), "Support": report["support"]})
     doc.table(display, empty="No paper-protocol predictions.")

@@ -1,4 +1,4 @@
-"""``python -m datasets check|synthetic|prepare``: look at data before spending GPU hours on it."""
+"""``python -m datasets check|synthetic|synthetic-rsna|prepare``: look at data before spending GPU hours on it."""
 from __future__ import annotations
 
 import argparse
@@ -14,9 +14,13 @@ from datasets.validation import ValidationReport
 
 def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data-root", help="folder holding BraTS 2019 ({HGG,LGG}/<subject>/) and IXI (IXI*-T1.nii.gz)")
+    source.add_argument("--data-root", help="folder holding BraTS 2019 ({HGG,LGG}/<subject>/) and IXI "
+                                            "(IXI*-T1.nii.gz), or the RSNA-MICCAI 2021 train/ and train_labels.csv "
+                                            "(or train/ itself)")
     source.add_argument("--manifest", help="CSV with subject_id, label, path or path_<contrast> columns, optional group")
-    parser.add_argument("--contrasts", default="t1ce", help="comma list of BraTS contrasts used as channels (default t1ce)")
+    parser.add_argument("--contrasts", default="t1ce",
+                        help="comma list of BraTS contrasts used as channels (default t1ce); for RSNA-MICCAI: flair, "
+                             "t1w, t1wce, t2w (t1, t1ce, t2 are aliases)")
     parser.add_argument("--classes", default=None, help="comma list of labels, in output order (default: from the data)")
     parser.add_argument("--skip-invalid", action="store_true", help="leave invalid files out instead of failing")
     parser.add_argument("--allow-unstripped", action="store_true",
@@ -31,6 +35,10 @@ def _spec(args: argparse.Namespace) -> DataSpec:
         skip_invalid=args.skip_invalid, allow_unstripped=args.allow_unstripped,
         max_per_class=parse_max_per_class(getattr(args, "max_per_class", [])),
     )
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
 def _report_class_counts(report: ValidationReport, folds: int | None, split: str | None) -> bool:
@@ -79,6 +87,17 @@ def main(argv: list[str] | None = None) -> int:
                            help="IXI phantoms: skull-stripped (default), raw heads with skull and noisy background, "
                                 "or both (raw -T1 and BET-like -T1_brain)")
 
+    rsna = commands.add_parser("synthetic-rsna", help="write an RSNA-MICCAI 2021 shaped tree of DICOM phantoms "
+                                                      "(train/<BraTS21ID>/<sequence>/*.dcm, train_labels.csv)")
+    rsna.add_argument("out")
+    rsna.add_argument("--methylated", type=int, default=10)
+    rsna.add_argument("--unmethylated", type=int, default=10)
+    rsna.add_argument("--seed", type=int, default=0)
+    rsna.add_argument("--downsample", type=float, default=1.0, help="divide image sizes by this (tests use 4)")
+    rsna.add_argument("--sequences", default="flair,t1w,t1wce,t2w", help="sequences to write, comma list")
+    rsna.add_argument("--sagittal", default="flair",
+                      help="sequences stored as sagittal stacks for every second subject, comma list ('' for none)")
+
     prepare = commands.add_parser("prepare", help="validate, preprocess into the cache and draw the splits")
     _add_source_arguments(prepare)
     prepare.add_argument("--cache-dir", required=True)
@@ -114,6 +133,15 @@ def main(argv: list[str] | None = None) -> int:
                                            ixi=args.ixi)
             print(f"Synthetic BraTS/IXI tree written to {root} (HGG {args.hgg}, LGG {args.lgg}, Healthy {args.healthy}; "
                   f"IXI {args.ixi})")
+            return 0
+        if args.command == "synthetic-rsna":
+            from datasets.synthetic_rsna import write_synthetic_rsna
+
+            root = write_synthetic_rsna(args.out, args.methylated, args.unmethylated, seed=args.seed,
+                                        downsample=args.downsample, sequences=_names(args.sequences),
+                                        sagittal=_names(args.sagittal))
+            print(f"Synthetic RSNA-MICCAI tree written to {root} (methylated {args.methylated}, unmethylated "
+                  f"{args.unmethylated}; sequences {args.sequences}; sagittal {args.sagittal or 'none'})")
             return 0
         prepared = prepare_data(_spec(args), PreprocessConfig(spacing=args.spacing, register=args.register),
                                 SplitSpec(args.split, args.folds, seed=args.seed), args.cache_dir, args.splits_file)

@@ -9,9 +9,10 @@ import errno
 import hashlib
 import os
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 
 @dataclass(frozen=True)
@@ -82,3 +83,17 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> FileDigest:
 def write_csv_atomic(frame, path: str | os.PathLike) -> FileDigest:
     """A pandas DataFrame without its index."""
     return write_text_atomic(path, frame.to_csv(index=False, lineterminator="\n"))
+
+
+def write_via_temp_file(path: str | os.PathLike, write: Callable[[str], object]) -> None:
+    """``write(tmp)`` then rename, for writers that only take a file name (ITK, ANTs, GDCM): readers never see a
+    partial file. The temporary name is hidden and keeps the real suffix, because ITK picks its writer from it."""
+    final = Path(path)
+    suffix = ".nii.gz" if final.name.endswith(".nii.gz") else final.suffix
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{suffix}")
+    try:
+        write(str(tmp))
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -16,8 +16,10 @@ import pandas as pd
 
 from datasets.acquisition import PROFILE_COLUMNS, looks_stripped
 from datasets.cohort import check_max_per_class, draw_cohort, save_cohort
+from datasets.dicom import convert_records, dicom_cache_dir
 from datasets.preprocessing import CachedDataset, PreprocessConfig, preprocess
 from datasets.records import SubjectRecord
+from datasets.rsna import discover_rsna, find_rsna_layout
 from datasets.sources import class_order, discover_brats_ixi, read_manifest
 from datasets.splits import SplitPlan, audit_splits, check_class_counts, check_split_options, plan_splits
 from datasets.stripping import StrippingCheck, check_stripping, require_consistent_stripping
@@ -92,16 +94,23 @@ class PreparedData:
 
 
 def load_records(spec: DataSpec) -> list[SubjectRecord]:
+    """The subjects of the manifest, the RSNA-MICCAI 2021 tree (DICOM series folders as paths) or BraTS/IXI."""
     if spec.manifest is not None:
         return read_manifest(spec.manifest)
+    if find_rsna_layout(spec.data_root) is not None:
+        return discover_rsna(spec.data_root, spec.contrasts)
     return discover_brats_ixi(spec.data_root, spec.contrasts)
 
 
 def check_data(spec: DataSpec, cache_root: str | os.PathLike | None = None) -> ValidationReport:
     records = load_records(spec)
     classes = class_order(records, spec.classes)
+    # DICOM series become cached NIfTI first; an unusable series is reported with the other problems.
+    records, unconverted = convert_records(records, dicom_cache_dir(cache_root))
     cache_file = Path(cache_root) / "validation.json" if cache_root else None
-    return validate_records(records, classes, cache_file)
+    report = validate_records(records, classes, cache_file)
+    report.problems[:0] = unconverted
+    return report
 
 
 def subject_table(records: list[SubjectRecord], report: ValidationReport) -> pd.DataFrame:

@@ -321,7 +321,7 @@ def _move_aside(directory: Path, problems: list[str]) -> None:
                 "is no longer needed.", directory, "; ".join(problems), aside.name, aside)
 
 
-def _preprocess_all(records: list[SubjectRecord], config: PreprocessConfig, final: Path,
+def _preprocess_all(records: list[SubjectRecord], config: PreprocessConfig, final: Path | str,
                     num_workers: int | None) -> list[np.ndarray | VolumeFailure]:
     workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
     log.info("Preprocessing %d subjects into %s with %d worker(s)", len(records), final, workers)
@@ -331,6 +331,36 @@ def _preprocess_all(records: list[SubjectRecord], config: PreprocessConfig, fina
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
             return list(pool.map(_preprocess_subject, paths, [config] * len(paths), chunksize=4))
     return [_preprocess_subject(p, config) for p in paths]
+
+
+def preprocess_volumes(records: Sequence[SubjectRecord], config: PreprocessConfig,
+                       num_workers: int | None = None) -> tuple[np.ndarray, list[Problem]]:
+    """``records`` preprocessed as a cache entry's volumes are, but in memory and not cached: new scans to predict
+    (``trainables/predict.py``) must reach the models in exactly the form their training data had.
+
+    ``config.target_shape`` is required: the entry's crop shape (its meta.json ``shape``), to which each volume is
+    centred as ``_write_entry`` does. Returns the (N, C, X, Y, Z) float16 volumes of the subjects that could be
+    preprocessed, in the order given, and one Problem per subject that could not (the caller decides whether that
+    stops it).
+    """
+    if config.target_shape is None:
+        raise ValueError("preprocess_volumes needs config.target_shape: the crop shape of the cache entry the models "
+                         "were trained on (its meta.json 'shape')")
+    records = list(records)
+    results = _preprocess_all(records, config, "memory (not cached)", num_workers) if records else []
+    problems = [Problem(r.subject_id, v.path, v.reason) for r, v in zip(records, results) if isinstance(v, VolumeFailure)]
+    kept = []
+    for record, volume in zip(records, results):
+        if isinstance(volume, VolumeFailure):
+            continue
+        if any(size > limit for size, limit in zip(volume.shape[1:], config.target_shape)):
+            # The training crop was the largest brain of the run's data: a larger brain loses its edges here.
+            log.warning("Subject %s: brain bounding box %s is larger than the run's crop %s; its edges are cut off",
+                        record.subject_id, "x".join(map(str, volume.shape[1:])), "x".join(map(str, config.target_shape)))
+        kept.append(_centre_to_shape(volume, config.target_shape))
+    channels = len(records[0].paths) if records else 1
+    empty = np.empty((0, channels, *config.target_shape), dtype=np.float16)
+    return (np.stack(kept) if kept else empty), problems
 
 
 def _require_preprocessed(problems: list[Problem], total: int, skip_invalid: bool) -> None:

@@ -36,7 +36,6 @@ import os
 import shutil
 import tempfile
 import time
-import uuid
 import zlib
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
@@ -46,6 +45,7 @@ from typing import Iterator, Sequence
 import nibabel as nib
 import numpy as np
 
+from datasets.atomic import write_via_temp_file
 from datasets.records import SubjectRecord
 from datasets.synthetic import mni_template_path
 from datasets.validation import Problem
@@ -164,22 +164,6 @@ def _plan_job(record: SubjectRecord, directory: Path, method: str, spacing: floa
     return _Job(record.subject_id, tuple(record.paths), tuple(str(p) for p in outputs), str(transform), spacing)
 
 
-def _replace_atomic(path: str, write) -> None:
-    """``write(tmp)`` then rename: readers never see a partial file.
-
-    The temporary name is hidden and keeps the real suffix, because ITK picks its writer from it.
-    """
-    final = Path(path)
-    suffix = ".nii.gz" if final.name.endswith(".nii.gz") else final.suffix
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{suffix}")
-    try:
-        write(str(tmp))
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 # --------------------------------------------------------------------------------------------
 # Running jobs
 # --------------------------------------------------------------------------------------------
@@ -272,7 +256,7 @@ def _register_subject(job: _Job) -> None:
         with _step("affine registration to MNI152", reference):
             transform = _affine(fixed, corrected, scratch)
         with _step("saving the transform", reference):
-            _replace_atomic(job.transform, functools.partial(shutil.copyfile, transform))
+            write_via_temp_file(job.transform, functools.partial(shutil.copyfile, transform))
         for channel, (path, output) in enumerate(zip(job.inputs, job.outputs)):
             if channel > 0:
                 corrected, support = _read_and_correct(path)
@@ -293,7 +277,7 @@ def _move_and_write(image, support, grid, transform: str, path: str, output: str
     with _step("resampling onto the MNI152 grid", path):
         moved = _move(image, support, grid, transform)
     with _step("writing", path):
-        _replace_atomic(output, functools.partial(ants.image_write, moved))
+        write_via_temp_file(output, functools.partial(ants.image_write, moved))
 
 
 @functools.lru_cache(maxsize=4)

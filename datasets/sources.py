@@ -15,6 +15,7 @@ from typing import Sequence
 import pandas as pd
 
 from datasets.records import PAPER_CLASSES, SubjectRecord
+from datasets.rsna import MGMT_CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -164,12 +165,15 @@ def normalise_labels(labels: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def class_order(records: Sequence[SubjectRecord], classes: Sequence[str] | None = None) -> tuple[str, ...]:
-    """The label set, in a stable order: given explicitly, the paper's for BraTS/IXI labels, else sorted."""
+    """The label set, in a stable order: given explicitly, the paper's for BraTS/IXI labels, (unmethylated,
+    methylated) for MGMT labels (methylated is then the positive class of two-class analyses), else sorted."""
     if classes:
         return match_classes(classes, [r.label for r in records])
     present = {r.label for r in records if r.label}
     if present <= set(PAPER_CLASSES):
         return tuple(c for c in PAPER_CLASSES if c in present)
+    if present <= set(MGMT_CLASSES):
+        return tuple(c for c in MGMT_CLASSES if c in present)
     return tuple(sorted(present))
 
 

@@ -48,7 +48,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from datasets import build_augmentation
 from datasets.device_augmentation import augment_light
 from datasets.volume_dataset import batch_to_video_layout, to_video_layout
-from models import MODEL_NAMES, build_model
+from models import MODEL_NAMES, PAPER_MODEL_NAMES, build_model
 from trainables.fold_training import amp_setup, tensor_bytes, train_step, train_step_loss
 
 # The brain's bounding box at the paper's 2 mm in RAS (x, y, z): MNI152's brain is about 143 x 180 x 153 mm.
@@ -259,7 +259,8 @@ def shape_of_cache(cache_dir: str | Path) -> tuple[tuple[int, int, int], int]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default=",".join(MODEL_NAMES), help="comma list (default all three)")
+    p.add_argument("--models", default=",".join(PAPER_MODEL_NAMES),
+                   help="comma list (default the paper's three; add resnet18_2d for the 2-D baseline)")
     p.add_argument("--shape", help=f"x,y,z voxels of one volume (default {','.join(map(str, DEFAULT_SHAPE))}: 2 mm)")
     p.add_argument("--cache", help="a prepared cache folder (OUT/cache/<key>): take shape and channels from it")
     p.add_argument("--channels", type=int, default=1)

@@ -144,13 +144,13 @@ def ignored_ray_address(config: ExperimentConfig) -> str | None:
 
 def trial_paths(config: ExperimentConfig, cache_dir: str) -> list[SharedPath]:
     """The cache entry every trial memory-maps and the Kinetics file of each pre-trained arm, as the driver sees them."""
-    from models import resolve_weights_path
+    from models import pretraining_dataset, resolve_weights_path
 
     volumes = Path(cache_dir) / "volumes.npy"
     paths = [SharedPath("the preprocessing cache entry (--cache-dir)", str(volumes), fingerprint(str(volumes)))]
     for model in sorted({m for m, pretrained in config.arms() if pretrained}):
         weights = str(resolve_weights_path(model, "kinetics", config.weights_dir))
-        paths.append(SharedPath(f"the Kinetics-400 weights of {model} (--weights-dir)", weights, fingerprint(weights)))
+        paths.append(SharedPath(f"the {pretraining_dataset(model)} weights of {model} (--weights-dir)", weights, fingerprint(weights)))
     return paths
 
 

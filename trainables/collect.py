@@ -2,12 +2,16 @@
 
 OUT/predictions.csv: experiment, model, pretrained, fold, config_id, trial_name, subject_id,
     label, pred, prob_<class>..., source, site (from the run's subject table, for per-site results)
+OUT/val_predictions.csv: the same columns for each trial's inner validation part, scored with the weights that
+    were chosen on it (optimistic there; for choosing a two-class threshold without test subjects). Trials
+    finished before folds saved them have no rows (the analysis then uses threshold 0.5 for them).
 OUT/epochs.csv: experiment, model, pretrained, fold, config_id, trial_name, epoch, train_loss,
     val_loss, val_accuracy, val_macro_f1, val_f1_<class>..., lr, seconds
 OUT/trial_subjects.csv: trial_name, part (train/val/test), subject_id: what each finished trial used
 OUT/trials.csv: experiment, trial_name, model, pretrained, fold, config_id, status, error, node_id,
     hostname, lr, weight_decay, dropout, augmentation, aug_strength, epochs_run, best_epoch,
-    best_val_macro_f1, n_train, n_val, n_test
+    best_val_macro_f1, n_train, n_val, n_test, checkpoint (a finished trial's final checkpoint: its
+    ``best_weights.pt`` is what ``python -m trainables.predict`` loads; a path, or a URI for remote storage)
 
 Statuses: TERMINATED (finished, outputs collected), FAILED (a permanent error: missing input, bad value,
 full disk; not retried), ERROR (a crash that Tune's retries, --max-failures, did not get past), INCOMPLETE
@@ -32,7 +36,7 @@ KEY_COLUMNS = ["experiment", "model", "pretrained", "fold", "config_id", "trial_
 HYPERPARAMETERS = ["lr", "weight_decay", "dropout", "augmentation", "aug_strength"]
 TRIAL_COLUMNS = ["experiment", "trial_name", "model", "pretrained", "fold", "config_id", "status", "error",
                  "node_id", "hostname", *HYPERPARAMETERS, "epochs_run", "best_epoch", "best_val_macro_f1", "n_train",
-                 "n_val", "n_test"]
+                 "n_val", "n_test", "checkpoint"]
 
 
 def _keys(config: dict[str, Any]) -> dict[str, Any]:
@@ -59,11 +63,21 @@ def trial_status(result: tune.Result, finished: bool) -> tuple[str, str]:
     return ("FAILED", reported) if reported else ("INCOMPLETE", "")
 
 
+def checkpoint_location(result: tune.Result) -> str:
+    """Where the trial's last checkpoint lies: a local path, or ``<scheme>://path`` on remote storage."""
+    checkpoint = result.checkpoint
+    if checkpoint is None:
+        return ""
+    scheme = checkpoint.filesystem.type_name
+    return str(checkpoint.path) if scheme == "local" else f"{scheme}://{str(checkpoint.path).lstrip('/')}"
+
+
 def _read_outputs(result: tune.Result) -> dict[str, Any]:
     """The fold's files from its final checkpoint (present only once the fold finished).
 
-    Only the three small files are read, through the checkpoint's own filesystem (local or remote):
-    the checkpoint's weights are never downloaded, copied or loaded.
+    Only the small output files are read, through the checkpoint's own filesystem (local or remote):
+    the checkpoint's weights are never downloaded, copied or loaded. ``val_predictions`` is None for a
+    checkpoint written before folds saved it.
     """
     import io
 
@@ -84,15 +98,28 @@ def _read_outputs(result: tune.Result) -> dict[str, Any]:
     summary = read("result.json")
     if summary is None:
         return {}
+    val_predictions = read("val_predictions.csv")
     return {"summary": json.loads(summary),
             "predictions": pd.read_csv(io.BytesIO(read("predictions.csv")), dtype={"subject_id": str}),
+            "val_predictions": (None if val_predictions is None
+                                else pd.read_csv(io.BytesIO(val_predictions), dtype={"subject_id": str})),
             "epochs": pd.read_csv(io.BytesIO(read("epochs.csv")))}
+
+
+def _with_origin(predictions: pd.DataFrame, subjects: pd.DataFrame | None) -> pd.DataFrame:
+    """Each row's subject source and site from the run's subject table (for per-site results)."""
+    if subjects is None or "subject_id" not in predictions.columns:
+        return predictions
+    origin = subjects[["subject_id", "source", "site"]].astype(str)
+    return predictions.drop(columns=["source", "site"], errors="ignore").merge(
+        origin, on="subject_id", how="left", validate="many_to_one")
 
 
 def collect(result_grids: Iterable[tune.ResultGrid], planned: Iterable[str] = (),
             subjects: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
-    """Predictions, epochs and trial statuses of every trial; ``subjects`` adds each subject's source and site."""
-    predictions, epochs, trials, used = [], [], [], []
+    """Test and validation predictions, epochs and trial statuses of every trial; ``subjects`` adds each
+    subject's source and site."""
+    predictions, val_predictions, epochs, trials, used = [], [], [], [], []
     seen = set()
     for grid in result_grids:
         for result in grid:
@@ -106,10 +133,13 @@ def collect(result_grids: Iterable[tune.ResultGrid], planned: Iterable[str] = ()
                    "node_id": metrics.get("node_id", ""), "hostname": metrics.get("hostname", ""),
                    "epochs_run": summary.get("epochs_run"), "best_epoch": summary.get("best_epoch"),
                    "best_val_macro_f1": summary.get("best_val_macro_f1"), "n_train": summary.get("n_train"),
-                   "n_val": summary.get("n_val"), "n_test": summary.get("n_test")}
+                   "n_val": summary.get("n_val"), "n_test": summary.get("n_test"),
+                   "checkpoint": checkpoint_location(result) if summary else ""}
             trials.append(row)
             if outputs:
                 predictions.append(outputs["predictions"].assign(**keys))
+                if outputs["val_predictions"] is not None:
+                    val_predictions.append(outputs["val_predictions"].assign(**keys))
                 epochs.append(outputs["epochs"].assign(**keys))
                 used += [{"trial_name": keys["trial_name"], "part": part, "subject_id": sid}
                          for part, ids in summary.get("subjects", {}).items() for sid in ids]
@@ -123,13 +153,13 @@ def collect(result_grids: Iterable[tune.ResultGrid], planned: Iterable[str] = ()
         frame = pd.concat(frames, ignore_index=True)
         return frame[KEY_COLUMNS + [c for c in frame.columns if c not in KEY_COLUMNS]]
 
+    def by_subject(frames: list[pd.DataFrame]) -> pd.DataFrame:
+        frame = ordered(frames).sort_values(KEY_COLUMNS + ["subject_id"]) if frames else ordered([])
+        return _with_origin(frame, subjects)
+
     trials_frame = pd.DataFrame(trials, columns=TRIAL_COLUMNS).sort_values(["experiment", "trial_name"], na_position="last")
-    prediction_frame = ordered(predictions).sort_values(KEY_COLUMNS + ["subject_id"]) if predictions else ordered([])
-    if subjects is not None and "subject_id" in prediction_frame.columns:
-        origin = subjects[["subject_id", "source", "site"]].astype(str)
-        prediction_frame = prediction_frame.drop(columns=["source", "site"], errors="ignore").merge(
-            origin, on="subject_id", how="left", validate="many_to_one")
-    return {"predictions": prediction_frame,
+    return {"predictions": by_subject(predictions),
+            "val_predictions": by_subject(val_predictions),
             "epochs": ordered(epochs).sort_values(KEY_COLUMNS + ["epoch"]) if epochs else ordered([]),
             "trials": trials_frame,
             "trial_subjects": pd.DataFrame(used, columns=["trial_name", "part", "subject_id"])}

@@ -9,11 +9,12 @@ from typing import Any
 
 from datasets import PreprocessConfig, SplitSpec
 from datasets.cohort import check_max_per_class
-from models import MODEL_NAMES
+from models import MODEL_NAMES, PAPER_MODEL_NAMES
 from trainables.fold_training import DEFAULT_CONFIG, PAPER_DEFAULTS, resolve_config
 from trainables.ray_trainable import config_id
 
 EXPERIMENTS = ("paper", "search", "demo")
+DEMO_TASKS = ("tumour", "mgmt")  # the demo's synthetic data: BraTS/IXI three classes, or RSNA-MICCAI MGMT
 # The Tune runs an experiment may hold: the fixed grid and the nested search (the demo runs both).
 TUNE_RUNS = ("paper", "search")
 PRETRAINED_CHOICES = {"none": (False,), "kinetics": (True,), "both": (False, True)}
@@ -44,7 +45,7 @@ class ExperimentConfig:
     register: str = "none"  # "mni": N4 + affine registration to MNI152 (ANTsPy) before resampling
     max_per_class: dict[str, int] = field(default_factory=dict)  # e.g. {"Healthy": 259}, drawn with the seed
     # protocol
-    models: tuple[str, ...] = MODEL_NAMES
+    models: tuple[str, ...] = PAPER_MODEL_NAMES  # the 2-D baseline (resnet18_2d) is opt-in: --models
     pretrained: str = "both"
     weights_dir: str | None = None
     split: str = "kfold"
@@ -57,6 +58,7 @@ class ExperimentConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
     num_samples: int = 20  # Optuna suggestions per arm (each runs `folds` trials)
     search_models: tuple[str, ...] | None = None  # arms searched in a demo; None: all arms
+    demo_task: str = "tumour"  # which synthetic data a demo writes (DEMO_TASKS)
     # execution
     gpus_per_trial: float = 0.25
     cpus_per_trial: float = 1.0
@@ -82,6 +84,8 @@ class ExperimentConfig:
         unknown = [m for m in self.models if m not in MODEL_NAMES]
         if unknown or not self.models:
             raise ValueError(f"--models: unknown {unknown}; choose from {', '.join(MODEL_NAMES)}")
+        if self.demo_task not in DEMO_TASKS:
+            raise ValueError(f"--demo-task must be one of {', '.join(DEMO_TASKS)}, got {self.demo_task!r}")
         if self.pretrained not in PRETRAINED_CHOICES:
             raise ValueError(f"--pretrained must be one of {', '.join(PRETRAINED_CHOICES)}, got {self.pretrained!r}")
         if self.max_failures < 0:

@@ -29,7 +29,13 @@ output files below, and no optimizer state.
 Files written to ``output_dir`` (the format the analysis reads):
 - ``epochs.csv``: epoch (1-based), train_loss, val_loss, val_accuracy, val_macro_f1,
   val_f1_<class> per class, lr, seconds
-- ``predictions.csv``: subject_id, label, pred (class names), prob_<class> per class
+- ``predictions.csv``: subject_id, label, pred (class names), prob_<class> per class, on the test part
+- ``val_predictions.csv``: the same columns on the inner validation part, scored once at the end with the same
+  best-validation weights (eval mode, the same ``_evaluate``) as the test part. It exists so that a two-class
+  decision threshold can be chosen without test subjects (``analysis/binary.py``). These weights were chosen on
+  this very validation part, so its scores are optimistic for it: good enough to place a threshold, never an
+  estimate of performance. Checkpoints written before this file existed lack it; they still resume and collect
+  (the analysis then uses 0.5 for that fold and says so).
 - ``result.json``: the config, best epoch and validation score, test metrics, subject counts and ids
 """
 from __future__ import annotations
@@ -45,7 +51,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -72,7 +78,10 @@ log = logging.getLogger(__name__)
 Reporter = Callable[[dict[str, Any], "str | None"], None]
 CHECKPOINT_FILE = "fold_state.pt"
 FINAL_WEIGHTS_FILE = "best_weights.pt"  # in a finished fold's final checkpoint: float16
-OUTPUT_FILES = ("predictions.csv", "epochs.csv", "result.json")
+OUTPUT_FILES = ("predictions.csv", "val_predictions.csv", "epochs.csv", "result.json")
+# Absent from finished checkpoints written before validation predictions were saved: such a checkpoint still
+# resumes from its outputs (its test predictions are kept as they are, not recomputed from float16 weights).
+OPTIONAL_OUTPUT_FILES = ("val_predictions.csv",)
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "model": "mc3_18",
@@ -247,6 +256,11 @@ class FoldResult:
     n_val: int
     n_test: int
     predictions: pd.DataFrame = field(repr=False)
+    # The validation part scored with the same weights; None for a fold resumed from an older checkpoint.
+    val_predictions: pd.DataFrame | None = field(default=None, repr=False)
+
+
+_TABLE_FIELDS = ("predictions", "val_predictions")  # written as CSV files, not into result.json
 
 
 class WeightStore:
@@ -575,12 +589,16 @@ def _train_fold(config: dict[str, Any], data: PreparedData, output_dir: Path, re
         finished = _load_checkpoint(resume_from, model, optimizer, scaler, state, store, device)
         log.info("Resumed fold %d of %s after epoch %d", config["fold"], config["model"], state.epoch)
         if finished:  # its outputs are in the checkpoint (else rebuilt from its float16 best weights)
-            if all((Path(resume_from) / name).is_file() for name in OUTPUT_FILES):
+            required = [name for name in OUTPUT_FILES if name not in OPTIONAL_OUTPUT_FILES]
+            if all((Path(resume_from) / name).is_file() for name in required):
                 for name in OUTPUT_FILES:
-                    if (Path(resume_from) / name).resolve() != (output_dir / name).resolve():
-                        shutil.copy2(Path(resume_from) / name, output_dir / name)
+                    source = Path(resume_from) / name
+                    if not source.is_file():  # an optional file the checkpoint lacks: no stale copy may stand in
+                        (output_dir / name).unlink(missing_ok=True)
+                    elif source.resolve() != (output_dir / name).resolve():
+                        shutil.copy2(source, output_dir / name)
                 return _result_from_outputs(output_dir)
-            return _finish(config, model, state, on_device["test"], criterion, amp_dtype, classes, parts, output_dir)
+            return _finish(config, model, state, on_device, criterion, amp_dtype, classes, parts, output_dir)
 
     def write_checkpoint(directory: Path, finished: bool) -> int | None:
         if finished:
@@ -615,7 +633,7 @@ def _train_fold(config: dict[str, Any], data: PreparedData, output_dir: Path, re
         report = {**metrics, "val_macro_f1_best": state.best_score[0], "best_epoch": state.best_epoch,
                   "fold_finished": finished}
         if finished:
-            result = _finish(config, model, state, on_device["test"], criterion, amp_dtype, classes, parts, output_dir)
+            result = _finish(config, model, state, on_device, criterion, amp_dtype, classes, parts, output_dir)
             report.update({f"test_{k}": v for k, v in result.test_metrics.items()})
         if reporter is not None and checkpoint_now:
             with tempfile.TemporaryDirectory(prefix="fold_ckpt_") as checkpoint_dir:
@@ -633,27 +651,38 @@ def _train_fold(config: dict[str, Any], data: PreparedData, output_dir: Path, re
         if finished:
             return result
     # Resumed past the last epoch (``epochs`` lowered since the checkpoint): score what there is.
-    return _finish(config, model, state, on_device["test"], criterion, amp_dtype, classes, parts, output_dir)
+    return _finish(config, model, state, on_device, criterion, amp_dtype, classes, parts, output_dir)
 
 
-def _finish(config, model, state: _State, test_part: DeviceVolumes, criterion, amp_dtype, classes, parts,
-            output_dir: Path) -> FoldResult:
-    """Score the best-validation weights on the test fold and write predictions and the summary."""
+def _prediction_table(subject_ids, y: np.ndarray, probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
+    """subject_id, label, pred (argmax), prob_<class>...: the layout of predictions.csv and val_predictions.csv."""
+    table = pd.DataFrame({"subject_id": list(subject_ids), "label": [classes[i] for i in y],
+                          "pred": [classes[i] for i in probs.argmax(1)]})
+    for index, name in enumerate(classes):
+        table[f"prob_{name}"] = probs[:, index]
+    return table
+
+
+def _finish(config, model, state: _State, parts_on_device: dict[str, DeviceVolumes], criterion, amp_dtype, classes,
+            parts, output_dir: Path) -> FoldResult:
+    """Score the best-validation weights on the test fold (and on the validation part, for choosing a two-class
+    threshold there; see the module docstring) and write predictions and the summary."""
     if state.best_weights is not None:
         model.load_state_dict(state.best_weights)  # training is over: the model itself takes the best weights
-    _, probs, y = _evaluate(model, test_part, criterion, amp_dtype, config["batch_size"])
+    _, val_probs, val_y = _evaluate(model, parts_on_device["val"], criterion, amp_dtype, config["batch_size"])
+    val_predictions = _prediction_table(parts["val"][2], val_y, val_probs, classes)
+    write_csv_atomic(val_predictions, output_dir / "val_predictions.csv")
+    _, probs, y = _evaluate(model, parts_on_device["test"], criterion, amp_dtype, config["batch_size"])
     test_ids = parts["test"][2]
-    predictions = pd.DataFrame({"subject_id": test_ids, "label": [classes[i] for i in y],
-                                "pred": [classes[i] for i in probs.argmax(1)]})
-    for index, name in enumerate(classes):
-        predictions[f"prob_{name}"] = probs[:, index]
+    predictions = _prediction_table(test_ids, y, probs, classes)
     write_csv_atomic(predictions, output_dir / "predictions.csv")
     test_metrics = classification_metrics("test", y, probs.argmax(1), classes)
     test_metrics = {k.removeprefix("test_"): v for k, v in test_metrics.items()}
     result = FoldResult(config=config, best_epoch=state.best_epoch, best_val_macro_f1=float(state.best_score[0]),
                         epochs_run=state.epoch, test_metrics=test_metrics, n_train=len(parts["train"][2]),
-                        n_val=len(parts["val"][2]), n_test=len(test_ids), predictions=predictions)
-    summary = {k: v for k, v in asdict(result).items() if k != "predictions"}
+                        n_val=len(parts["val"][2]), n_test=len(test_ids), predictions=predictions,
+                        val_predictions=val_predictions)
+    summary = {f.name: getattr(result, f.name) for f in fields(FoldResult) if f.name not in _TABLE_FIELDS}
     # Which subjects the fold trained, selected and was tested on: lets anyone audit a nested search's
     # candidates against splits.json (OUT/trial_subjects.csv).
     summary["subjects"] = {part: list(parts[part][2]) for part in ("train", "val", "test")}
@@ -665,5 +694,7 @@ def _result_from_outputs(folder: Path) -> FoldResult:
     """A finished fold's result read back from its output files (resumed from its final checkpoint)."""
     summary = json.loads((folder / "result.json").read_text())
     predictions = pd.read_csv(folder / "predictions.csv", dtype={"subject_id": str})
-    return FoldResult(**{f.name: summary[f.name] for f in fields(FoldResult) if f.name != "predictions"},
-                      predictions=predictions)
+    val_path = folder / "val_predictions.csv"  # absent from checkpoints written before it existed
+    val_predictions = pd.read_csv(val_path, dtype={"subject_id": str}) if val_path.is_file() else None
+    return FoldResult(**{f.name: summary[f.name] for f in fields(FoldResult) if f.name not in _TABLE_FIELDS},
+                      predictions=predictions, val_predictions=val_predictions)

@@ -44,6 +44,7 @@ from datasets import PreparedData
 from datasets.preprocessing import CachedDataset
 from models import KineticsWeightsNotFound, resolve_weights_path
 from models.kinetics import candidate_paths, weights_filename
+from models.pretrained_weights import pretraining_dataset
 from trainables.errors import PermanentTrialError, describe_exception, is_permanent
 from trainables.fold_training import OUTPUT_FILES, WeightStore, train_fold  # noqa: F401 - OUTPUT_FILES re-exported
 
@@ -135,13 +136,14 @@ def check_cache(cache_dir: Path, node: dict[str, str]) -> None:
 
 
 def check_weights(model: str, pretrained: Any, weights_dir: str | None, node: dict[str, str]) -> None:
-    """The Kinetics-400 file must be on this node: the driver checked its own machine only."""
+    """The pre-trained file (Kinetics-400, or ImageNet for the 2-D baseline) must be on this node: the driver
+    checked its own machine only."""
     try:
         resolve_weights_path(model, "kinetics" if pretrained is True else pretrained, weights_dir)
     except KineticsWeightsNotFound as error:
         places = [str(pretrained)] if pretrained is not True else [str(p) for p in candidate_paths(model, weights_dir)]
         raise PermanentTrialError(
-            f"{node_label(node)} has no Kinetics-400 weights for {model} (looked for {', '.join(places)}). "
+            f"{node_label(node)} has no {pretraining_dataset(model)} weights for {model} (looked for {', '.join(places)}). "
             f"{SHARED_FS_FIX} With several nodes give --weights-dir on shared storage, or copy "
             f"{weights_filename(model)} into it on every node.") from error
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from models import DISPLAY_NAMES, MODEL_NAMES, PAPER_TRAINABLE_PARAMETERS, build_model, count_trainable_parameters
+from models import DISPLAY_NAMES, MODEL_NAMES, PAPER_MODEL_NAMES, PAPER_TRAINABLE_PARAMETERS, build_model, count_trainable_parameters
 
 
 @pytest.mark.parametrize("name", ["r2plus1d_18", "mc3_18"])
@@ -21,7 +21,12 @@ def test_display_names_cover_every_model():
     assert DISPLAY_NAMES["r2plus1d_18"] == "ResNet (2+1)D"
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_the_paper_models_are_the_default_and_the_2d_baseline_is_extra():
+    assert PAPER_MODEL_NAMES == ("r2plus1d_18", "mc3_18", "r3d_18")
+    assert MODEL_NAMES == (*PAPER_MODEL_NAMES, "resnet18_2d")
+
+
+@pytest.mark.parametrize("name", PAPER_MODEL_NAMES)  # the 2-D baseline has no stem: tests/models/test_slice_resnet.py
 def test_forward_on_a_small_multichannel_volume(name):
     model = build_model(name, num_classes=2, in_channels=2, dropout=0.5).eval()
     assert model.stem[0].in_channels == 2

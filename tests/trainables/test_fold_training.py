@@ -47,7 +47,7 @@ def test_unknown_or_bad_options_are_refused():
     ({"patience": 0}, "patience must be at least 1"),
     ({"augmentation": "medium"}, "augmentation must be one of none, light, heavy, got 'medium'"),
     ({"aug_strength": 9}, "aug_strength must be in \\[0, 4.0\\], got 9"),
-    ({"model": "resnet50"}, "model must be one of r2plus1d_18, mc3_18, r3d_18, got 'resnet50'"),
+    ({"model": "resnet50"}, "model must be one of r2plus1d_18, mc3_18, r3d_18, resnet18_2d, got 'resnet50'"),
     ({"checkpoint_every": 0}, "checkpoint_every must be positive, got 0"),
     ({"checkpoint_every": 1.5}, "checkpoint_every must be a whole number, got 1.5"),
 ])
@@ -129,7 +129,8 @@ def test_resume_with_checkpoint_every_two_replays_the_lost_epoch_exactly(learnab
     for epoch in (2, 4):  # model + optimizer once (plus RNG states and history), no second copy of the weights
         assert checkpoints[epoch]["files"] == ["fold_state.pt"]
         assert checkpoints[epoch]["bytes"] <= bound + 64_000, (checkpoints[epoch]["bytes"], bound)
-    assert checkpoints[5]["files"] == ["best_weights.pt", "epochs.csv", "fold_state.pt", "predictions.csv", "result.json"]
+    assert checkpoints[5]["files"] == ["best_weights.pt", "epochs.csv", "fold_state.pt", "predictions.csv", "result.json",
+                                       "val_predictions.csv"]
     assert checkpoints[5]["bytes"] < bound / 5  # float16 weights only: a sixth of model + Adam
     assert not list((tmp_path / "best_full").glob("best_weights_e*.pt"))  # the side store is emptied at the end
 
@@ -211,9 +212,19 @@ def test_amp_uses_bf16_only_where_the_gpu_has_it_natively(monkeypatch):
     assert calls == []
 
 
-def test_patience_stops_when_validation_stops_improving(learnable_data, tmp_path):
-    result = train_fold({**LEARNING, "epochs": 6, "patience": 1, "fold": 2}, learnable_data, tmp_path)
-    epochs = pd.read_csv(tmp_path / "epochs.csv")
+PATIENCE = {**LEARNING, "epochs": 6, "patience": 1, "fold": 2}
+
+
+@pytest.fixture(scope="module")
+def patience_run(learnable_data, tmp_path_factory):
+    """One early-stopped fold (result, output folder), trained once for the tests that read it."""
+    out = tmp_path_factory.mktemp("patience")
+    return train_fold(PATIENCE, learnable_data, out), out
+
+
+def test_patience_stops_when_validation_stops_improving(patience_run, learnable_data, tmp_path):
+    result, out = patience_run
+    epochs = pd.read_csv(out / "epochs.csv")
     # The rule by hand: the best (val F1, then lower val loss) so far; stop once `patience` epochs pass without one.
     best, best_epoch, expected_stop = None, 0, 6
     for row in epochs.itertuples():
@@ -226,18 +237,54 @@ def test_patience_stops_when_validation_stops_improving(learnable_data, tmp_path
     assert result.epochs_run == expected_stop == len(epochs)
     assert result.best_epoch == best_epoch
     # The final checkpoint: float16 best weights, counters and the outputs; no model or optimizer state.
-    checkpoint = tmp_path / "checkpoint"
+    checkpoint = out / "checkpoint"
     assert sorted(os.listdir(checkpoint)) == ["best_weights.pt", "epochs.csv", "fold_state.pt", "predictions.csv",
-                                              "result.json"]
+                                              "result.json", "val_predictions.csv"]
     state = torch.load(checkpoint / "fold_state.pt", weights_only=False)
     assert state["finished"] and not {"model", "optimizer", "scaler", "best_weights"} & set(state)
     weights = torch.load(checkpoint / "best_weights.pt", weights_only=True)
     assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float16}
     # Resumed from it, the fold is not trained again: the result comes back from its outputs.
-    again = train_fold({**LEARNING, "epochs": 6, "patience": 1, "fold": 2}, learnable_data, tmp_path / "again",
-                       resume_from=checkpoint)
+    again = train_fold(PATIENCE, learnable_data, tmp_path / "again", resume_from=checkpoint)
     assert again.epochs_run == result.epochs_run and again.best_epoch == result.best_epoch
     pd.testing.assert_frame_equal(again.predictions, result.predictions, check_dtype=False)
+    pd.testing.assert_frame_equal(again.val_predictions, result.val_predictions, check_dtype=False)
+
+    # A finished checkpoint written before folds saved validation predictions still resumes from its outputs:
+    # its test predictions are kept (not rescored from the float16 weights) and it has no validation predictions.
+    old = tmp_path / "old_checkpoint"
+    shutil.copytree(checkpoint, old)
+    (old / "val_predictions.csv").unlink()
+    from_old = train_fold(PATIENCE, learnable_data, tmp_path / "from_old", resume_from=old)
+    assert from_old.val_predictions is None and not (tmp_path / "from_old" / "val_predictions.csv").exists()
+    pd.testing.assert_frame_equal(from_old.predictions, again.predictions, check_exact=True)
+
+
+def test_validation_predictions_are_the_best_weights_scores_of_the_fold_validation_part(patience_run, learnable_data):
+    """val_predictions.csv holds the fold's validation subjects, scored by the weights of the best epoch: the loss
+    and macro F1 recomputed from its probabilities equal what that epoch recorded while training."""
+    result, out = patience_run
+    fold, batch_size = PATIENCE["fold"], PATIENCE["batch_size"]
+    val = pd.read_csv(out / "val_predictions.csv", dtype={"subject_id": str})
+    classes = list(learnable_data.classes)
+    assert list(val.columns) == ["subject_id", "label", "pred", *[f"prob_{c}" for c in classes]]
+    # Exactly the fold's validation part, in its order; none of its test subjects.
+    _, val_y, val_ids = learnable_data.fold_indices(fold)["val"]
+    assert list(val["subject_id"]) == list(val_ids) and sorted(val_ids) == sorted(learnable_data.plan.folds[fold].val)
+    assert not set(val["subject_id"]) & set(learnable_data.plan.folds[fold].test)
+    assert list(val["label"]) == [classes[i] for i in val_y]
+    pd.testing.assert_frame_equal(result.val_predictions, val, check_dtype=False)
+    probs = val[[f"prob_{c}" for c in classes]].to_numpy()
+    assert list(val["pred"]) == [classes[i] for i in probs.argmax(1)]
+    # The weighted cross-entropy as the loop computes it: a weighted mean per batch of 4, weighted by batch size.
+    weights = class_weights(learnable_data.fold_indices(fold)["train"][1], len(classes))
+    nll = -np.log(probs[np.arange(len(val_y)), val_y])
+    batches = [slice(start, start + batch_size) for start in range(0, len(val_y), batch_size)]
+    loss = sum((weights[val_y[b]] * nll[b]).sum() / weights[val_y[b]].sum() * len(nll[b]) for b in batches) / len(val_y)
+    best = pd.read_csv(out / "epochs.csv").set_index("epoch").loc[result.best_epoch]
+    assert loss == pytest.approx(best["val_loss"], rel=1e-5)
+    recorded = classification_metrics("val", val_y, probs.argmax(1), classes)
+    assert recorded["val_macro_f1"] == pytest.approx(best["val_macro_f1"]) == pytest.approx(result.best_val_macro_f1)
 
 
 @pytest.fixture(scope="module")
@@ -295,6 +342,8 @@ def test_data_on_the_device_trains_exactly_like_the_dataloader_path(phantom_data
     epochs = {kind: pd.read_csv(tmp_path / kind / "epochs.csv").drop(columns="seconds") for kind in outputs}
     pd.testing.assert_frame_equal(epochs["none"], epochs["heavy"], check_exact=True)
     pd.testing.assert_frame_equal(outputs["none"].predictions, outputs["heavy"].predictions, check_exact=True)
+    pd.testing.assert_frame_equal(outputs["none"].val_predictions, outputs["heavy"].val_predictions, check_exact=True)
+    assert sorted(outputs["none"].val_predictions["subject_id"]) == sorted(phantom_data.plan.folds[1].val)
     assert list(outputs["none"].predictions.columns) == ["subject_id", "label", "pred", "prob_LGG", "prob_HGG",
                                                          "prob_Healthy"]
 

@@ -46,7 +46,7 @@ def test_injected_failure_resumes_from_checkpoint(phantom_root, tmp_path, ray_se
         assert list(epochs["epoch"]) == [1, 2, 3]
         # The final checkpoint: float16 best weights, counters and the outputs; no optimizer state.
         assert sorted(p.name for p in Path(folder).iterdir()) == [
-            "best_weights.pt", "epochs.csv", "fold_state.pt", "predictions.csv", "result.json"]
+            "best_weights.pt", "epochs.csv", "fold_state.pt", "predictions.csv", "result.json", "val_predictions.csv"]
         state = torch.load(f"{folder}/fold_state.pt", weights_only=False)
         assert state["finished"] and "optimizer" not in state and "model" not in state
         weights = torch.load(f"{folder}/best_weights.pt", weights_only=True)

@@ -65,6 +65,12 @@ def test_grid_runs_one_trial_per_model_pretraining_and_fold(grid_run, phantom_ro
     splits = json.loads((out / "splits.json").read_text())
     for (pretrained, fold), rows in predictions.groupby(["pretrained", "fold"]):
         assert sorted(rows["subject_id"]) == sorted(splits["folds"][fold]["test"])
+    # Each trial's validation part, scored with its chosen weights, collected beside the test predictions.
+    val_predictions = pd.read_csv(out / "val_predictions.csv")
+    assert list(val_predictions.columns) == list(predictions.columns)
+    for (pretrained, fold), rows in val_predictions.groupby(["pretrained", "fold"]):
+        assert sorted(rows["subject_id"]) == sorted(splits["folds"][fold]["val"])
+    assert sorted(set(val_predictions["trial_name"])) == sorted(trials["trial_name"])
     assert list(predictions.columns[:9]) == ["experiment", "model", "pretrained", "fold", "config_id", "trial_name",
                                              "subject_id", "label", "pred"]
     assert np.allclose(predictions[["prob_LGG", "prob_HGG", "prob_Healthy"]].sum(axis=1), 1, atol=1e-5)
@@ -211,6 +217,19 @@ def test_a_binary_manifest_runs_end_to_end_with_its_own_labels(phantom_root, tmp
     macro = overall[overall["metric"] == "macro_f1"].iloc[0]
     f1 = per_class[per_class["metric"] == "f1"]
     assert macro["pooled"] == pytest.approx(f1["pooled"].mean())  # macro F1 = mean of the two classes' F1
+    # Two classes: sensitivity/specificity also at each fold's threshold chosen on its validation part.
+    from analysis.binary import youden_threshold
+
+    thresholds = pd.read_csv(out / "report" / "tables" / "thresholds.csv")
+    val_predictions = pd.read_csv(out / "val_predictions.csv")
+    assert sorted(thresholds["fold"]) == [0, 1]
+    for row in thresholds.itertuples():  # each from its own trial's validation rows, none missing
+        part = val_predictions[val_predictions["trial_name"] == row.trial_name]
+        assert row.n_val == len(part) > 0
+        assert (row.threshold, row.chosen_by) == youden_threshold(part["label"] == "tumour", part["prob_tumour"])
+    report = (out / "report" / "report.md").read_text()
+    assert "chosen by Youden's J (sensitivity + specificity - 1, from scikit-learn roc_curve)" in report
+    assert "Sensitivity (validation threshold)" in report
 
 
 def test_changed_options_on_the_same_output_are_refused(grid_run, capsys):

@@ -1,0 +1,322 @@
+"""Fold-ensemble prediction (``python -m trainables.predict``) on a real tiny run: 2 arms x 2 folds, 16 mm, 1 epoch.
+
+The run is made once per module with tune_main.main (Ray Tune on 2 CPUs, ~35 s); every prediction goes through the
+real CLI entry ``predict.main(argv)``.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import accuracy_score, f1_score
+
+import tune_main
+from datasets.prepare import DataSpec, load_records
+from datasets.preprocessing import CachedDataset, PreprocessConfig, preprocess_volumes
+from analysis.load import load_experiment
+from tests.analysis.analysis_fixtures import PAPER_CONFIG, build_nested_search_dir
+from tests.conftest import write_head
+from trainables import predict
+
+CLASSES = ["LGG", "HGG", "Healthy"]
+PROBS = [f"prob_{c}" for c in CLASSES]
+ARM_ORDER = ["r2plus1d_18", "mc3_18"]  # the paper's table order breaks ties (analysis.names.PAPER_MODEL_ORDER)
+# Each fold's own test predictions came from its float32 best weights; the checkpoint keeps them in float16
+# (relative rounding <= 2**-11 ~ 4.9e-4 per tensor element, BatchNorm statistics included). Propagated through
+# the network, the softmax probabilities moved by at most 2.4e-4 here; 2e-3 leaves room for other CPUs' kernels
+# while still catching a wrong preprocessing, layout or weight file (those change probabilities by ~1e-2 or more).
+FLOAT16_WEIGHTS_TOLERANCE = 2e-3
+
+
+def run_cli(argv: list[str]) -> tuple[int, str, str]:
+    """``predict.main(argv)`` with its stdout and stderr captured (module fixtures cannot use capsys)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = predict.main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+def outputs(csv: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """The ensemble table, the per-fold table and the provenance JSON written for ``csv``."""
+    read = lambda path: pd.read_csv(path, dtype={"subject_id": str, "label": str}, keep_default_na=False)
+    return (read(csv), read(csv.with_name(f"{csv.stem}_folds.csv")),
+            json.loads(csv.with_suffix(".json").read_text()))
+
+
+@pytest.fixture(scope="module")
+def run_dir(phantom_root, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("predict_run") / "run"
+    argv = ["--experiment", "paper", "--data-root", str(phantom_root), "--output", str(out), "--models",
+            "mc3_18,r2plus1d_18", "--pretrained", "none", "--folds", "2", "--spacing", "16", "--epochs", "1",
+            "--set", "batch_size=4", "--no-report"]
+    assert tune_main.main(argv) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def ensemble(run_dir, phantom_root, tmp_path_factory) -> dict:
+    """The whole phantom cohort (labelled by its folders) predicted with the default arm."""
+    csv = tmp_path_factory.mktemp("predict_out") / "preds.csv"
+    code, out, err = run_cli([str(run_dir), "--data-root", str(phantom_root), "--output", str(csv), "--workers", "1",
+                              "--batch-size", "24"])
+    assert code == 0, err
+    table, folds, record = outputs(csv)
+    return {"out": out, "err": err, "table": table, "folds": folds, "record": record}
+
+
+def copy_tables(run_dir: Path, to: Path) -> Path:
+    """The run's small files (tables, experiment.json) in another folder; checkpoints and cache stay where they are."""
+    to.mkdir(parents=True)
+    for path in [*run_dir.glob("*.csv"), *run_dir.glob("*.json")]:
+        shutil.copy2(path, to / path.name)
+    return to
+
+
+def write_manifest(path: Path, rows: list[dict]) -> Path:
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- 1. the numbers
+def test_new_volumes_are_preprocessed_exactly_as_the_run_cached_them(run_dir, phantom_root):
+    entry = CachedDataset(Path(json.loads((run_dir / "experiment.json").read_text())["cache"]))
+    meta = entry.meta
+    config = PreprocessConfig(spacing=meta["config"]["spacing"], percentiles=tuple(meta["config"]["percentiles"]),
+                              target_shape=tuple(meta["shape"]))
+    records = load_records(DataSpec(data_root=str(phantom_root)))
+    volumes, problems = preprocess_volumes(records, config, num_workers=1)
+    rows = entry.table.set_index("subject_id").loc[[r.subject_id for r in records], "index"].to_numpy()
+    assert problems == []
+    assert volumes.dtype == np.float16 and np.array_equal(volumes, entry.volumes()[rows])
+
+
+def test_each_fold_reproduces_its_own_test_predictions_and_the_ensemble_is_their_mean(ensemble, run_dir):
+    table, folds, record = ensemble["table"], ensemble["folds"], ensemble["record"]
+    run_predictions = pd.read_csv(run_dir / "predictions.csv", dtype={"subject_id": str})
+    assert [f["fold"] for f in record["folds"]] == [0, 1]
+    for fold in record["folds"]:
+        own = run_predictions[run_predictions["trial_name"] == fold["trial_name"]].set_index("subject_id")
+        mine = folds[folds["fold"] == fold["fold"]].set_index("subject_id").loc[own.index]
+        assert len(own) == 12 and (mine["trial_name"] == fold["trial_name"]).all()
+        assert np.abs(mine[PROBS].to_numpy() - own[PROBS].to_numpy()).max() < FLOAT16_WEIGHTS_TOLERANCE
+        assert (table.set_index("subject_id").loc[own.index, f"fold{fold['fold']}_pred"] == mine["pred"]).all()
+
+    # The ensemble by hand: with two folds the mean is (p0 + p1) / 2 and the sample sd (ddof=1) is |p0 - p1| / sqrt 2.
+    p0 = folds[folds["fold"] == 0].set_index("subject_id").loc[table["subject_id"], PROBS].to_numpy()
+    p1 = folds[folds["fold"] == 1].set_index("subject_id").loc[table["subject_id"], PROBS].to_numpy()
+    np.testing.assert_allclose(table[PROBS].to_numpy(), (p0 + p1) / 2, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(table[[f"{c}_sd" for c in PROBS]].to_numpy(), np.abs(p0 - p1) / np.sqrt(2), atol=1e-12)
+    assert list(table["pred"]) == [CLASSES[i] for i in ((p0 + p1) / 2).argmax(axis=1)]
+    assert (table["n_folds"] == 2).all() and len(table) == 24
+    np.testing.assert_allclose(table[PROBS].sum(axis=1), 1, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- 2. the arm
+def pooled_macro_f1(predictions: pd.DataFrame, model: str) -> float:
+    rows = predictions[predictions["model"] == model]
+    return f1_score(rows["label"], rows["pred"], labels=CLASSES, average="macro", zero_division=0)
+
+
+def test_the_default_arm_is_the_best_grid_estimate_and_says_so(ensemble, run_dir):
+    predictions = pd.read_csv(run_dir / "predictions.csv", dtype={"subject_id": str})
+    scores = {model: pooled_macro_f1(predictions, model) for model in ARM_ORDER}
+    best = sorted(ARM_ORDER, key=lambda m: (-round(scores[m], 12), ARM_ORDER.index(m)))[0]
+    other = next(m for m in ARM_ORDER if m != best)
+    assert (f"Arm {best}:scratch: best grid estimate: pooled macro F1 {scores[best]:.2f} over 2 folds; others: "
+            f"{other}:scratch grid {scores[other]:.2f}") in ensemble["out"]
+    arm = ensemble["record"]["arm"]
+    assert (arm["model"], arm["pretrained"], arm["estimate"]) == (best, False, "grid")
+    assert arm["pooled_macro_f1"] == pytest.approx(scores[best], abs=1e-12)
+    trials = pd.read_csv(run_dir / "trials.csv").set_index("trial_name")
+    for fold in ensemble["record"]["folds"]:
+        assert trials.loc[fold["trial_name"], "model"] == best
+        assert fold["checkpoint"] == trials.loc[fold["trial_name"], "checkpoint"]
+        assert fold["config"]["model"] == best and len(fold["best_weights_sha256"]) == 64
+
+
+@pytest.fixture(scope="module")
+def other_arm_on_an_old_run(ensemble, run_dir, phantom_root, tmp_path_factory) -> dict:
+    """The arm the default did not pick, chosen with --arm, on a copy of the run whose trials.csv predates the
+    checkpoint column, for a label-less manifest: two phantoms and an unstripped head."""
+    tmp = tmp_path_factory.mktemp("old_run")
+    old = copy_tables(run_dir, tmp / "run")
+    pd.read_csv(old / "trials.csv").drop(columns="checkpoint").to_csv(old / "trials.csv", index=False)
+    paths = {r.subject_id: r.paths[0] for r in load_records(DataSpec(data_root=str(phantom_root)))}
+    chosen = sorted(paths)[:2]
+    head = write_head(tmp / "head.nii.gz")  # the run trained on skull-stripped volumes only
+    manifest = write_manifest(tmp / "new.csv", [*({"subject_id": s, "path": paths[s]} for s in chosen),
+                                                {"subject_id": "head", "path": head.name}])  # relative to the manifest
+    other = next(m for m in ARM_ORDER if m != ensemble["record"]["arm"]["model"])
+    csv = tmp / "old.csv"
+    code, out, err = run_cli([str(old), "--manifest", str(manifest), "--arm", f"{other}:scratch", "--output", str(csv),
+                              "--workers", "1"])
+    assert code == 0, err
+    table, folds, record = outputs(csv)
+    return {"arm": other, "subjects": [*chosen, "head"], "out": out, "err": err, "table": table, "folds": folds,
+            "record": record}
+
+
+def test_an_arm_can_be_chosen_and_one_that_is_not_in_the_run_is_refused_with_the_arms_present(
+        other_arm_on_an_old_run, run_dir, tmp_path):
+    prediction, other = other_arm_on_an_old_run, other_arm_on_an_old_run["arm"]
+    assert f"Arm {other}:scratch: chosen with --arm (grid estimate: pooled macro F1" in prediction["out"]
+    record = prediction["record"]
+    assert (record["arm"]["model"], record["arm"]["pretrained"]) == (other, False)
+    assert [f["config"]["model"] for f in record["folds"]] == [other, other]
+    assert list(prediction["table"]["subject_id"]) == prediction["subjects"]
+
+    code, _, err = run_cli([str(run_dir), "--arm", "r3d_18:scratch", "--manifest", "unused.csv", "--output",
+                            str(tmp_path / "p.csv")])
+    assert code == 2
+    assert f"--arm r3d_18:scratch is not an arm of {run_dir}; its arms: r2plus1d_18:scratch, mc3_18:scratch" in err
+
+
+def test_a_nested_arm_predicts_with_each_folds_selected_configuration(tmp_path):
+    """The analysis tests' nested search (hand-written confusion matrices): fold 0 chose cfgC, fold 1 cfgA, fold 2
+    the grid trial it was handed; r3d_18:kinetics chose cfgA in every fold."""
+    exp = load_experiment(build_nested_search_dir(tmp_path, studies=False))
+    estimate, reason = predict.choose_arm(exp, None)
+    assert estimate.arm == ("mc3_18", False) and estimate.kind == "nested"
+    assert estimate.trials == {0: "search-mc3_18-scratch-f0-cfgC", 1: "search-mc3_18-scratch-f1-cfgA",
+                               2: f"mc3_18-scratch-f2-{PAPER_CONFIG}"}
+    # Pooled confusion matrices (rows true HGG, LGG, Healthy): mc3_18 [[11,1,0],[2,4,0],[0,0,12]] gives F1 22/25,
+    # 8/11 and 1; r3d_18 [[12,0,0],[3,3,0],[0,0,12]] gives 24/27, 6/9 and 1.
+    mc3, r3d = (22 / 25 + 8 / 11 + 1) / 3, (24 / 27 + 6 / 9 + 1) / 3
+    assert estimate.macro_f1 == pytest.approx(mc3, abs=1e-12)
+    assert reason == (f"best nested estimate: pooled macro F1 {mc3:.2f} over 3 folds; "
+                      f"others: r3d_18:kinetics nested {r3d:.2f}")
+    # Its trials.csv predates the checkpoint column and no Tune run is left: refused with the command that fixes it.
+    with pytest.raises(predict.PredictError, match=r"has no checkpoint column .* no Tune run with checkpoints was "
+                                                   r"found .* Run `python tune_main.py --resume --output "):
+        predict.fold_weights(exp, estimate)
+
+
+# ---------------------------------------------------------------------------------------------- 3. runs
+def test_a_folder_that_is_not_a_run_and_a_run_without_a_finished_fold_are_refused(run_dir, phantom_root, tmp_path):
+    brats = str(sorted(phantom_root.rglob("*_t1ce.nii.gz"))[0])
+    code, _, err = run_cli([str(tmp_path), brats, "--output", str(tmp_path / "p.csv")])
+    assert code == 2 and f"{tmp_path} is not an experiment folder (no experiment.json)" in err
+
+    failed = copy_tables(run_dir, tmp_path / "failed")
+    trials = pd.read_csv(failed / "trials.csv")
+    trials.assign(status="FAILED", error="RuntimeError: out of memory", checkpoint="").to_csv(failed / "trials.csv",
+                                                                                              index=False)
+    pd.read_csv(failed / "predictions.csv").iloc[:0].to_csv(failed / "predictions.csv", index=False)
+    code, _, err = run_cli([str(failed), brats, "--output", str(tmp_path / "p.csv")])
+    assert code == 2
+    assert f"{failed} has no finished fold of any arm (trials.csv: 4 FAILED)" in err
+    assert f"python tune_main.py --resume --output {failed}" in err
+    code, _, err = run_cli([str(failed), "--arm", "mc3_18:scratch", brats, "--output", str(tmp_path / "p.csv")])
+    assert code == 2 and "no finished fold of arm mc3_18:scratch (trials.csv: 2 FAILED)" in err
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_a_run_without_the_checkpoint_column_finds_its_weights_in_tunes_records(other_arm_on_an_old_run, run_dir):
+    trials = pd.read_csv(run_dir / "trials.csv").set_index("trial_name")
+    folds = other_arm_on_an_old_run["record"]["folds"]
+    for fold in folds:
+        recorded = Path(trials.loc[fold["trial_name"], "checkpoint"])
+        assert Path(fold["checkpoint"]) == recorded
+        assert fold["best_weights_sha256"] == hashlib.sha256((recorded / "best_weights.pt").read_bytes()).hexdigest()
+    assert sorted(trials.loc[[f["trial_name"] for f in folds], "fold"]) == [0, 1]
+
+
+def test_a_run_folder_moved_elsewhere_finds_its_recorded_paths_under_its_new_place(run_dir, phantom_root, tmp_path):
+    # As if the run had been made in /gone/run and copied here: its cache entry recorded under the old place.
+    entry = Path(json.loads((run_dir / "experiment.json").read_text())["cache"])
+    moved = copy_tables(run_dir, tmp_path / "moved")
+    shutil.copytree(entry, moved / "cache" / entry.name, ignore=shutil.ignore_patterns("volumes.npy"))
+    record = json.loads((moved / "experiment.json").read_text())
+    record.update(output="/gone/run", cache=f"/gone/run/cache/{entry.name}")
+    (moved / "experiment.json").write_text(json.dumps(record))
+    csv = tmp_path / "p.csv"
+    code, _, err = run_cli([str(moved), str(sorted(phantom_root.rglob("*_t1ce.nii.gz"))[0]), "--output", str(csv),
+                            "--workers", "1"])
+    assert code == 0, err
+    assert outputs(csv)[2]["preprocessing"]["cache_entry"] == str(moved / "cache" / entry.name)
+
+
+# ---------------------------------------------------------------------------------------------- 4. inputs
+def test_inputs_that_do_not_match_the_run_are_refused_with_the_file_and_the_fix(run_dir, phantom_root, tmp_path,
+                                                                                  other_arm_on_an_old_run):
+    # Allowed, with a warning: a volume stripped differently from every training volume is out of distribution.
+    assert ("1 of 3 new volume(s) look unstripped (no zero background), while every volume of the run was "
+            "skull-stripped") in other_arm_on_an_old_run["err"] and "(head)" in other_arm_on_an_old_run["err"]
+    files = sorted(str(p) for p in phantom_root.rglob("*_t1ce.nii.gz"))[:2]
+    csv = str(tmp_path / "p.csv")
+    # A volume that fails the training's validation, named with its reason.
+    flat = tmp_path / "flat.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((8, 8, 8), 7, dtype=np.float32), np.eye(4)), str(flat))
+    code, _, err = run_cli([str(run_dir), files[0], str(flat), "--output", csv])
+    assert code == 2
+    assert "1 of 2 subjects failed validation" in err
+    assert f"{flat}: constant image (every voxel is 7) (subject flat)" in err
+    code, _, err = run_cli([str(run_dir), files[0], str(flat), "--skip-invalid", "--output", str(tmp_path / "kept.csv"),
+                            "--workers", "1"])
+    assert code == 0 and "left out (--skip-invalid), 1 subject(s) failed validation" in err
+    assert list(pd.read_csv(tmp_path / "kept.csv")["subject_id"]) == [Path(files[0]).name.removesuffix(".nii.gz")]
+    # A label that is not a class of the run cannot be scored.
+    labelled = write_manifest(tmp_path / "labelled.csv", [{"subject_id": "s1", "label": "tumour", "path": files[0]}])
+    code, _, err = run_cli([str(run_dir), "--manifest", str(labelled), "--output", csv])
+    assert code == 2 and "Label(s) 'tumour' (e.g. subject(s) s1) are not classes of the run (LGG, HGG, Healthy)" in err
+    # A manifest with two channels for a one-channel run.
+    manifest = write_manifest(tmp_path / "two.csv",
+                              [{"subject_id": "s1", "path_t1ce": files[0], "path_flair": files[1]}])
+    code, _, err = run_cli([str(run_dir), "--manifest", str(manifest), "--output", csv])
+    assert code == 2
+    assert f"--manifest {manifest} has 2 path column(s), but {run_dir} was trained on 1 input channel(s) (t1ce)" in err
+
+    # The run's records as a two-contrast run (t1ce, flair) writes them: bare FILES cannot say which file is which.
+    entry = Path(json.loads((run_dir / "experiment.json").read_text())["cache"])
+    two = copy_tables(run_dir, tmp_path / "two_contrasts")
+    shutil.copytree(entry, two / "cache_entry", ignore=shutil.ignore_patterns("volumes.npy"))
+    meta = json.loads((two / "cache_entry" / "meta.json").read_text())
+    (two / "cache_entry" / "meta.json").write_text(json.dumps({**meta, "channels": 2}))
+    record = json.loads((two / "experiment.json").read_text())
+    record.update(contrasts=["t1ce", "flair"], cache=str(two / "cache_entry"))
+    (two / "experiment.json").write_text(json.dumps(record))
+    code, _, err = run_cli([str(two), *files, "--output", csv])
+    assert code == 2
+    assert f"{two} was trained on 2 input channel(s) (t1ce, flair); bare FILES give one volume per subject" in err
+    assert "pass --manifest" in err
+    # Given two files per subject, the run's one-channel weights cannot read them: refused before any volume is read.
+    code, _, err = run_cli([str(two), "--manifest", str(manifest), "--arm", "mc3_18:scratch", "--output", csv])
+    assert code == 2
+    assert "best_weights.pt does not fit mc3_18 with 2 input channel(s) and 3 classes (size mismatch for " in err
+
+    # A cache entry without meta.json: the crop shape the models saw is unknown.
+    (two / "cache_entry" / "meta.json").unlink()
+    code, _, err = run_cli([str(two), *files, "--output", csv])
+    assert code == 2 and f"cache entry {two / 'cache_entry'} has no meta.json" in err
+    assert not Path(csv).exists()
+
+
+# ---------------------------------------------------------------------------------------------- 5. labels
+def test_given_labels_are_scored_with_sklearn_and_training_subjects_are_flagged(ensemble, run_dir,
+                                                                                 other_arm_on_an_old_run):
+    table, record = ensemble["table"], ensemble["record"]
+    cohort = pd.read_csv(run_dir / "subjects.csv", dtype={"subject_id": str}).set_index("subject_id")
+    assert list(table["label"]) == list(cohort.loc[table["subject_id"], "label"])
+    accuracy = accuracy_score(table["label"], table["pred"])
+    macro_f1 = f1_score(table["label"], table["pred"], labels=CLASSES, average="macro", zero_division=0)
+    assert (f"Score on 24 labelled subject(s): accuracy {accuracy:.3f}, macro F1 {macro_f1:.3f}; 24 of them are in the "
+            "run's training data, so this is no independent test") in ensemble["out"]
+    assert record["score"] == pytest.approx({"n_labelled": 24, "accuracy": accuracy, "macro_f1": macro_f1,
+                                             "n_in_run_cohort": 24})
+    # Every phantom was training data of the run: flagged per row and warned about.
+    assert table["in_run_cohort"].all()
+    assert "warning: 24 of 24 subject(s) are in the run's own subjects.csv" in ensemble["err"]
+    assert "fold 2/2 (run fold 1, " in ensemble["out"] and ": 24/24 volumes" in ensemble["out"]
+    # Without labels (a manifest without a label column) nothing is scored, and nothing pretends to be a score.
+    unlabelled = other_arm_on_an_old_run
+    assert "label" not in unlabelled["table"].columns and unlabelled["record"]["score"] is None
+    assert "No labels given: no score." in unlabelled["out"] and "Score on" not in unlabelled["out"]
+    assert list(unlabelled["table"]["in_run_cohort"]) == [True, True, False]

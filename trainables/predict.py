@@ -1,0 +1,691 @@
+"""Fold-ensemble prediction on new scans with the weights of a finished run.
+
+    python -m trainables.predict RUN_DIR (--data-root DIR | --manifest CSV | FILES...) --output preds.csv
+        [--arm MODEL:scratch|kinetics] [--device cpu|cuda|auto] [--batch-size N]
+
+RUN_DIR is a ``tune_main.py --output`` folder. Each refusal names the file or option and the fix, and comes as early
+as it can: the run, the arm and every fold's weights are checked before any input is registered or preprocessed.
+
+1. **Arm**: the one with the best nested estimate (when a search ran for it) or else grid estimate, pooled macro F1
+   of the run's own test predictions, computed by ``analysis/`` as in the report; ``--arm`` picks one.
+2. **Folds**: each finished fold's trial of that arm (nested: the configuration the nested estimate used; grid:
+   the grid's trial), found in trials.csv's ``checkpoint`` column. For runs made before that column existed, Ray
+   Tune's own records of the run (``ray.tune.ExperimentAnalysis`` on experiment.json's ``tune_runs``).
+3. **Inputs**: found as training finds them (``datasets.prepare.load_records``), or a manifest whose label column
+   is optional, or bare FILES (one NIfTI per subject; id = file stem). Validated by the training checks, registered
+   when the run was, and preprocessed by the same code with the run cache's parameters and crop shape.
+4. **Prediction**: every fold's float16 best weights, in eval mode, float32 arithmetic (no autocast, so CPU and GPU
+   give the same numbers up to kernel rounding), batch-wise in the training's video layout. The ensemble is the
+   mean of the folds' softmax probabilities.
+
+Outputs (OUT = ``--output``, a .csv):
+- OUT: ``subject_id``, ``label`` (when labels were given), ``prob_<class>`` (mean over folds), ``pred``,
+  ``prob_<class>_sd`` (sample standard deviation over folds, ddof=1 as the report's fold std; empty with one fold),
+  ``n_folds``, ``fold<k>_pred`` per fold k (k = the run's fold index), ``in_run_cohort`` (the subject id is in the
+  run's subjects.csv: it was training data for every fold but its own test fold, so its prediction is no
+  independent test).
+- ``<OUT stem>_folds.csv``: one row per (subject, fold): ``subject_id, fold, trial_name, pred, prob_<class>``.
+- ``<OUT stem>.json``: how it was obtained: run, arm and why, folds with checkpoints and weight checksums,
+  preprocessing, device, versions, and the score when labels were given.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from analysis.load import Experiment, check_one_trial_per_fold, load_experiment
+from analysis.metrics import arm_metrics, overall_metrics
+from analysis.names import Arm, arm_sort_key, sort_arms
+from analysis.nested import fold_studies, nested_estimate, select
+from datasets.acquisition import looks_stripped
+from datasets.atomic import write_csv_atomic, write_text_atomic
+from datasets.dicom import convert_records, dicom_cache_dir
+from datasets.preprocessing import CachedDataset, PreprocessConfig, preprocess_volumes
+from datasets.prepare import DataSpec, load_records
+from datasets.records import SubjectRecord
+from datasets.sources import NIFTI_SUFFIXES, read_manifest
+from datasets.validation import Problem, validate_records
+from datasets.volume_dataset import batch_to_video_layout
+from models import build_model
+from trainables.fold_training import FINAL_WEIGHTS_FILE
+
+PRETRAINING_TAGS = {"scratch": False, "kinetics": True}  # the --arm spelling, as in trial names
+SUMMARY_FILE = "result.json"  # a finished fold's summary in its final checkpoint, with the trial's config
+PROGRESS_LINES = 10  # progress lines per fold at most
+COHORT_IDS_SHOWN = 5
+
+
+class PredictError(ValueError):
+    """A refusal: what is wrong, with which file or option, and the fix. ``main`` prints it and returns 2."""
+
+
+def resume_hint(run_dir: Path) -> str:
+    return f"python tune_main.py --resume --output {run_dir}"
+
+
+def arm_text(arm: Arm) -> str:
+    """An arm as ``--arm`` spells it: ``mc3_18:scratch``."""
+    return f"{arm[0]}:{'kinetics' if arm[1] else 'scratch'}"
+
+
+def parse_arm(text: str) -> Arm:
+    model, _, tag = text.partition(":")
+    if not model or tag not in PRETRAINING_TAGS:
+        raise PredictError(f"--arm expects MODEL:scratch or MODEL:kinetics (e.g. mc3_18:scratch), got {text!r}")
+    return model, PRETRAINING_TAGS[tag]
+
+
+# ---------------------------------------------------------------------------------------------- the run
+def load_run(run_dir: Path) -> Experiment:
+    """The run's tables, read and checked by the analysis module (the same reader as the report)."""
+    if not (run_dir / "experiment.json").is_file():
+        raise PredictError(f"{run_dir} is not an experiment folder (no experiment.json): give the --output folder "
+                           "of a tune_main.py run")
+    if not (run_dir / "predictions.csv").is_file():
+        raise PredictError(f"{run_dir} has no predictions.csv: the run has not collected its trials yet (stopped "
+                           f"early?). Run `{resume_hint(run_dir)}` to finish it")
+    try:
+        return load_experiment(run_dir)
+    except (ValueError, FileNotFoundError) as error:
+        raise PredictError(f"{run_dir} cannot be read as a run: {error}") from error
+
+
+def relocated(location: str, exp: Experiment) -> str:
+    """A local path the run recorded, moved with the run folder: paths under the run's recorded ``output`` are
+    looked up under RUN_DIR when the original is gone (a run copied to another machine for prediction)."""
+    if "://" in location or Path(location).exists():
+        return location
+    recorded = str(exp.meta.get("output") or "").rstrip("/")
+    if recorded and location.startswith(recorded + "/"):
+        moved = exp.out_dir.resolve() / location[len(recorded) + 1:]
+        if moved.exists():
+            return str(moved)
+    return location
+
+
+def run_preprocessing(exp: Experiment) -> tuple[PreprocessConfig, int, Path]:
+    """(the run's preprocessing with its crop shape, input channels, cache entry) from the entry's meta.json:
+    the parameters that made the arrays the models were trained on."""
+    cache = exp.meta.get("cache")
+    run_dir = exp.out_dir
+    if not cache:
+        raise PredictError(f"{run_dir}/experiment.json names no preprocessing cache ('cache'), so the crop shape its "
+                           f"models were trained on is unknown. Run `{resume_hint(run_dir)}`, which records it")
+    entry = CachedDataset(Path(relocated(str(cache), exp)))
+    try:
+        meta = entry.meta
+        config = PreprocessConfig(spacing=float(meta["config"]["spacing"]),
+                                  percentiles=tuple(float(p) for p in meta["config"]["percentiles"]),
+                                  target_shape=tuple(int(s) for s in meta["shape"]),
+                                  register=str(meta["config"].get("register", "none")))
+        channels = int(meta["channels"])
+    except FileNotFoundError:
+        raise PredictError(f"The run's cache entry {entry.directory} has no meta.json, so the spacing, intensity "
+                           f"percentiles and crop shape its models were trained on are unknown. Copy the entry's "
+                           f"meta.json with the run, or run `{resume_hint(run_dir)}` to rebuild the entry (its input "
+                           "files must still be there)") from None
+    except (ValueError, KeyError, TypeError) as error:
+        raise PredictError(f"{entry.directory}/meta.json is unreadable or incomplete ({type(error).__name__}: "
+                           f"{error}). Run `{resume_hint(run_dir)}` to rebuild the entry") from error
+    return config, channels, entry.directory
+
+
+def channel_text(exp: Experiment, channels: int) -> str:
+    """What the run's input channels were, for messages."""
+    if exp.meta.get("manifest"):
+        return f"{channels} input channel(s) (the path columns of its manifest {exp.meta['manifest']})"
+    return f"{channels} input channel(s) ({', '.join(exp.meta.get('contrasts') or ['t1ce'])})"
+
+
+# ---------------------------------------------------------------------------------------------- the arm
+@dataclass(frozen=True)
+class ArmEstimate:
+    """An arm's test estimate in the run and the trial of each fold behind it (whose weights then predict)."""
+
+    arm: Arm
+    kind: str  # "nested" (each fold's selected configuration) or "grid" (the grid's configuration)
+    macro_f1: float  # pooled over the folds' test predictions
+    trials: dict[int, str]  # fold -> trial name
+
+    def describe(self) -> str:
+        folds = len(self.trials)
+        return f"{self.kind} estimate: pooled macro F1 {self.macro_f1:.2f} over {folds} fold{'s' if folds != 1 else ''}"
+
+
+def arm_estimates(exp: Experiment) -> dict[Arm, ArmEstimate]:
+    """Every arm with finished folds: its nested estimate where a search ran for it, else its grid estimate."""
+    estimates: dict[Arm, ArmEstimate] = {}
+    main = exp.select_main(exp.predictions)
+    try:
+        check_one_trial_per_fold(main, exp.out_dir / "predictions.csv")
+    except ValueError as error:
+        raise PredictError(str(error)) from error
+    metrics = arm_metrics(main, exp.classes, exp.main_arms())
+    for (model, pretrained), folds in metrics.per_fold_overall.groupby(["model", "pretrained"]):
+        overall = metrics.overall
+        pooled = overall[(overall["model"] == model) & (overall["pretrained"] == pretrained)
+                         & (overall["metric"] == "macro_f1")]["pooled"]
+        arm = (str(model), bool(pretrained))
+        estimates[arm] = ArmEstimate(arm, "grid", float(pooled.iloc[0]),
+                                     {int(f): str(t) for f, t in zip(folds["fold"], folds["trial_name"])})
+    studies = fold_studies(exp)
+    if studies:
+        selection, _ = select(exp, studies)
+        estimate = nested_estimate(exp, selection)
+        for row in estimate[(estimate["estimate"] == "nested") & (estimate["n_folds"] > 0)].itertuples(index=False):
+            used = set(str(row.trials).split(";"))
+            chosen = selection[(selection["model"] == row.model) & (selection["pretrained"] == row.pretrained)
+                               & selection["trial_name"].isin(used)]
+            arm = (str(row.model), bool(row.pretrained))
+            estimates[arm] = ArmEstimate(arm, "nested", float(row.test_macro_f1_pooled),
+                                         {int(f): str(t) for f, t in zip(chosen["fold"], chosen["trial_name"])})
+    return estimates
+
+
+def no_finished_fold(exp: Experiment, arm: Arm | None) -> PredictError:
+    """What the trials of ``arm`` (all arms for None) did instead of finishing, and how to finish them."""
+    trials = exp.trials
+    what = f"arm {arm_text(arm)}" if arm else "any arm"
+    if trials is None:
+        counts = "no trials.csv"
+    else:
+        mine = trials[(trials["model"] == arm[0]) & (trials["pretrained"] == arm[1])] if arm else trials
+        statuses = sorted(mine["status"].value_counts().items())
+        counts = ", ".join(f"{n} {status}" for status, n in statuses) or "no trials"
+    return PredictError(f"{exp.out_dir} has no finished fold of {what} (trials.csv: {counts}). Fix what stopped them "
+                        "(trials.csv's error column; the report's Failed trials), then run "
+                        f"`{resume_hint(exp.out_dir)}`, which runs unfinished and failed trials again")
+
+
+def choose_arm(exp: Experiment, requested: Arm | None) -> tuple[ArmEstimate, str]:
+    """(the arm to predict with, why). Ties go to more folds, then to the paper's arm order."""
+    estimates = arm_estimates(exp)
+    present = sort_arms([*exp.planned_arms, *estimates, *(study.arm for study in fold_studies(exp))])
+    if requested is not None:
+        if requested not in present:
+            raise PredictError(f"--arm {arm_text(requested)} is not an arm of {exp.out_dir}; its arms: "
+                               f"{', '.join(arm_text(a) for a in present)}")
+        if requested not in estimates:
+            raise no_finished_fold(exp, requested)
+        chosen = estimates[requested]
+        return chosen, f"chosen with --arm ({chosen.describe()})"
+    if not estimates:
+        raise no_finished_fold(exp, None)
+    ranked = sorted(estimates.values(), key=lambda e: (-e.macro_f1, -len(e.trials), arm_sort_key(e.arm)))
+    best, others = ranked[0], ranked[1:]
+    reason = f"best {best.describe()}"
+    if others:
+        reason += "; others: " + ", ".join(f"{arm_text(e.arm)} {e.kind} {e.macro_f1:.2f}" for e in others)
+    return best, reason
+
+
+# ---------------------------------------------------------------------------------------------- fold weights
+@dataclass(frozen=True)
+class FoldWeights:
+    """One fold's final checkpoint: a local folder or ``<scheme>://...`` on remote storage."""
+
+    fold: int
+    trial_name: str
+    checkpoint: str
+
+
+def fold_weights(exp: Experiment, estimate: ArmEstimate) -> list[FoldWeights]:
+    """Each fold's checkpoint, as the run recorded it (trials.csv), else from Ray Tune's records of the run."""
+    trials = exp.trials
+    if trials is not None and "checkpoint" in trials.columns:
+        recorded, source = dict(zip(trials["trial_name"], trials["checkpoint"])), f"{exp.out_dir}/trials.csv"
+    else:
+        recorded, source = tune_checkpoints(exp), "Ray Tune's records of the run"
+    folds = []
+    for fold, name in sorted(estimate.trials.items()):
+        location = str(recorded.get(name) or "")
+        if not location:
+            raise PredictError(f"Fold {fold}'s trial {name} has no checkpoint in {source}. Run "
+                               f"`{resume_hint(exp.out_dir)}`, which collects the trials again and rewrites trials.csv")
+        folds.append(FoldWeights(fold, name, relocated(location, exp)))
+    return folds
+
+
+def tune_checkpoints(exp: Experiment) -> dict[str, str]:
+    """trial name -> final checkpoint from Ray Tune's own experiment state (runs made before trials.csv recorded it)."""
+    from ray.tune import ExperimentAnalysis  # Ray only for old runs: a second or more to import
+
+    from trainables.ray_trainable import trial_name
+
+    storage = str((exp.meta.get("options") or {}).get("storage") or exp.out_dir / "ray").rstrip("/")
+    runs = list((exp.meta.get("tune_runs") or {}).values()) or [f"{storage}/{kind}" for kind in ("paper", "search")]
+    found, looked = {}, []
+    for run in runs:
+        run = relocated(str(run), exp)
+        looked.append(run)
+        try:
+            analysis = ExperimentAnalysis(run)
+        except (ValueError, FileNotFoundError, OSError):
+            continue  # not there (a run kind this experiment did not use, or storage that moved)
+        for trial in analysis.trials:
+            checkpoint = trial.checkpoint
+            if checkpoint is not None:
+                scheme = checkpoint.filesystem.type_name
+                path = str(checkpoint.path)
+                found[trial_name(trial.config)] = path if scheme == "local" else f"{scheme}://{path.lstrip('/')}"
+    if not found:
+        raise PredictError(f"{exp.out_dir}/trials.csv has no checkpoint column (a run made before it existed) and no "
+                           f"Tune run with checkpoints was found (looked in {', '.join(looked)}). Run "
+                           f"`{resume_hint(exp.out_dir)}`, which rewrites trials.csv with each trial's checkpoint")
+    return found
+
+
+def read_checkpoint_file(checkpoint: str, name: str, trial: str, run_dir: Path) -> bytes:
+    """One file of a checkpoint folder, through pyarrow's filesystem for its location (local, s3://, gs://, ...)."""
+    import pyarrow.fs
+
+    if "://" in checkpoint:
+        filesystem, folder = pyarrow.fs.FileSystem.from_uri(checkpoint)
+    else:
+        filesystem, folder = pyarrow.fs.LocalFileSystem(), str(Path(checkpoint).resolve())
+    path = f"{folder.rstrip('/')}/{name}"
+    try:
+        if filesystem.get_file_info(path).type != pyarrow.fs.FileType.File:
+            raise FileNotFoundError(path)
+        with filesystem.open_input_stream(path) as stream:
+            return stream.read()
+    except (FileNotFoundError, OSError) as error:
+        raise PredictError(f"Trial {trial}'s checkpoint has no readable {name} at {checkpoint} ({error}). If the run "
+                           f"or its --storage moved, run `{resume_hint(run_dir)}` where they are now, which rewrites "
+                           "trials.csv with the checkpoints' new places") from None
+
+
+@dataclass
+class FoldModel:
+    weights: FoldWeights
+    config: dict[str, Any]  # the trial's training config (result.json)
+    sha256: str  # of best_weights.pt, so the output says exactly which weights made it
+    model: nn.Module
+
+
+def load_fold_model(weights: FoldWeights, arm: Arm, classes: Sequence[str], channels: int,
+                    run_dir: Path) -> FoldModel:
+    """The fold's network on the CPU in eval mode with its best weights; built as the trial built it, from scratch
+    (the saved weights replace every tensor, so Kinetics weights are not needed here)."""
+    summary = json.loads(read_checkpoint_file(weights.checkpoint, SUMMARY_FILE, weights.trial_name, run_dir))
+    config = summary["config"]
+    if (config["model"], bool(config["pretrained"])) != arm or int(config["fold"]) != weights.fold:
+        raise PredictError(f"{weights.checkpoint}/{SUMMARY_FILE} is trial {config['model']} fold {config['fold']}, "
+                           f"not {arm_text(arm)} fold {weights.fold} as {weights.trial_name}: trials.csv does not "
+                           f"match the checkpoints; run `{resume_hint(run_dir)}` to rewrite it")
+    raw = read_checkpoint_file(weights.checkpoint, FINAL_WEIGHTS_FILE, weights.trial_name, run_dir)
+    state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    model = build_model(config["model"], num_classes=len(classes), in_channels=channels, dropout=config["dropout"])
+    try:
+        model.load_state_dict(state)  # float16 tensors are copied into the float32 parameters
+    except RuntimeError as error:
+        detail = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
+        raise PredictError(f"{weights.checkpoint}/{FINAL_WEIGHTS_FILE} does not fit {config['model']} with {channels} "
+                           f"input channel(s) and {len(classes)} classes ({detail}): the checkpoint is not from this "
+                           "run's data") from None
+    return FoldModel(weights, config, hashlib.sha256(raw).hexdigest(), model.eval())
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+def file_record(path: str) -> SubjectRecord:
+    """FILES: one volume per subject, the id its file name without the NIfTI suffix."""
+    name = Path(path).name
+    stem = next((name[:-len(s)] for s in NIFTI_SUFFIXES if name.endswith(s)), Path(path).stem)
+    return SubjectRecord(stem, "", (str(Path(path).resolve()),), group=stem, source="files")
+
+
+def read_prediction_manifest(manifest: str) -> list[SubjectRecord]:
+    """A manifest as training reads it (``read_manifest``) when it has a label column; without one, records from its
+    subject_id and path columns (relative paths are relative to the manifest's folder, as in training)."""
+    path = Path(manifest)
+    if not path.is_file():
+        raise PredictError(f"--manifest {path} does not exist")
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise PredictError(f"Manifest {path} is not a readable CSV ({error}); write a header row with subject_id and "
+                           "path (or path_<contrast>) columns, then one row per subject") from None
+    frame.columns = [str(c).strip() for c in frame.columns]
+    if "label" in frame.columns:
+        return read_manifest(path)
+    path_columns = [c for c in frame.columns if c == "path" or c.startswith("path_")]
+    if "subject_id" not in frame.columns or not path_columns:
+        raise PredictError(f"Manifest {path} needs a subject_id column and a path (or path_<contrast>) column per "
+                           f"input channel (label is optional here); it has {', '.join(frame.columns)}")
+    if frame.empty:
+        raise PredictError(f"Manifest {path} has no subjects (a header and no rows); add one row per subject")
+    records = []
+    for row in frame.itertuples(index=False):
+        values = dict(zip(frame.columns, row))
+        sid = values["subject_id"].strip()
+        paths = tuple(str((path.parent / values[c].strip()).resolve()) if values[c].strip() else ""
+                      for c in path_columns)
+        site = values.get("site", "").strip()
+        records.append(SubjectRecord(sid, "", paths, group=sid, source="manifest", site=site))
+    return records
+
+
+def input_records(args: argparse.Namespace, exp: Experiment, channels: int) -> list[SubjectRecord]:
+    """The subjects to predict, each with one file per input channel of the run (else refused)."""
+    if args.files:
+        if channels > 1:
+            raise PredictError(f"{exp.out_dir} was trained on {channel_text(exp, channels)}; bare FILES give one "
+                               "volume per subject. Write a manifest with a subject_id column and one path_<contrast> "
+                               "column per channel, in the run's order, and pass --manifest")
+        return [file_record(f) for f in args.files]
+    if args.manifest:
+        records = read_prediction_manifest(args.manifest)
+        given = f"--manifest {args.manifest} has {len(records[0].paths)} path column(s)"
+    else:
+        contrasts = tuple(c.strip() for c in (args.contrasts or "").split(",") if c.strip())
+        named = f"--contrasts {args.contrasts}"
+        if not contrasts:
+            contrasts = tuple(exp.meta.get("contrasts") or ("t1ce",))
+            named = f"The run's recorded contrasts ({','.join(contrasts)})"
+        if len(contrasts) != channels:
+            raise PredictError(f"{named} name {len(contrasts)} contrast(s), but {exp.out_dir} was trained on "
+                               f"{channel_text(exp, channels)}; pass --contrasts with that many, in the run's order")
+        records = load_records(DataSpec(data_root=args.data_root, contrasts=contrasts))
+        given = f"--data-root {args.data_root} gives {len(records[0].paths)} file(s) per subject"
+    if records and len(records[0].paths) != channels:
+        raise PredictError(f"{given}, but {exp.out_dir} was trained on {channel_text(exp, channels)}; give one file "
+                           "per channel, in the run's order")
+    return records
+
+
+def check_labels(records: Sequence[SubjectRecord], classes: Sequence[str]) -> None:
+    """Labels are optional, but a given one must be a class of the run: otherwise it cannot be scored."""
+    unknown = sorted({r.label for r in records if r.label and r.label not in classes})
+    if unknown:
+        subjects = [r.subject_id for r in records if r.label in unknown][:COHORT_IDS_SHOWN]
+        raise PredictError(f"Label(s) {', '.join(map(repr, unknown))} (e.g. subject(s) {', '.join(subjects)}) are not "
+                           f"classes of the run ({', '.join(classes)}), so they cannot be scored: correct them, or "
+                           "list the subjects in a --manifest without a label column to predict without a score")
+
+
+def keep_or_refuse(records: list[SubjectRecord], problems: list[Problem], step: str,
+                   skip_invalid: bool) -> list[SubjectRecord]:
+    """The records left after a step's failures: every failure stops unless --skip-invalid (never all of them)."""
+    if not problems:
+        return records
+    lines = "\n".join(f"  {p.path or '-'}: {p.reason} (subject {p.subject_id})" for p in problems)
+    failed = {p.subject_id for p in problems}
+    kept = [r for r in records if r.subject_id not in failed]
+    if not skip_invalid or not kept:
+        skip = ", or pass --skip-invalid to leave them out" if kept else ""
+        raise PredictError(f"{len(problems)} of {len(records)} subjects failed {step}; fix or remove these files"
+                           f"{skip}:\n{lines}")
+    print(f"warning: left out (--skip-invalid), {len(problems)} subject(s) failed {step}:\n{lines}", file=sys.stderr)
+    return kept
+
+
+def survivors(records: list[SubjectRecord], transformed: list[SubjectRecord], problems: list[Problem], step: str,
+              skip_invalid: bool) -> list[SubjectRecord]:
+    """``transformed`` (a step's output records, its failures left out) once ``keep_or_refuse`` allowed them."""
+    kept = {r.subject_id for r in keep_or_refuse(records, problems, step, skip_invalid)}
+    return [r for r in transformed if r.subject_id in kept]
+
+
+def stripping_warning(records: Sequence[SubjectRecord], profiles: dict[str, dict], exp: Experiment) -> str | None:
+    """New volumes stripped differently from every volume of the run are out of its distribution: say which."""
+    subjects = exp.subjects
+    if subjects is None or "stripped" not in subjects.columns:
+        return None
+    run = {bool(v) for v in subjects["stripped"] if v is not None}
+    if len(run) != 1:
+        return None  # a mixed or unknown run: nothing to compare with
+    run_stripped = run.pop()
+    odd = [r.subject_id for r in records
+           if all(looks_stripped(profiles[p]) for p in r.paths) != run_stripped]
+    if not odd:
+        return None
+    new, old = ("unstripped (no zero background)", "skull-stripped") if run_stripped else ("skull-stripped",
+                                                                                           "unstripped")
+    fix = " Strip them as the training data was (e.g. FSL bet) first." if run_stripped else ""
+    return (f"{len(odd)} of {len(records)} new volume(s) look {new}, while every volume of the run was {old}: their "
+            f"predictions are out of the training distribution ({', '.join(odd[:COHORT_IDS_SHOWN])}"
+            f"{' ...' if len(odd) > COHORT_IDS_SHOWN else ''}).{fix}")
+
+
+def in_run_cohort(records: Sequence[SubjectRecord], exp: Experiment) -> list[bool]:
+    cohort = set(exp.subjects["subject_id"]) if exp.subjects is not None else set()
+    return [r.subject_id in cohort for r in records]
+
+
+# ---------------------------------------------------------------------------------------------- prediction
+def pick_device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise PredictError("--device cuda: torch sees no CUDA device here; use --device cpu (or auto)")
+    return torch.device(choice)
+
+
+def predict_volumes(model: nn.Module, volumes: np.ndarray, batch_size: int, device: torch.device,
+                    progress: Callable[[int], None] = lambda done: None) -> np.ndarray:
+    """Softmax probabilities (N, K) of (N, C, X, Y, Z) RAS volumes, in the layout and order training used."""
+    probabilities = []
+    with torch.inference_mode():
+        for start in range(0, len(volumes), batch_size):
+            batch = torch.from_numpy(np.ascontiguousarray(volumes[start:start + batch_size])).to(device)
+            logits = model(batch_to_video_layout(batch).float())
+            probabilities.append(torch.softmax(logits.float(), dim=1).cpu())
+            progress(min(start + batch_size, len(volumes)))
+    return torch.cat(probabilities).numpy().astype(np.float64)
+
+
+def progress_printer(label: str, total: int, batch_size: int) -> Callable[[int], None]:
+    """Prints ``label: done/total volumes`` about PROGRESS_LINES times per fold, and at the end."""
+    step = max(batch_size, math.ceil(total / PROGRESS_LINES))
+    printed = [0]
+
+    def report(done: int) -> None:
+        if done == total or done - printed[0] >= step:
+            printed[0] = done
+            print(f"{label}: {done}/{total} volumes", flush=True)
+
+    return report
+
+
+def ensemble_tables(records: Sequence[SubjectRecord], classes: Sequence[str], folds: Sequence[FoldModel],
+                    probabilities: Sequence[np.ndarray], cohort: Sequence[bool]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the ensemble table, the per-fold long table); see the module docstring for the columns."""
+    stacked = np.stack(probabilities)  # (folds, subjects, classes)
+    mean = stacked.mean(axis=0)
+    spread = stacked.std(axis=0, ddof=1) if len(folds) > 1 else np.full_like(mean, np.nan)
+    names = np.asarray(classes, dtype=object)
+    table: dict[str, Any] = {"subject_id": [r.subject_id for r in records]}
+    if any(r.label for r in records):
+        table["label"] = [r.label for r in records]
+    table.update({f"prob_{c}": mean[:, i] for i, c in enumerate(classes)})
+    table["pred"] = names[mean.argmax(axis=1)]
+    table.update({f"prob_{c}_sd": spread[:, i] for i, c in enumerate(classes)})
+    table["n_folds"] = len(folds)
+    table.update({f"fold{f.weights.fold}_pred": names[p.argmax(axis=1)] for f, p in zip(folds, probabilities)})
+    table["in_run_cohort"] = list(cohort)
+    long = pd.concat([pd.DataFrame({"subject_id": [r.subject_id for r in records], "fold": f.weights.fold,
+                                    "trial_name": f.weights.trial_name, "pred": names[p.argmax(axis=1)],
+                                    **{f"prob_{c}": p[:, i] for i, c in enumerate(classes)}})
+                      for f, p in zip(folds, probabilities)], ignore_index=True)
+    return pd.DataFrame(table), long
+
+
+def score(table: pd.DataFrame, classes: Sequence[str]) -> dict[str, Any] | None:
+    """Accuracy and macro F1 (scikit-learn, as the report) on the labelled subjects; None without labels."""
+    if "label" not in table.columns:
+        return None
+    labelled = table[table["label"] != ""]
+    metrics = overall_metrics(labelled["label"], labelled["pred"], list(classes))
+    return {"n_labelled": len(labelled), "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
+            "n_in_run_cohort": int(labelled["in_run_cohort"].sum())}
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m trainables.predict", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the --output folder of a tune_main.py run")
+    p.add_argument("files", nargs="*", metavar="FILES", help="NIfTI volumes, one per subject (id = file stem)")
+    p.add_argument("--data-root", help="a folder in any layout tune_main.py --data-root reads; labels come with it")
+    p.add_argument("--manifest", help="CSV: subject_id, path or path_<contrast>..., optional label")
+    p.add_argument("--output", required=True, help="the predictions CSV; <stem>_folds.csv and <stem>.json go beside it")
+    p.add_argument("--arm", help="MODEL:scratch or MODEL:kinetics (default: the arm with the best estimate)")
+    p.add_argument("--contrasts", help="--data-root: comma list of contrasts, in the run's order (default: the run's)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
+    p.add_argument("--batch-size", type=int, default=4, help="volumes per forward pass (4)")
+    p.add_argument("--workers", type=int, help="preprocessing processes (default: as training, up to 8)")
+    p.add_argument("--cache-dir", help="where DICOM series converted to NIfTI and (for --register mni runs) registered "
+                                       "volumes are cached (default <output stem>_cache beside --output)")
+    p.add_argument("--skip-invalid", action="store_true", help="leave invalid volumes out (listed) instead of stopping")
+    return p
+
+
+def check_args(args: argparse.Namespace) -> Path:
+    """The --output path; refuses a source other than exactly one of --data-root, --manifest and FILES."""
+    given = [name for name, value in (("--data-root", args.data_root), ("--manifest", args.manifest),
+                                      ("FILES", args.files)) if value]
+    if len(given) != 1:
+        raise PredictError(f"give exactly one of --data-root DIR, --manifest CSV and FILES (got "
+                           f"{' and '.join(given) or 'none'})")
+    if args.batch_size < 1:
+        raise PredictError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.workers is not None and args.workers < 1:
+        raise PredictError(f"--workers must be at least 1, got {args.workers}")
+    output = Path(args.output).resolve()
+    if output.suffix.lower() != ".csv":
+        raise PredictError(f"--output {args.output} must be a .csv file (its _folds.csv and .json go beside it)")
+    return output
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_intermixed_args(argv)  # FILES may come after options (RUN_DIR --arm X a.nii b.nii)
+    try:
+        return predict(args)
+    except (ValueError, FileNotFoundError) as error:  # PredictError, and the data readers' own refusals
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def prepare_volumes(args: argparse.Namespace, exp: Experiment, records: list[SubjectRecord],
+                    config: PreprocessConfig, output: Path) -> tuple[list[SubjectRecord], np.ndarray, Path | None]:
+    """(the subjects kept, their volumes as the models expect them, the registration cache or None): converted from
+    DICOM and validated as training does, registered when the run was, and preprocessed; warns about volumes unlike
+    the run's and subjects from its cohort."""
+    work_dir = Path(args.cache_dir).resolve() if args.cache_dir else output.with_name(f"{output.stem}_cache")
+    converted, failed = convert_records(records, dicom_cache_dir(work_dir))  # DICOM series (RSNA layout) only
+    records = survivors(records, converted, failed, "DICOM conversion", args.skip_invalid)
+    report = validate_records(records, tuple(sorted({r.label for r in records})))  # labels were checked before
+    records = keep_or_refuse(records, report.problems, "validation", args.skip_invalid)
+    warning = stripping_warning(records, report.profiles, exp)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    registration_cache = None
+    if config.register != "none":
+        from datasets.registration import register_records  # ANTsPy only when the run registered
+
+        registration_cache = work_dir
+        registered, failed = register_records(records, registration_cache, method=config.register,
+                                              spacing=config.spacing, num_workers=args.workers)
+        records = survivors(records, registered, failed, "registration to MNI152", args.skip_invalid)
+    volumes, failed = preprocess_volumes(records, config, num_workers=args.workers)
+    records = keep_or_refuse(records, failed, "preprocessing", args.skip_invalid)
+    cohort = in_run_cohort(records, exp)
+    if any(cohort):
+        ids = [r.subject_id for r, seen in zip(records, cohort) if seen]
+        print(f"warning: {len(ids)} of {len(records)} subject(s) are in the run's own subjects.csv "
+              f"({', '.join(ids[:COHORT_IDS_SHOWN])}{' ...' if len(ids) > COHORT_IDS_SHOWN else ''}): they were "
+              "training data of the run (of every fold but their own test fold), so their predictions are not an "
+              "independent test (column in_run_cohort)", file=sys.stderr)
+    return records, volumes, registration_cache
+
+
+def predict(args: argparse.Namespace) -> int:
+    output = check_args(args)
+    run_dir = Path(args.run_dir).resolve()
+    exp = load_run(run_dir)
+    config, channels, cache_entry = run_preprocessing(exp)
+    estimate, reason = choose_arm(exp, parse_arm(args.arm) if args.arm else None)
+    print(f"Arm {arm_text(estimate.arm)}: {reason}", flush=True)
+    device = pick_device(args.device)
+    folds = fold_weights(exp, estimate)
+    records = input_records(args, exp, channels)  # listed, not opened yet
+    check_labels(records, exp.classes)
+    # Every fold's weights are read now, on the CPU: a missing or foreign file is refused before the inputs are
+    # opened, registered and preprocessed (minutes for a large cohort), not after.
+    models = [load_fold_model(weights, estimate.arm, exp.classes, channels, run_dir) for weights in folds]
+    records, volumes, registration_cache = prepare_volumes(args, exp, records, config, output)
+
+    probabilities = []
+    for number, fold_model in enumerate(models, start=1):
+        weights = fold_model.weights
+        label = f"fold {number}/{len(models)} (run fold {weights.fold}, {weights.trial_name})"
+        probabilities.append(predict_volumes(fold_model.model.to(device), volumes, args.batch_size, device,
+                                             progress_printer(label, len(volumes), args.batch_size)))
+        fold_model.model.cpu()  # one fold on the device at a time
+    table, per_fold = ensemble_tables(records, exp.classes, models, probabilities, in_run_cohort(records, exp))
+    result = score(table, exp.classes)
+    paths = {"predictions": output, "folds": output.with_name(f"{output.stem}_folds.csv"),
+             "provenance": output.with_suffix(".json")}
+    write_csv_atomic(per_fold, paths["folds"])
+    write_text_atomic(paths["provenance"], json.dumps(
+        provenance(args, exp, estimate, reason, models, config, channels, cache_entry, registration_cache, device,
+                   table, result, paths), indent=2))
+    write_csv_atomic(table, paths["predictions"])  # last: the predictions exist only with their companions
+    print(f"{len(table)} subject(s) predicted by {len(models)} fold(s) of {arm_text(estimate.arm)}: "
+          f"{paths['predictions']} (per fold: {paths['folds']}; how: {paths['provenance']})")
+    if result is None:
+        print("No labels given: no score.")
+    else:
+        note = (f"; {result['n_in_run_cohort']} of them are in the run's training data, so this is no independent test"
+                if result["n_in_run_cohort"] else "")
+        print(f"Score on {result['n_labelled']} labelled subject(s): accuracy {result['accuracy']:.3f}, "
+              f"macro F1 {result['macro_f1']:.3f}{note}")
+    return 0
+
+
+def provenance(args: argparse.Namespace, exp: Experiment, estimate: ArmEstimate, reason: str,
+               models: Sequence[FoldModel], config: PreprocessConfig, channels: int, cache_entry: Path,
+               registration_cache: Path | None, device: torch.device, table: pd.DataFrame,
+               result: dict[str, Any] | None, paths: dict[str, Path]) -> dict[str, Any]:
+    """<stem>.json: everything needed to say how the predictions were obtained, and to obtain them again."""
+    import torchvision
+
+    source = ({"data_root": str(Path(args.data_root).resolve())} if args.data_root else
+              {"manifest": str(Path(args.manifest).resolve())} if args.manifest else
+              {"files": [str(Path(f).resolve()) for f in args.files]})
+    return {
+        "run_dir": str(exp.out_dir.resolve()), "run_id": exp.meta.get("run_id"), "experiment": exp.experiment,
+        "arm": {"model": estimate.arm[0], "pretrained": estimate.arm[1], "estimate": estimate.kind,
+                "pooled_macro_f1": estimate.macro_f1, "why": reason},
+        "folds": [{"fold": m.weights.fold, "trial_name": m.weights.trial_name, "checkpoint": m.weights.checkpoint,
+                   "best_weights_sha256": m.sha256, "config": m.config} for m in models],
+        "classes": list(exp.classes),
+        "inputs": {**source, "contrasts": args.contrasts.split(",") if args.contrasts else exp.meta.get("contrasts"),
+                   "n_subjects": len(table),
+                   "in_run_cohort": [str(s) for s in table.loc[table["in_run_cohort"], "subject_id"]]},
+        "preprocessing": {**dataclasses.asdict(config), "channels": channels, "cache_entry": str(cache_entry),
+                          "registration_cache": str(registration_cache) if registration_cache else None},
+        "inference": {"device": str(device), "batch_size": args.batch_size, "dtype": "float32 (float16 weights)",
+                      "torch": torch.__version__, "torchvision": torchvision.__version__},
+        "outputs": {name: str(path) for name, path in paths.items()},
+        "score": result,
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())
