@@ -246,6 +246,16 @@ def figure_name(kind: str, arm: Arm | None = None) -> str:
 ARM_COLOURS = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray"]
 
 
+def _unit_axes(ax, xlabel: str, ylabel: str, title: str, legend: str) -> None:
+    """Axes of a curve whose both coordinates are rates in [0, 1] (a little headroom for a curve at 1)."""
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(loc=legend, fontsize=7)
+
+
 def precision_recall_figure(curves: dict, arms: list[Arm], positive: str, path: Path) -> Path | None:
     """Two-class runs: precision-recall curve of the positive class per arm (pooled folds), AP in the legend,
     with the positive prevalence (a classifier without skill) as a dotted line per arm."""
@@ -260,12 +270,8 @@ def precision_recall_figure(curves: dict, arms: list[Arm], positive: str, path: 
             colour = ARM_COLOURS[i % len(ARM_COLOURS)]
             ax.step(recall, precision, where="post", color=colour, label=f"{arm_label(*arm)} (AP {ap:.3f})")
             ax.axhline(prevalence, color=colour, linestyle=":", linewidth=0.8)
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1.02)
-        ax.set_xlabel(f"Recall (sensitivity) of {positive}")
-        ax.set_ylabel(f"Precision of {positive}")
-        ax.set_title(f"Precision-recall, positive class {positive}, pooled folds")
-        ax.legend(loc="lower left", fontsize=7)
+        _unit_axes(ax, f"Recall (sensitivity) of {positive}", f"Precision of {positive}",
+                   f"Precision-recall, positive class {positive}, pooled folds", legend="lower left")
         return save_figure(fig, path)
 
 
@@ -283,10 +289,6 @@ def reliability_figure(curves: dict, arms: list[Arm], path: Path) -> Path | None
             confidence, accuracy = curves[arm]
             ax.plot(confidence, accuracy, marker="o", markersize=3, color=ARM_COLOURS[i % len(ARM_COLOURS)],
                     label=arm_label(*arm))
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1.02)
-        ax.set_xlabel("Mean top-class confidence (bin)")
-        ax.set_ylabel("Accuracy (bin)")
-        ax.set_title("Reliability diagram, pooled folds (10 equal-width bins)")
-        ax.legend(loc="upper left", fontsize=7)
+        _unit_axes(ax, "Mean top-class confidence (bin)", "Accuracy (bin)",
+                   "Reliability diagram, pooled folds (10 equal-width bins)", legend="upper left")
         return save_figure(fig, path)

@@ -36,6 +36,14 @@ def write_head(path: Path, shape=(24, 28, 20), zooms=(4.0, 4.0, 4.0), seed=0) ->
     return path
 
 
+def write_brats_tree(root: Path, per_grade: int) -> Path:
+    """``per_grade`` blob subjects in each of BraTS's HGG/ and LGG/ folders (t1ce only), as discovery expects them."""
+    for grade in ("HGG", "LGG"):
+        for i in range(per_grade):
+            write_ellipsoid(root / f"{grade}/{grade}{i}/{grade}{i}_t1ce.nii.gz", seed=i)
+    return root
+
+
 @pytest.fixture(scope="session")
 def phantom_root(tmp_path_factory) -> Path:
     """A small synthetic BraTS + IXI tree (the project's own phantoms), shared by the session."""

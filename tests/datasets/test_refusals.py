@@ -15,7 +15,7 @@ from datasets.records import SubjectRecord
 from datasets.sources import class_order, read_manifest
 from datasets.splits import check_class_counts, fewest_inner_subjects, plan_splits
 from datasets.validation import check_volume, validate_records
-from tests.conftest import write_ellipsoid
+from tests.conftest import write_brats_tree, write_ellipsoid
 
 AFFINE_FIX = "fix the header's qform/sform, e.g. with nibabel or fslorient"
 
@@ -108,9 +108,7 @@ def test_a_degenerate_affine_is_a_problem_of_its_file(tmp_path, affine, reason):
 
 def test_check_lists_a_degenerate_affine_and_skip_invalid_leaves_it_out(tmp_path, capsys):
     root = tmp_path / "data"
-    for grade in ("HGG", "LGG"):
-        for i in range(2):
-            write_ellipsoid(root / f"{grade}/{grade}{i}/{grade}{i}_t1ce.nii.gz", seed=i)
+    write_brats_tree(root, per_grade=2)
     bad = write_with_affine(root / "HGG/Z/Z_t1ce.nii.gz", np.diag([0.0, 1, 1, 1]))
     assert main(["check", "--data-root", str(root)]) == 1
     out = capsys.readouterr().out
@@ -189,9 +187,7 @@ def test_counts_the_check_accepts_give_every_class_a_validation_subject_in_every
 @pytest.fixture
 def small_tree(tmp_path):
     root = tmp_path / "data"
-    for grade in ("HGG", "LGG"):
-        for i in range(4):
-            write_ellipsoid(root / f"{grade}/{grade}{i}/{grade}{i}_t1ce.nii.gz", seed=i)
+    write_brats_tree(root, per_grade=4)
     return root
 
 

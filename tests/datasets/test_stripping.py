@@ -6,16 +6,14 @@ import pytest
 from datasets import DataSpec, PreprocessConfig, SplitSpec, prepare_data
 from datasets.__main__ import main
 from datasets.stripping import UnstrippedDataError
-from tests.conftest import write_ellipsoid, write_head
+from tests.conftest import write_brats_tree, write_head
 
 
 @pytest.fixture
 def mixed_tree(tmp_path):
     """Stripped BraTS-like tumours, unstripped IXI-like heads: the confound of the real download."""
     root = tmp_path / "data"
-    for grade in ("HGG", "LGG"):
-        for i in range(4):
-            write_ellipsoid(root / f"{grade}/{grade}{i}/{grade}{i}_t1ce.nii.gz", seed=i)
+    write_brats_tree(root, per_grade=4)
     heads = [write_head(root / f"IXI/IXI00{i}-HH-000{i}-T1.nii.gz", seed=i) for i in range(1, 5)]
     return root, heads
 
