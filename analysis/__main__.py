@@ -37,6 +37,7 @@ def summary(report_dir: Path) -> str:
         lines.append(f"{arm:<{width}} {folds:>5}  {fmt_pm(r.mean, r.std):<22} {fmt(r.pooled):>7} "
                      f"{fmt(r.paper_mean):>7} {fmt_diff(r.difference):>8}{star}")
     lines.append(_shortcut_line(tables, bool(comp["baseline"].any())))
+    lines += _training_check_lines(tables)
     lines += _search_lines(tables)
     tests = pd.read_csv(tables / "pairwise_tests.csv")
     if len(tests):
@@ -48,6 +49,20 @@ def summary(report_dir: Path) -> str:
     if len(failed) or len(missing):
         lines.append(f"partial results: {len(failed)} failed, {len(missing)} missing trial(s); see report.md")
     return "\n".join(lines)
+
+
+def _training_check_lines(tables: Path) -> list[str]:
+    """Folds that did not learn and arms not above chance (analysis/training_check.py); absent in older reports."""
+    import pandas as pd
+
+    folds_path, arms_path = tables / "training_check.csv", tables / "training_check_arms.csv"
+    if not (folds_path.is_file() and arms_path.is_file()):
+        return []
+    folds, arms = pd.read_csv(folds_path), pd.read_csv(arms_path)
+    flagged = int((~folds["learned"].astype(bool)).sum())
+    below = int((arms["above_chance"].astype(str) == "False").sum())
+    return [f"training check: {flagged} of {len(folds)} fold(s) did not learn; {below} of {len(arms)} arm(s) not "
+            "clearly above chance (pooled macro F1 interval reaches 1/K); see report"]
 
 
 def _search_lines(tables: Path) -> list[str]:

@@ -24,6 +24,7 @@ from analysis.partial import STATUS_MEANING, PartialResults, partial_results
 from analysis.stats import POWER_CAVEAT, bootstrap_f1_ci, pairwise_tests
 from analysis import search_report as sr
 from analysis import tables as tb
+from analysis import training_check as tc
 
 SPLIT_TEXT = {
     "kfold": "k-fold cross-validation: each subject is tested exactly once (train:test = {k1}:1)",
@@ -99,6 +100,8 @@ def build_report(out_dir: str | Path, bootstrap_samples: int = 2000, seed: int =
         bin_report = bn.classification_report_table(main_preds, classes, result_arms, thresholds)
     calibration = cal.calibration_table(main_preds, classes, result_arms)
     comp = tb.paper_comparison(metrics, arms, classes, partial, confounds.baseline_metrics, confounds.baseline_arms)
+    learn_folds = tc.fold_learning(main_epochs, main_preds, result_arms)
+    learn_arms = tc.arm_learning(learn_folds, boot, result_arms, len(classes))
 
     # ---------------------------------------------------------------- tables
     w.csv("per_class.csv", metrics.per_class)
@@ -119,6 +122,8 @@ def build_report(out_dir: str | Path, bootstrap_samples: int = 2000, seed: int =
         w.csv("thresholds.csv", thresholds)
         w.csv("classification_report.csv", bin_report)
     w.csv("calibration.csv", calibration)
+    w.csv("training_check.csv", learn_folds)
+    w.csv("training_check_arms.csv", learn_arms)
 
     # ---------------------------------------------------------------- figures
     fig_dir = w.figures_dir
@@ -146,10 +151,12 @@ def build_report(out_dir: str | Path, bootstrap_samples: int = 2000, seed: int =
 
     # ---------------------------------------------------------------- document
     doc = Document(f"Brain tumour classification: {exp.experiment} experiment")
-    cr.warnings_section(doc, cr.warnings(confounds, classes))
+    cr.warnings_section(doc, tc.warnings(learn_folds, learn_arms) + cr.warnings(confounds, classes))
     _what_ran(doc, exp, arms, partial, main_preds, cr.what_ran_items(confounds))
     cr.data_section(doc, exp, confounds)
     _main_tables(doc, exp, comp, metrics, arms, partial, fig_macro, report_dir, confounds)
+    tc.section(doc, learn_folds, learn_arms, main_epochs is not None and "val_predicted_classes" in main_epochs.columns,
+               bootstrap_samples)
     cr.shortcut_section(doc, confounds, classes, bootstrap_samples, seed)
     cr.per_site_section(doc, confounds, classes)
     _statistics(doc, tests, boot, result_arms, classes, bootstrap_samples, seed, exp.n_folds)

@@ -6,7 +6,7 @@ OUT/val_predictions.csv: the same columns for each trial's inner validation part
     were chosen on it (optimistic there; for choosing a two-class threshold without test subjects). Trials
     finished before folds saved them have no rows (the analysis then uses threshold 0.5 for them).
 OUT/epochs.csv: experiment, model, pretrained, fold, config_id, trial_name, epoch, train_loss,
-    val_loss, val_accuracy, val_macro_f1, val_f1_<class>..., lr, seconds
+    val_loss, val_accuracy, val_macro_f1, val_f1_<class>..., val_predicted_classes, lr, seconds
 OUT/trial_subjects.csv: trial_name, part (train/val/test), subject_id: what each finished trial used
 OUT/trials.csv: experiment, trial_name, model, pretrained, fold, config_id, status, error, node_id,
     hostname, lr, weight_decay, dropout, augmentation, aug_strength, epochs_run, best_epoch,

@@ -28,7 +28,7 @@ output files below, and no optimizer state.
 
 Files written to ``output_dir`` (the format the analysis reads):
 - ``epochs.csv``: epoch (1-based), train_loss, val_loss, val_accuracy, val_macro_f1,
-  val_f1_<class> per class, lr, seconds
+  val_f1_<class> per class, val_predicted_classes (how many classes the validation predictions used), lr, seconds
 - ``predictions.csv``: subject_id, label, pred (class names), prob_<class> per class, on the test part
 - ``val_predictions.csv``: the same columns on the inner validation part, scored once at the end with the same
   best-validation weights (eval mode, the same ``_evaluate``) as the test part. It exists so that a two-class
@@ -618,6 +618,8 @@ def _train_fold(config: dict[str, Any], data: PreparedData, output_dir: Path, re
         val_loss, val_probs, val_y = _evaluate(model, on_device["val"], criterion, amp_dtype, batch_size)
         metrics = {"epoch": state.epoch, "train_loss": loss_sum.item() / len(train_idx), "val_loss": val_loss,
                    **classification_metrics("val", val_y, val_probs.argmax(1), classes),
+                   # 1 means every validation subject got the same class: selection among such epochs is noise
+                   "val_predicted_classes": int(np.unique(val_probs.argmax(1)).size),
                    "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started}
         score = (metrics["val_macro_f1"], -val_loss)
         if score > state.best_score:

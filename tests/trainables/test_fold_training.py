@@ -107,6 +107,8 @@ def test_a_short_run_learns_the_phantoms_and_writes_documented_outputs(learnable
     epochs = pd.read_csv(tmp_path / "epochs.csv")
     assert list(epochs["epoch"]) == list(range(1, 13))
     assert {"train_loss", "val_loss", "val_accuracy", "val_macro_f1", "val_f1_LGG", "lr"} <= set(epochs.columns)
+    # a learnable fold ends predicting more than one class on validation; every epoch uses 1-3 classes
+    assert epochs["val_predicted_classes"].between(1, 3).all() and epochs["val_predicted_classes"].iloc[-1] > 1
     summary = json.loads((tmp_path / "result.json").read_text())
     assert epochs["val_macro_f1"].iloc[summary["best_epoch"] - 1] == epochs["val_macro_f1"].max()
     assert [r["epoch"] for r in reports] == list(range(1, 13)) and reports[-1]["fold_finished"]
