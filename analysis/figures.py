@@ -256,39 +256,43 @@ def _unit_axes(ax, xlabel: str, ylabel: str, title: str, legend: str) -> None:
     ax.legend(loc=legend, fontsize=7)
 
 
-def precision_recall_figure(curves: dict, arms: list[Arm], positive: str, path: Path) -> Path | None:
-    """Two-class runs: precision-recall curve of the positive class per arm (pooled folds), AP in the legend,
-    with the positive prevalence (a classifier without skill) as a dotted line per arm."""
+def _arm_curves_figure(curves: dict, arms: list[Arm], path: Path, draw, axes: tuple[str, str, str],
+                       legend: str) -> Path | None:
+    """One unit-square figure with a curve per arm that has one: ``draw(ax, arms)`` plots, the rest is shared."""
     arms = [a for a in arms if a in curves]
     if not arms:
         return None
     with matplotlib.rc_context(RC):
         fig = Figure(figsize=(5.6, 4.2), layout="constrained")
         ax = fig.subplots()
+        draw(ax, arms)
+        _unit_axes(ax, *axes, legend=legend)
+        return save_figure(fig, path)
+
+
+def precision_recall_figure(curves: dict, arms: list[Arm], positive: str, path: Path) -> Path | None:
+    """Two-class runs: precision-recall curve of the positive class per arm (pooled folds), AP in the legend,
+    with the positive prevalence (a classifier without skill) as a dotted line per arm."""
+    def draw(ax, arms: list[Arm]) -> None:
         for i, arm in enumerate(arms):
             recall, precision, ap, prevalence = curves[arm]
             colour = ARM_COLOURS[i % len(ARM_COLOURS)]
             ax.step(recall, precision, where="post", color=colour, label=f"{arm_label(*arm)} (AP {ap:.3f})")
             ax.axhline(prevalence, color=colour, linestyle=":", linewidth=0.8)
-        _unit_axes(ax, f"Recall (sensitivity) of {positive}", f"Precision of {positive}",
-                   f"Precision-recall, positive class {positive}, pooled folds", legend="lower left")
-        return save_figure(fig, path)
+
+    return _arm_curves_figure(curves, arms, path, draw, (f"Recall (sensitivity) of {positive}", f"Precision of {positive}",
+                              f"Precision-recall, positive class {positive}, pooled folds"), legend="lower left")
 
 
 def reliability_figure(curves: dict, arms: list[Arm], path: Path) -> Path | None:
     """Reliability diagram: accuracy against mean top-class confidence per non-empty bin (10 equal-width
     bins, sklearn's calibration_curve), one line per arm; the diagonal is perfect calibration."""
-    arms = [a for a in arms if a in curves]
-    if not arms:
-        return None
-    with matplotlib.rc_context(RC):
-        fig = Figure(figsize=(5.6, 4.2), layout="constrained")
-        ax = fig.subplots()
+    def draw(ax, arms: list[Arm]) -> None:
         ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=0.8, label="perfect calibration")
         for i, arm in enumerate(arms):
             confidence, accuracy = curves[arm]
             ax.plot(confidence, accuracy, marker="o", markersize=3, color=ARM_COLOURS[i % len(ARM_COLOURS)],
                     label=arm_label(*arm))
-        _unit_axes(ax, "Mean top-class confidence (bin)", "Accuracy (bin)",
-                   "Reliability diagram, pooled folds (10 equal-width bins)", legend="upper left")
-        return save_figure(fig, path)
+
+    return _arm_curves_figure(curves, arms, path, draw, ("Mean top-class confidence (bin)", "Accuracy (bin)",
+                              "Reliability diagram, pooled folds (10 equal-width bins)"), legend="upper left")

@@ -87,7 +87,7 @@ def arm_learning(folds: pd.DataFrame, boot: pd.DataFrame, arms: list[Arm], n_cla
     return pd.DataFrame(rows, columns=ARM_COLUMNS)
 
 
-def warnings(folds: pd.DataFrame, arms: pd.DataFrame) -> list[str]:
+def warnings(arms: pd.DataFrame) -> list[str]:
     """Top-of-report lines: folds that did not learn, arms whose interval reaches chance."""
     items = []
     for row in arms.itertuples(index=False):

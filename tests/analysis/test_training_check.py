@@ -92,7 +92,7 @@ def test_arm_above_chance_uses_the_lower_bootstrap_end_against_one_over_k():
     assert arms["chance"].tolist() == pytest.approx([1 / 3, 1 / 3])
     assert arms["above_chance"].tolist() == [True, False]
     assert arms["folds_not_learned"].tolist() == [0, 1]
-    warnings = tc.warnings(folds, arms)
+    warnings = tc.warnings(arms)
     label = arm_label("r3d_18", False)
     assert warnings == [f"**Training did not learn** for {label} in 1 of 1 fold(s) (see *Did training learn?*).",
                         f"**Not above chance**: {label}'s pooled macro F1 is 0.410 with 95% interval [0.300, 0.550], "
