@@ -26,11 +26,18 @@ Rows also carry, per model and precision (``samples_per_s``, ``step_ms`` ... are
   (what a resumable checkpoint holds), in MB of 2**20 bytes; ``peak_memory_mb`` likewise (CUDA only);
 - ``trials_per_device``: 1 for the in-process row; on CUDA ``--concurrency 1,2,4`` adds rows from that
   many concurrent processes each running the training step on the one device, ``samples_per_s`` then
-  the aggregate. On a CPU this is skipped. Apple MPS is not handled (no start-up, no peak table).
+  the aggregate, once without and once with a private CUDA MPS daemon (``--mps``, column ``mps``;
+  ``trainables/cuda_mps.py``); when MPS cannot start, its rows are left out and the reason is printed. On a
+  CPU this is skipped. Apple's Metal (``mps`` device) is not handled;
+- ``conv_backend``: the convolution kernels one training step used (``cudnn``, ``mkldnn``, ``slow_conv3d``...),
+  read from ``torch.profiler``; on CUDA anything but ``cudnn`` is printed as a warning (3-D convolutions under
+  bf16 once fell back to a slow path in a torch release). ``device_name``, ``torch_version``,
+  ``cudnn_version`` say what was measured.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import subprocess
@@ -49,6 +56,7 @@ from datasets import build_augmentation
 from datasets.device_augmentation import augment_light
 from datasets.volume_dataset import batch_to_video_layout, to_video_layout
 from models import MODEL_NAMES, PAPER_MODEL_NAMES, build_model
+from trainables.cuda_mps import DEFAULT_PIPE_DIRECTORY, MpsUnavailable, log_tail, private_mps, system_mps_running
 from trainables.fold_training import amp_setup, tensor_bytes, train_step, train_step_loss
 
 # The brain's bounding box at the paper's 2 mm in RAS (x, y, z): MNI152's brain is about 143 x 180 x 153 mm.
@@ -88,6 +96,36 @@ def train_step_flops(model: nn.Module, batch: torch.Tensor, labels: torch.Tensor
     with counter:
         train_step_loss(model, batch, labels, criterion, optimizer, amp_dtype, scaler)
     return int(counter.get_total_flops())
+
+
+# aten operators that are one convolution library's kernel (or the slow fallback); which one ran is what matters.
+CONVOLUTION_BACKENDS = {
+    "aten::cudnn_convolution": "cudnn",
+    "aten::miopen_convolution": "miopen",
+    "aten::mkldnn_convolution": "mkldnn",
+    "aten::slow_conv3d_forward": "slow_conv3d",
+    "aten::slow_conv_dilated3d": "slow_conv_dilated3d",
+    "aten::_conv_depthwise2d": "depthwise",
+    "aten::conv_depthwise3d": "depthwise",
+    "aten::_nnpack_spatial_convolution": "nnpack",
+}
+
+
+def convolution_backends(model: nn.Module, batch: torch.Tensor, labels: torch.Tensor, criterion: nn.Module,
+                         optimizer: torch.optim.Optimizer, amp_dtype: torch.dtype | None,
+                         scaler: torch.amp.GradScaler | None) -> list[str]:
+    """The convolution kernels one training step dispatched to, as ``torch.profiler`` records the aten calls.
+
+    Why: a torch release once sent 3-D convolutions under bf16 autocast to a slow native path instead of cuDNN,
+    which no error reveals, only the speed. The backward pass picks its kernel with the same rule as the forward
+    pass (``select_conv_backend``), so the forward operators name both. It takes the step.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        train_step_loss(model, batch, labels, criterion, optimizer, amp_dtype, scaler)
+    names = {event.key for event in profiler.key_averages()}
+    return sorted({backend for op, backend in CONVOLUTION_BACKENDS.items() if op in names})
 
 
 def checkpoint_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
@@ -137,6 +175,7 @@ def benchmark_model(model_name: str, shape: tuple[int, int, int], batch_size: in
 
     model.train()
     flops = train_step_flops(model, batch, labels, criterion, optimizer, amp_dtype, scaler)
+    backends = convolution_backends(model, batch, labels, criterion, optimizer, amp_dtype, scaler)
     train_s = _timed(lambda: train_step(model, batch, labels, criterion, optimizer, amp_dtype, scaler),
                      device, warmup, steps)
     checkpoint = checkpoint_bytes(model, optimizer)
@@ -156,6 +195,7 @@ def benchmark_model(model_name: str, shape: tuple[int, int, int], batch_size: in
            "flops_per_step": flops, "achieved_tflops": achieved,
            "peak_tflops": peak, "peak_fraction": achieved / peak if peak else None,
            "checkpoint_mb_per_epoch": checkpoint / MB, "peak_memory_mb": None,
+           "conv_backend": "+".join(backends) or "unknown", "mps": False,
            "train_step_s": train_s, "train_volumes_per_s": batch_size / train_s,
            "eval_volumes_per_s": batch_size / eval_s}
     if device.type == "cuda":
@@ -189,12 +229,16 @@ def _concurrency_worker(spec: dict) -> None:
 
 
 def concurrent_rate(processes: int, model_name: str, shape: tuple[int, int, int], batch_size: int, channels: int,
-                    device: torch.device, amp: bool, warmup: int, steps: int) -> tuple[float, float]:
-    """(aggregate samples/s, mean seconds per step) of ``processes`` concurrent training processes on ``device``."""
+                    device: torch.device, amp: bool, warmup: int, steps: int,
+                    env: dict[str, str] | None = None) -> tuple[float, float]:
+    """(aggregate samples/s, mean seconds per step) of ``processes`` concurrent training processes on ``device``.
+
+    ``env``: the processes' environment (:func:`trainables.cuda_mps.private_mps` gives one that joins MPS).
+    """
     spec = json.dumps({"model": model_name, "shape": list(shape), "batch_size": batch_size, "channels": channels,
                        "device": str(device), "amp": amp, "warmup": warmup, "steps": max(1, steps)})
     children = [subprocess.Popen([sys.executable, "-m", "trainables.benchmark", "--concurrency-worker", spec],
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
                 for _ in range(processes)]
     try:
         for child in children:
@@ -211,6 +255,56 @@ def concurrent_rate(processes: int, model_name: str, shape: tuple[int, int, int]
                 child.wait(timeout=60)
     step_s = [r["seconds"] / r["steps"] for r in results]
     return sum(batch_size / s for s in step_s), float(np.mean(step_s))
+
+
+def _concurrent_rows(rows: list[dict], counts: list[int], args: argparse.Namespace, shape: tuple[int, int, int],
+                     channels: int, device: torch.device, mps_modes: list[bool]) -> tuple[list[dict], list[str]]:
+    """Rows for ``counts`` concurrent trial processes per in-process row, without and/or with CUDA MPS.
+
+    MPS that cannot be started (or whose clients cannot connect) costs its rows, not the run: the reason comes
+    back as a note to print.
+    """
+    out, notes = [], []
+    for mps in mps_modes:
+        try:
+            with (private_mps() if mps else contextlib.nullcontext(None)) as env:
+                try:
+                    out += [_concurrent_row(row, processes, mps, args, shape, channels, device, env)
+                            for row in rows for processes in counts]
+                except RuntimeError as error:
+                    if not mps:
+                        raise
+                    # Read while the daemon's folder still exists: its log says why the client was refused.
+                    notes.append(f"CUDA MPS: the daemon started but a trial process failed under it ({error}); "
+                                 f"{log_tail(env)}")
+        except MpsUnavailable as error:
+            notes.append(f"CUDA MPS: not measured: {error}")
+    return out, notes
+
+
+def _concurrent_row(row: dict, processes: int, mps: bool, args: argparse.Namespace, shape: tuple[int, int, int],
+                    channels: int, device: torch.device, env: dict[str, str] | None) -> dict:
+    samples_per_s, step_s = concurrent_rate(processes, row["model"], shape, args.batch_size, channels, device,
+                                            row["precision"] != "float32", args.warmup, args.steps, env=env)
+    achieved = row["flops_per_step"] * samples_per_s / args.batch_size / 1e12
+    return {**row, "trials_per_device": processes, "mps": mps, "samples_per_s": samples_per_s,
+            "step_ms": step_s * 1000, "achieved_tflops": achieved,
+            "peak_fraction": achieved / row["peak_tflops"] if row["peak_tflops"] else None,
+            "train_step_s": step_s, "train_volumes_per_s": samples_per_s, "eval_volumes_per_s": None,
+            "peak_memory_mb": None, "peak_memory_gib": None, "trials_per_gpu_by_memory": None}
+
+
+def _backend_verdict(table: pd.DataFrame, device: torch.device) -> str:
+    """One line on the convolution kernels: on CUDA anything but cuDNN is the slow path the issue warns about."""
+    used = ", ".join(f"{r.model} {r.precision}: {r.conv_backend}"
+                     for r in table[table["trials_per_device"] == 1].itertuples())
+    if device.type != "cuda":
+        return f"Convolution kernels (torch.profiler): {used}."
+    slow = table[(table["trials_per_device"] == 1) & (table["conv_backend"] != "cudnn")]
+    if slow.empty:
+        return f"Convolution kernels (torch.profiler): cuDNN in every row ({used})."
+    return (f"WARNING: convolutions did not all run in cuDNN ({used}): this torch build falls back to a slower "
+            f"kernel for those rows; compare --amp off, or another torch/cuDNN release.")
 
 
 def device_data_seconds(shape: tuple[int, int, int], channels: int, batch_size: int, device: torch.device,
@@ -273,6 +367,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--concurrency", default="1",
                    help="CUDA only: comma list of concurrent training processes on the one device, e.g. 1,2,4")
+    p.add_argument("--mps", choices=["off", "on", "both"], default="both",
+                   help="CUDA only, with --concurrency: run the concurrent processes without and/or with a private "
+                        "CUDA MPS daemon (default both; rows where it cannot start are left out, and the reason "
+                        "printed)")
     p.add_argument("--concurrency-worker", help=argparse.SUPPRESS)
     p.add_argument("--output", help="also write the rows to this CSV")
     return p.parse_args(argv)
@@ -314,23 +412,13 @@ def main(argv: list[str] | None = None) -> int:
     if device.type != "cuda":
         precisions = [False]  # autocast is used on CUDA only, as in training
 
-    rows = []
-    for m in models:
-        for amp in precisions:
-            row = benchmark_model(m, shape, args.batch_size, channels, device, amp, args.warmup, args.steps)
-            rows.append(row)
-            if device.type != "cuda":
-                continue
-            for processes in (n for n in concurrency if n > 1):
-                samples_per_s, step_s = concurrent_rate(processes, m, shape, args.batch_size, channels, device, amp,
-                                                        args.warmup, args.steps)
-                achieved = row["flops_per_step"] * samples_per_s / args.batch_size / 1e12
-                rows.append({**row, "trials_per_device": processes, "samples_per_s": samples_per_s,
-                             "step_ms": step_s * 1000, "achieved_tflops": achieved,
-                             "peak_fraction": achieved / row["peak_tflops"] if row["peak_tflops"] else None,
-                             "train_step_s": step_s, "train_volumes_per_s": samples_per_s,
-                             "eval_volumes_per_s": None, "peak_memory_mb": None, "peak_memory_gib": None,
-                             "trials_per_gpu_by_memory": None})
+    rows = [benchmark_model(m, shape, args.batch_size, channels, device, amp, args.warmup, args.steps)
+            for m in models for amp in precisions]
+    mps_notes = []
+    if device.type == "cuda" and any(n > 1 for n in concurrency):
+        concurrent, mps_notes = _concurrent_rows(rows, [n for n in concurrency if n > 1], args, shape, channels,
+                                                 device, {"off": [False], "on": [True], "both": [False, True]}[args.mps])
+        rows += concurrent
     table = pd.DataFrame(rows)
     for column in ["peak_tflops", "peak_fraction", "peak_memory_mb"]:  # None (a CPU, an unknown GPU) -> NaN
         table[column] = pd.to_numeric(table[column])
@@ -343,10 +431,13 @@ def main(argv: list[str] | None = None) -> int:
                                       args.aug_strength, repeats=max(3, args.steps))
     table["data_ms_per_sample"] = augment * 1000 if args.augmentation == "heavy" else device_data * 1000
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"Device: {name}; torch {torch.__version__}; volume {table['shape_xyz'][0]} x {channels} channel(s)")
+    cudnn = torch.backends.cudnn.version() if device.type == "cuda" else None
+    table["device_name"], table["torch_version"], table["cudnn_version"] = name, torch.__version__, cudnn
+    print(f"Device: {name}; torch {torch.__version__}; cuDNN {cudnn or '-'}; "
+          f"volume {table['shape_xyz'][0]} x {channels} channel(s)")
     issue_columns = ["model", "device", "precision", "batch_size", "trials_per_device", "samples_per_s", "step_ms",
                      "data_ms_per_sample", "torchio_ms_per_sample", "achieved_tflops", "peak_tflops",
-                     "peak_fraction", "checkpoint_mb_per_epoch", "peak_memory_mb"]
+                     "peak_fraction", "checkpoint_mb_per_epoch", "peak_memory_mb", "conv_backend", "mps"]
     table = table[issue_columns + [c for c in table.columns if c not in issue_columns]]
     print(table[issue_columns].to_string(index=False, float_format=lambda v: f"{v:.3g}", na_rep="-"))
     print("\n" + table[[c for c in table.columns if c not in issue_columns[1:]]].to_string(
@@ -360,11 +451,17 @@ def main(argv: list[str] | None = None) -> int:
               f"{'augment_light, ' if args.augmentation == 'light' else ''}permute) on {device}: "
               f"{device_data * 1000:.3g} ms per sample.")
     if device.type != "cuda":
-        print("Concurrent trials per device: skipped on a CPU (trials_per_device = 1); "
-              "peak TFLOP/s is known for CUDA GPUs only. MPS is not handled.")
+        print("Concurrent trials per device and CUDA MPS: skipped on a CPU (trials_per_device = 1); "
+              "peak TFLOP/s is known for CUDA GPUs only.")
     elif any(n > 1 for n in concurrency):
         print("Rows with trials_per_device > 1: that many concurrent processes on this device, samples_per_s "
-              "and achieved_tflops aggregated over them.")
+              "and achieved_tflops aggregated over them; mps = True: through a private CUDA MPS daemon.")
+        if system_mps_running():
+            print(f"Note: a machine-wide MPS daemon seems to run ({DEFAULT_PIPE_DIRECTORY}/control exists), so the "
+                  f"rows with mps = False may go through it too.")
+    for note in mps_notes:
+        print(note)
+    print(_backend_verdict(table, device))
     # Only heavy augmentation still runs in TorchIO on the CPU during training; light runs on the device.
     if (device.type == "cuda" and args.augmentation == "heavy" and augment > 0
             and (table["train_step_s"] < augment * args.batch_size).any()):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import pandas as pd
 
 from trainables import benchmark
@@ -74,7 +75,44 @@ def test_issue_columns_flops_data_paths_and_checkpoint_size(tmp_path, capsys):
     moments = 2 * sum(p.numel() * 4 for p in model.parameters())
     assert np.isclose(row["checkpoint_mb_per_epoch"], (weights + moments) / 2**20, rtol=0.01)
     printed = capsys.readouterr().out
-    assert "skipped on a CPU (trials_per_device = 1)" in printed and "MPS is not handled" in printed
+    assert "Concurrent trials per device and CUDA MPS: skipped on a CPU" in printed
+    # This CPU build runs float32 3-D convolutions in oneDNN; the row and the printed line say so.
+    assert row["conv_backend"] == "mkldnn" and not row["mps"]
+    assert "Convolution kernels (torch.profiler): mc3_18 float32: mkldnn." in printed
+    assert row["torch_version"] == __import__("torch").__version__ and pd.isna(row["cudnn_version"])
+
+
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # torch, on leaving the flags block
+def test_convolution_backends_name_the_kernel_that_ran():
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3))
+    batch, labels = torch.randn(2, 1, 5, 6, 6), torch.tensor([0, 2])
+    model(batch)
+    optimizer = torch.optim.Adam(model.parameters())
+    criterion = nn.CrossEntropyLoss()
+    before = model[0].weight.detach().clone()
+    assert benchmark.convolution_backends(model, batch, labels, criterion, optimizer, None, None) == ["mkldnn"]
+    assert not torch.equal(model[0].weight, before)  # it took a real step
+    # Without oneDNN, torch falls back to its native kernel: the slow path the check exists to catch on a GPU.
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert benchmark.convolution_backends(model, batch, labels, criterion, optimizer, None,
+                                              None) == ["slow_conv3d"]
+
+
+def test_backend_verdict_warns_on_cuda_when_a_row_left_cudnn():
+    import torch
+
+    table = pd.DataFrame({"model": ["mc3_18", "mc3_18", "mc3_18"], "precision": ["float32", "bfloat16", "bfloat16"],
+                          "trials_per_device": [1, 1, 2], "conv_backend": ["cudnn", "slow_conv3d", "slow_conv3d"]})
+    verdict = benchmark._backend_verdict(table, torch.device("cuda"))
+    assert verdict.startswith("WARNING: convolutions did not all run in cuDNN")
+    assert "mc3_18 float32: cudnn, mc3_18 bfloat16: slow_conv3d" in verdict
+    table["conv_backend"] = "cudnn"
+    assert benchmark._backend_verdict(table, torch.device("cuda")).startswith(
+        "Convolution kernels (torch.profiler): cuDNN in every row")
 
 
 def test_checkpoint_bytes_of_a_tiny_model_by_hand():

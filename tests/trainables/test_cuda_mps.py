@@ -1,0 +1,84 @@
+"""The private MPS daemon's life cycle, with a stand-in control program (this machine has no NVIDIA driver).
+
+The stand-in records how it was called, so the tests check what this module asks of the real
+``nvidia-cuda-mps-control``: ``-d`` in private pipe/log folders, then ``quit`` on stdin with the same folders.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import stat
+
+import pytest
+import torch
+
+from trainables import benchmark
+from trainables.cuda_mps import CONTROL, MpsUnavailable, log_tail, private_mps
+
+STAND_IN = """#!/bin/sh
+# Records each call: arguments, the MPS folders, and stdin when called without arguments.
+if [ "$1" = "-d" ]; then
+    echo "start $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY" >> "$MPS_RECORD"
+    [ -n "$MPS_FAIL" ] && { echo "$MPS_FAIL" >&2; exit 1; }
+    echo "[daemon] started" > "$CUDA_MPS_LOG_DIRECTORY/control.log"
+    exit 0
+fi
+read command
+echo "$command $CUDA_MPS_PIPE_DIRECTORY" >> "$MPS_RECORD"
+"""
+
+
+@pytest.fixture
+def stand_in(tmp_path, monkeypatch):
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    program = folder / CONTROL
+    program.write_text(STAND_IN)
+    program.chmod(program.stat().st_mode | stat.S_IEXEC)
+    record = tmp_path / "record.txt"
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("MPS_RECORD", str(record))
+    monkeypatch.delenv("MPS_FAIL", raising=False)
+    return record
+
+
+def test_missing_control_program_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(MpsUnavailable, match=f"{CONTROL} is not on PATH.*--mps off"):
+        with private_mps():
+            pass
+
+
+def test_daemon_runs_in_private_folders_and_quits_even_after_an_error(stand_in):
+    with pytest.raises(ZeroDivisionError):
+        with private_mps() as env:
+            pipe, logs = env["CUDA_MPS_PIPE_DIRECTORY"], env["CUDA_MPS_LOG_DIRECTORY"]
+            assert os.path.isdir(pipe) and os.path.isdir(logs) and pipe != "/tmp/nvidia-mps"
+            assert log_tail(env) == "control.log: [daemon] started"
+            1 / 0
+    assert stand_in.read_text().splitlines() == [f"start {pipe} {logs}", f"quit {pipe}"]
+    assert not os.path.exists(pipe)  # the private folders are gone with the daemon
+
+
+def test_a_daemon_that_will_not_start_says_why(stand_in, monkeypatch):
+    monkeypatch.setenv("MPS_FAIL", "permission denied on /dev/nvidia0")
+    with pytest.raises(MpsUnavailable, match=r"-d failed: permission denied on /dev/nvidia0"):
+        with private_mps():
+            pass
+    assert len(stand_in.read_text().splitlines()) == 1  # nothing to quit
+
+
+def test_log_tail_without_logs():
+    assert log_tail({"CUDA_MPS_LOG_DIRECTORY": "/nonexistent"}) == "no MPS log written"
+
+
+def test_concurrent_rows_keep_the_plain_rows_when_mps_cannot_start(stand_in, monkeypatch):
+    # The benchmark runs this on CUDA only; the policy is the same on a CPU: MPS rows are dropped with a reason.
+    monkeypatch.setenv("MPS_FAIL", "no GPU here")
+    row = {"model": "mc3_18", "precision": "float32", "flops_per_step": 1e9, "peak_tflops": None}
+    args = argparse.Namespace(batch_size=1, warmup=0, steps=1)
+    rows, notes = benchmark._concurrent_rows([row], [2], args, (8, 8, 8), 1, torch.device("cpu"), [False, True])
+    assert [(r["trials_per_device"], r["mps"]) for r in rows] == [(2, False)]
+    assert rows[0]["samples_per_s"] > 0 and rows[0]["peak_fraction"] is None
+    assert notes == [f"CUDA MPS: not measured: {CONTROL} -d failed: no GPU here (a container may need the host's "
+                     f"IPC namespace, or the GPU's compute mode forbids it)"]
