@@ -32,12 +32,16 @@ Rows also carry, per model and precision (``samples_per_s``, ``step_ms`` ... are
 - ``conv_backend``: the convolution kernels one training step used (``cudnn``, ``mkldnn``, ``slow_conv3d``...),
   read from ``torch.profiler``; on CUDA anything but ``cudnn`` is printed as a warning (3-D convolutions under
   bf16 once fell back to a slow path in a torch release). ``device_name``, ``torch_version``,
-  ``cudnn_version`` say what was measured.
+  ``cudnn_version`` say what was measured;
+- ``memory_format`` (``--memory-format``: ``contiguous``, ``channels_last_3d`` or both) and ``compiled``
+  (``--compile``: ``torch.compile`` around the model, its first call's time in ``compile_s``): the trainer uses
+  neither until a row shows that it helps on the device in question.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import re
 import subprocess
@@ -152,38 +156,63 @@ def _timed(fn, device: torch.device, warmup: int, steps: int) -> float:
     return float(np.median(times))
 
 
+MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last_3d": torch.channels_last_3d}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepVariant:
+    """How the training step is run beyond model and precision: the issue asks to adopt ``channels_last_3d`` and
+    ``torch.compile`` only where measured to help, so the benchmark measures them side by side."""
+
+    memory_format: str = "contiguous"  # a key of MEMORY_FORMATS: weights and batch in that layout
+    compiled: bool = False  # torch.compile (inductor) around the model; compile time reported apart
+
+    def __post_init__(self) -> None:
+        if self.memory_format not in MEMORY_FORMATS:
+            raise ValueError(f"memory_format must be one of {', '.join(MEMORY_FORMATS)}, got {self.memory_format!r}")
+
+
 def _setup(model_name: str, shape: tuple[int, int, int], batch_size: int, channels: int,
-           device: torch.device, amp: bool):
+           device: torch.device, amp: bool, variant: StepVariant = StepVariant()):
     torch.manual_seed(0)
-    model = build_model(model_name, num_classes=3, in_channels=channels).to(device)
+    memory_format = MEMORY_FORMATS[variant.memory_format]
+    model = build_model(model_name, num_classes=3, in_channels=channels).to(device, memory_format=memory_format)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-5, weight_decay=1e-3)
     criterion = nn.CrossEntropyLoss(weight=torch.tensor([0.8, 0.5, 0.7], device=device))
     amp_dtype, scaler = amp_setup(device, amp)
     volume = torch.randn(batch_size, channels, *shape)
-    batch = torch.stack([to_video_layout(v) for v in volume]).to(device)
+    batch = torch.stack([to_video_layout(v) for v in volume]).to(device).contiguous(memory_format=memory_format)
     labels = torch.arange(batch_size, device=device) % 3
     return model, optimizer, criterion, amp_dtype, scaler, batch, labels
 
 
 def benchmark_model(model_name: str, shape: tuple[int, int, int], batch_size: int, channels: int,
-                    device: torch.device, amp: bool, warmup: int, steps: int) -> dict:
+                    device: torch.device, amp: bool, warmup: int, steps: int,
+                    variant: StepVariant = StepVariant()) -> dict:
     """Seconds per training step and per evaluation batch, FLOPs, checkpoint size and peak CUDA memory."""
     model, optimizer, criterion, amp_dtype, scaler, batch, labels = _setup(
-        model_name, shape, batch_size, channels, device, amp)
+        model_name, shape, batch_size, channels, device, amp, variant)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     model.train()
+    # Counted on the eager model: compiling changes the kernels, not the arithmetic.
     flops = train_step_flops(model, batch, labels, criterion, optimizer, amp_dtype, scaler)
     backends = convolution_backends(model, batch, labels, criterion, optimizer, amp_dtype, scaler)
-    train_s = _timed(lambda: train_step(model, batch, labels, criterion, optimizer, amp_dtype, scaler),
+    runner = torch.compile(model) if variant.compiled else model
+    compile_s = None
+    if variant.compiled:
+        started = time.perf_counter()
+        train_step(runner, batch, labels, criterion, optimizer, amp_dtype, scaler)  # the first call compiles
+        compile_s = time.perf_counter() - started
+    train_s = _timed(lambda: train_step(runner, batch, labels, criterion, optimizer, amp_dtype, scaler),
                      device, warmup, steps)
     checkpoint = checkpoint_bytes(model, optimizer)
     model.eval()
 
     def evaluate() -> None:
         with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            model(batch)
+            runner(batch)
 
     eval_s = _timed(evaluate, device, warmup, steps)
     precision = str(amp_dtype or torch.float32).removeprefix("torch.")
@@ -196,6 +225,7 @@ def benchmark_model(model_name: str, shape: tuple[int, int, int], batch_size: in
            "peak_tflops": peak, "peak_fraction": achieved / peak if peak else None,
            "checkpoint_mb_per_epoch": checkpoint / MB, "peak_memory_mb": None,
            "conv_backend": "+".join(backends) or "unknown", "mps": False,
+           "memory_format": variant.memory_format, "compiled": variant.compiled, "compile_s": compile_s,
            "train_step_s": train_s, "train_volumes_per_s": batch_size / train_s,
            "eval_volumes_per_s": batch_size / eval_s}
     if device.type == "cuda":
@@ -203,7 +233,7 @@ def benchmark_model(model_name: str, shape: tuple[int, int, int], batch_size: in
         total = torch.cuda.get_device_properties(device).total_memory
         row.update({"peak_memory_mb": peak_memory / MB, "peak_memory_gib": peak_memory / 2**30,
                     "trials_per_gpu_by_memory": int(0.9 * total // peak_memory) if peak_memory else None})
-    del model, optimizer, batch
+    del model, runner, optimizer, batch
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
@@ -212,10 +242,12 @@ def benchmark_model(model_name: str, shape: tuple[int, int, int], batch_size: in
 def _concurrency_worker(spec: dict) -> None:
     """One of ``--concurrency`` N processes: warm up, say ready, wait for go, time the steps, print JSON."""
     device = torch.device(spec["device"])
+    variant = StepVariant(spec.get("memory_format", "contiguous"), spec.get("compiled", False))
     model, optimizer, criterion, amp_dtype, scaler, batch, labels = _setup(
-        spec["model"], tuple(spec["shape"]), spec["batch_size"], spec["channels"], device, spec["amp"])
+        spec["model"], tuple(spec["shape"]), spec["batch_size"], spec["channels"], device, spec["amp"], variant)
     model.train()
-    step = lambda: train_step(model, batch, labels, criterion, optimizer, amp_dtype, scaler)  # noqa: E731
+    runner = torch.compile(model) if variant.compiled else model
+    step = lambda: train_step(runner, batch, labels, criterion, optimizer, amp_dtype, scaler)  # noqa: E731
     for _ in range(spec["warmup"]):
         step()
     _synchronize(device)
@@ -230,13 +262,14 @@ def _concurrency_worker(spec: dict) -> None:
 
 def concurrent_rate(processes: int, model_name: str, shape: tuple[int, int, int], batch_size: int, channels: int,
                     device: torch.device, amp: bool, warmup: int, steps: int,
-                    env: dict[str, str] | None = None) -> tuple[float, float]:
+                    env: dict[str, str] | None = None, variant: StepVariant = StepVariant()) -> tuple[float, float]:
     """(aggregate samples/s, mean seconds per step) of ``processes`` concurrent training processes on ``device``.
 
     ``env``: the processes' environment (:func:`trainables.cuda_mps.private_mps` gives one that joins MPS).
     """
     spec = json.dumps({"model": model_name, "shape": list(shape), "batch_size": batch_size, "channels": channels,
-                       "device": str(device), "amp": amp, "warmup": warmup, "steps": max(1, steps)})
+                       "device": str(device), "amp": amp, "warmup": warmup, "steps": max(1, steps),
+                       **dataclasses.asdict(variant)})
     children = [subprocess.Popen([sys.executable, "-m", "trainables.benchmark", "--concurrency-worker", spec],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
                 for _ in range(processes)]
@@ -285,7 +318,8 @@ def _concurrent_rows(rows: list[dict], counts: list[int], args: argparse.Namespa
 def _concurrent_row(row: dict, processes: int, mps: bool, args: argparse.Namespace, shape: tuple[int, int, int],
                     channels: int, device: torch.device, env: dict[str, str] | None) -> dict:
     samples_per_s, step_s = concurrent_rate(processes, row["model"], shape, args.batch_size, channels, device,
-                                            row["precision"] != "float32", args.warmup, args.steps, env=env)
+                                            row["precision"] != "float32", args.warmup, args.steps, env=env,
+                                            variant=StepVariant(row["memory_format"], row["compiled"]))
     achieved = row["flops_per_step"] * samples_per_s / args.batch_size / 1e12
     return {**row, "trials_per_device": processes, "mps": mps, "samples_per_s": samples_per_s,
             "step_ms": step_s * 1000, "achieved_tflops": achieved,
@@ -296,8 +330,8 @@ def _concurrent_row(row: dict, processes: int, mps: bool, args: argparse.Namespa
 
 def _backend_verdict(table: pd.DataFrame, device: torch.device) -> str:
     """One line on the convolution kernels: on CUDA anything but cuDNN is the slow path the issue warns about."""
-    used = ", ".join(f"{r.model} {r.precision}: {r.conv_backend}"
-                     for r in table[table["trials_per_device"] == 1].itertuples())
+    rows = table[table["trials_per_device"] == 1].drop_duplicates(["model", "precision", "conv_backend"])
+    used = ", ".join(f"{r.model} {r.precision}: {r.conv_backend}" for r in rows.itertuples())
     if device.type != "cuda":
         return f"Convolution kernels (torch.profiler): {used}."
     slow = table[(table["trials_per_device"] == 1) & (table["conv_backend"] != "cudnn")]
@@ -371,6 +405,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="CUDA only, with --concurrency: run the concurrent processes without and/or with a private "
                         "CUDA MPS daemon (default both; rows where it cannot start are left out, and the reason "
                         "printed)")
+    p.add_argument("--memory-format", choices=[*MEMORY_FORMATS, "both"], default="contiguous",
+                   help="weights and batch layout of the step (channels_last_3d: what cuDNN prefers for bf16 "
+                        "on recent GPUs); both: a row each")
+    p.add_argument("--compile", choices=["off", "on", "both"], default="off",
+                   help="torch.compile the model (compile time in compile_s, not in step_ms); both: a row each")
     p.add_argument("--concurrency-worker", help=argparse.SUPPRESS)
     p.add_argument("--output", help="also write the rows to this CSV")
     return p.parse_args(argv)
@@ -412,8 +451,11 @@ def main(argv: list[str] | None = None) -> int:
     if device.type != "cuda":
         precisions = [False]  # autocast is used on CUDA only, as in training
 
-    rows = [benchmark_model(m, shape, args.batch_size, channels, device, amp, args.warmup, args.steps)
-            for m in models for amp in precisions]
+    variants = [StepVariant(layout, compiled)
+                for layout in (list(MEMORY_FORMATS) if args.memory_format == "both" else [args.memory_format])
+                for compiled in {"off": [False], "on": [True], "both": [False, True]}[args.compile]]
+    rows = [benchmark_model(m, shape, args.batch_size, channels, device, amp, args.warmup, args.steps, variant)
+            for m in models for amp in precisions for variant in variants]
     mps_notes = []
     if device.type == "cuda" and any(n > 1 for n in concurrency):
         concurrent, mps_notes = _concurrent_rows(rows, [n for n in concurrency if n > 1], args, shape, channels,
@@ -437,7 +479,8 @@ def main(argv: list[str] | None = None) -> int:
           f"volume {table['shape_xyz'][0]} x {channels} channel(s)")
     issue_columns = ["model", "device", "precision", "batch_size", "trials_per_device", "samples_per_s", "step_ms",
                      "data_ms_per_sample", "torchio_ms_per_sample", "achieved_tflops", "peak_tflops",
-                     "peak_fraction", "checkpoint_mb_per_epoch", "peak_memory_mb", "conv_backend", "mps"]
+                     "peak_fraction", "checkpoint_mb_per_epoch", "peak_memory_mb", "conv_backend", "mps",
+                     "memory_format", "compiled"]
     table = table[issue_columns + [c for c in table.columns if c not in issue_columns]]
     print(table[issue_columns].to_string(index=False, float_format=lambda v: f"{v:.3g}", na_rep="-"))
     print("\n" + table[[c for c in table.columns if c not in issue_columns[1:]]].to_string(

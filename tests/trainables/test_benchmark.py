@@ -115,6 +115,28 @@ def test_backend_verdict_warns_on_cuda_when_a_row_left_cudnn():
         "Convolution kernels (torch.profiler): cuDNN in every row")
 
 
+def test_memory_format_and_compile_rows(tmp_path):
+    import torch
+
+    out = tmp_path / "bench.csv"
+    assert benchmark.main(["--models", "mc3_18", "--shape", "8,8,8", "--device", "cpu", "--warmup", "0",
+                           "--steps", "1", "--memory-format", "channels_last_3d", "--compile", "both",
+                           "--output", str(out)]) == 0
+    table = pd.read_csv(out)
+    assert list(table["memory_format"]) == ["channels_last_3d"] * 2 and list(table["compiled"]) == [False, True]
+    # Compile time is reported apart from the step time, and only where something was compiled.
+    assert pd.isna(table["compile_s"][0]) and table["compile_s"][1] > 0
+    assert table["flops_per_step"][0] == table["flops_per_step"][1]  # same arithmetic, other kernels
+    # Two channels: with one, both layouts have the same strides and the check could not fail.
+    model, *_, batch, _ = benchmark._setup("mc3_18", (8, 8, 8), 2, 2, torch.device("cpu"), False,
+                                           benchmark.StepVariant("channels_last_3d"))
+    assert batch.is_contiguous(memory_format=torch.channels_last_3d) and not batch.is_contiguous()
+    weight = model.stem[0].weight
+    assert weight.is_contiguous(memory_format=torch.channels_last_3d) and not weight.is_contiguous()
+    with pytest.raises(ValueError, match="memory_format must be one of contiguous, channels_last_3d, got 'nhwc'"):
+        benchmark.StepVariant("nhwc")
+
+
 def test_checkpoint_bytes_of_a_tiny_model_by_hand():
     import torch
     from torch import nn
