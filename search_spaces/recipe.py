@@ -25,7 +25,10 @@ PAPER_RECIPE: dict[str, Any] = {
 # chance (1.18 -> 1.13) with or without BN recalibration, and with batch statistics at evaluation too, and the
 # validation predictions were a single class in 9 of 10 epochs. Train-mode BatchNorm over one volume normalises
 # each channel of that volume by its own statistics; in the last blocks only a few positions remain, so the
-# signal is normalised away. With batch size 4 the loss fell (1.11 -> 0.86 at lr 4e-5).
+# signal is normalised away. With batch size 4 the loss fell (1.11 -> 0.86 at lr 4e-5). On an independent phantom
+# set (mc3_18, 6 mm, 10 epochs, 3 folds) batch size decided whether the loss fell and recalibration whether
+# validation saw more than one class (pooled test macro F1: paper recipe 0.40, batch 4 alone 0.57, both 0.64);
+# the README's "Which part matters" table has every combination.
 DEVIATIONS: dict[str, tuple[Any, str]] = {
     "batch_size": (4, "BatchNorm in training mode needs several volumes per batch: at batch size 1 the models did "
                       "not reduce the training loss in the measurements (see search_spaces/recipe.py)"),
