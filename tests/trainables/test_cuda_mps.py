@@ -75,10 +75,12 @@ def test_log_tail_without_logs():
 def test_concurrent_rows_keep_the_plain_rows_when_mps_cannot_start(stand_in, monkeypatch):
     # The benchmark runs this on CUDA only; the policy is the same on a CPU: MPS rows are dropped with a reason.
     monkeypatch.setenv("MPS_FAIL", "no GPU here")
-    row = {"model": "mc3_18", "precision": "float32", "flops_per_step": 1e9, "peak_tflops": None}
+    row = {"model": "mc3_18", "precision": "float32", "flops_per_step": 1e9, "peak_tflops": None,
+           "memory_format": "channels_last_3d", "compiled": False}
     args = argparse.Namespace(batch_size=1, warmup=0, steps=1)
     rows, notes = benchmark._concurrent_rows([row], [2], args, (8, 8, 8), 1, torch.device("cpu"), [False, True])
     assert [(r["trials_per_device"], r["mps"]) for r in rows] == [(2, False)]
     assert rows[0]["samples_per_s"] > 0 and rows[0]["peak_fraction"] is None
+    assert rows[0]["memory_format"] == "channels_last_3d"  # the processes ran the row's own variant
     assert notes == [f"CUDA MPS: not measured: {CONTROL} -d failed: no GPU here (a container may need the host's "
                      f"IPC namespace, or the GPU's compute mode forbids it)"]
