@@ -280,7 +280,12 @@ def concurrent_rate(processes: int, model_name: str, shape: tuple[int, int, int]
         for child in children:
             child.stdin.write("go\n")
             child.stdin.flush()
-        results = [json.loads(child.stdout.readline()) for child in children]
+        results = []
+        for child in children:
+            line = child.stdout.readline()
+            if not line.strip():
+                raise RuntimeError(f"a --concurrency worker failed while timing (exit {child.wait()})")
+            results.append(json.loads(line))
     finally:
         for child in children:
             if child.poll() is None:

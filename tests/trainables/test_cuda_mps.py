@@ -84,3 +84,19 @@ def test_concurrent_rows_keep_the_plain_rows_when_mps_cannot_start(stand_in, mon
     assert rows[0]["memory_format"] == "channels_last_3d"  # the processes ran the row's own variant
     assert notes == [f"CUDA MPS: not measured: {CONTROL} -d failed: no GPU here (a container may need the host's "
                      f"IPC namespace, or the GPU's compute mode forbids it)"]
+
+
+def test_a_trial_process_failing_under_mps_is_reported_with_the_daemon_log(stand_in):
+    # A worker that cannot build its model exits before "ready", as a client refused by the MPS server would.
+    row = {"model": "no_such_model", "precision": "float32", "flops_per_step": 1e9, "peak_tflops": None,
+           "memory_format": "contiguous", "compiled": False}
+    args = argparse.Namespace(batch_size=1, warmup=0, steps=1)
+    rows, notes = benchmark._concurrent_rows([row], [2], args, (8, 8, 8), 1, torch.device("cpu"), [True])
+    assert rows == [] and len(notes) == 1
+    assert notes[0].startswith("CUDA MPS: the daemon started but a trial process failed under it "
+                               "(a --concurrency worker failed (exit 1))")
+    assert notes[0].endswith("; control.log: [daemon] started")
+    assert stand_in.read_text().splitlines()[-1].startswith("quit ")  # and the daemon was stopped
+    # Without MPS the same failure is the benchmark's own error, not a note.
+    with pytest.raises(RuntimeError, match="a --concurrency worker failed"):
+        benchmark._concurrent_rows([row], [2], args, (8, 8, 8), 1, torch.device("cpu"), [False])
