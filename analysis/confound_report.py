@@ -171,8 +171,8 @@ def warnings_section(doc: Document, items: list[str]) -> None:
         doc.bullets(items)
 
 
-def what_ran_items(res: ConfoundResults) -> list[str]:
-    items = [f"Registration: {cf.registration_text(res.options)}."]
+def what_ran_items(exp: Experiment, res: ConfoundResults) -> list[str]:
+    items = [f"Preprocessing: {cf.preprocessing_text(exp.meta)}.", f"Registration: {cf.registration_text(res.options)}."]
     if res.baseline_arms:
         items.append(f"Baselines: {', '.join(display_name(m) for m, _ in res.baseline_arms)} "
                      f"({len(res.baseline_preds)} rows in baseline_predictions.csv, same outer folds as the deep arms).")

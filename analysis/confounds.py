@@ -8,8 +8,10 @@ optional (older runs lack them): a missing one turns its table into a sentence s
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -88,6 +90,31 @@ def _stripping_counts(value) -> dict[str, dict[str, int]] | None:
 def paper_classes(classes: list[str]) -> bool:
     """The published cohort is comparable only when the run has exactly the paper's three classes."""
     return set(classes) == set(PAPER_COHORT)
+
+
+def preprocessing_text(meta: dict) -> str:
+    """How the volumes were preprocessed, read from the cache's meta.json, naming the one quantity that every
+    subject, test subjects included, has a say in: the box all volumes are centred in."""
+    cache = meta.get("cache")
+    if not isinstance(cache, str):
+        return "not recorded in experiment.json (no `cache` key: a run from before it was saved)"
+    path = Path(cache) / "meta.json"
+    try:
+        entry = json.loads(path.read_text())
+        config, shape, n = entry["config"], [int(v) for v in entry["shape"]], int(entry["n_subjects"])
+        low, high = config["percentiles"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"{path} could not be read ({type(error).__name__}): the cache is on another machine or was removed"
+    box = " x ".join(map(str, shape))
+    spacing = entry.get("spacing_mm", config.get("spacing"))
+    spacing = f"{spacing:g}" if isinstance(spacing, (int, float)) else str(spacing)
+    per_volume = (f"each volume on its own: RAS orientation, resampling to {spacing} mm voxels, intensities rescaled to its own brain's [{low:g}, {high:g}] percentiles, cropped to its "
+                  f"brain")
+    if config.get("target_shape"):
+        return f"{per_volume}; then centred in a fixed {box} voxel box (X x Y x Z, as asked for) (from {path})"
+    return (f"{per_volume}; then centred in a {box} voxel box (X x Y x Z), the largest brain bounding box among the "
+            f"{n} cached subjects. The box is the only quantity computed across subjects, test subjects included: it "
+            f"decides how much zero padding every volume gets and uses no labels or intensities (from {path})")
 
 
 def registration_text(options: DataOptions) -> str:

@@ -152,7 +152,7 @@ def build_report(out_dir: str | Path, bootstrap_samples: int = 2000, seed: int =
     # ---------------------------------------------------------------- document
     doc = Document(f"Brain tumour classification: {exp.experiment} experiment")
     cr.warnings_section(doc, tc.warnings(learn_arms) + cr.warnings(confounds, classes))
-    _what_ran(doc, exp, arms, partial, main_preds, cr.what_ran_items(confounds))
+    _what_ran(doc, exp, arms, partial, main_preds, cr.what_ran_items(exp, confounds))
     cr.data_section(doc, exp, confounds)
     _main_tables(doc, exp, comp, metrics, arms, partial, fig_macro, report_dir, confounds)
     tc.section(doc, learn_folds, learn_arms, main_epochs is not None and "val_predicted_classes" in main_epochs.columns,

@@ -245,3 +245,44 @@ def test_malformed_baseline_file_costs_only_the_baselines(confound_dir):
     assert "baseline_predictions.csv could not be read" in md and "missing column(s)" in md
     assert "## Shortcut check\n\nCannot be shown: baseline_predictions.csv could not be read" in md
     assert "| ResNet Mixed Convolution | yes | 3/3 |" in md  # the deep arms are still reported
+
+
+# ----------------------------------------------------------------------------------------- preprocessing in "What ran"
+def _cache(tmp_path, target_shape=None):
+    cache = tmp_path / "cache" / "abc123"
+    cache.mkdir(parents=True)
+    (cache / "meta.json").write_text(json.dumps({
+        "config": {"spacing": 2.0, "percentiles": [0.5, 99.5], "target_shape": target_shape, "register": "none"},
+        "shape": [72, 90, 77], "channels": 1, "n_subjects": 591, "spacing_mm": 2.0}))
+    return cache
+
+
+def test_preprocessing_names_the_one_quantity_shared_across_subjects(tmp_path):
+    from analysis.confounds import preprocessing_text
+
+    cache = _cache(tmp_path)
+    text = preprocessing_text({"cache": str(cache)})
+    assert text.startswith("each volume on its own: RAS orientation, resampling to 2 mm voxels, intensities "
+                           "rescaled to its own brain's [0.5, 99.5] percentiles, cropped to its brain; then centred "
+                           "in a 72 x 90 x 77 voxel box (X x Y x Z), the largest brain bounding box among the 591 "
+                           "cached subjects. The box is the only quantity computed across subjects, test subjects "
+                           "included")
+    assert text.endswith(f"(from {cache / 'meta.json'})")
+    fixed = preprocessing_text({"cache": str(_cache(tmp_path / "fixed", target_shape=[72, 90, 77]))})
+    assert "centred in a fixed 72 x 90 x 77 voxel box (X x Y x Z, as asked for)" in fixed
+    assert "test subjects included" not in fixed
+    gone = tmp_path / "gone"
+    assert preprocessing_text({"cache": str(gone)}) == (
+        f"{gone / 'meta.json'} could not be read (FileNotFoundError): the cache is on another machine or was removed")
+    assert preprocessing_text({}).startswith("not recorded in experiment.json (no `cache` key")
+
+
+def test_what_ran_states_the_preprocessing(confound_dir, tmp_path):
+    meta = json.loads((confound_dir / "experiment.json").read_text())
+    meta["cache"] = str(_cache(tmp_path))
+    (confound_dir / "experiment.json").write_text(json.dumps(meta))
+    md = (build_report(confound_dir, bootstrap_samples=20) / "report.md").read_text()
+    what_ran = md[md.index("## What ran"):md.index("## Data, cohort and confounds")]
+    assert "- Preprocessing: each volume on its own: RAS orientation, resampling to 2 mm voxels" in what_ran
+    assert "the largest brain bounding box among the 591 cached subjects" in what_ran
+    assert what_ran.index("- Preprocessing:") < what_ran.index("- Registration:")
