@@ -18,6 +18,7 @@ import pandas as pd
 
 from analysis.load import Experiment
 from analysis.names import display_name
+from analysis.paper import is_paper_task
 
 PAPER_COHORT = {"HGG": 259, "LGG": 73, "Healthy": 259}
 COHORT_COLUMNS = ["class", "ours", "available", "max_per_class", "paper", "differs"]
@@ -85,11 +86,6 @@ def _stripping_counts(value) -> dict[str, dict[str, int]] | None:
             return None
         out[str(cls)] = {"stripped": parsed.get("stripped", 0), "unstripped": parsed.get("unstripped", 0)}
     return out
-
-
-def paper_classes(classes: list[str]) -> bool:
-    """The published cohort is comparable only when the run has exactly the paper's three classes."""
-    return set(classes) == set(PAPER_COHORT)
 
 
 def preprocessing_text(meta: dict) -> str:
@@ -160,7 +156,7 @@ def cohort_table(exp: Experiment) -> Cohort:
         tested = exp.predictions.drop_duplicates("subject_id")
         ours = tested["label"].value_counts().to_dict()
         source = "the distinct subjects in predictions.csv, as subjects.csv and the cohort record are missing"
-    comparable = paper_classes(exp.classes)
+    comparable = is_paper_task(exp.classes)
     rows = []
     for cls in exp.classes:
         n = ours.get(cls)

@@ -19,7 +19,7 @@ from datasets.atomic import write_text_atomic
 from analysis.load import Experiment, check_one_trial_per_fold, load_experiment
 from analysis.metrics import arm_metrics, confusion_counts, roc_per_class
 from analysis.names import Arm, arm_label, display_name, display_names_note
-from analysis.paper import PAPER_CITATION, is_paper_task, published
+from analysis.paper import PAPER_CITATION, is_paper_task
 from analysis.partial import STATUS_MEANING, PartialResults, partial_results
 from analysis.stats import POWER_CAVEAT, bootstrap_f1_ci, pairwise_tests
 from analysis import search_report as sr
@@ -127,9 +127,10 @@ def build_report(out_dir: str | Path, bootstrap_samples: int = 2000, seed: int =
 
     # ---------------------------------------------------------------- figures
     fig_dir = w.figures_dir
+    # The comparison table already holds each arm's published macro F1 (NaN when not comparable).
+    paper_macro = comp[comp["metric"] == "macro_f1"].set_index(["model", "pretrained"])["paper_mean"]
     fig_macro = w.figure(figs.macro_f1_figure(metrics, arms, fig_dir / "macro_f1_by_arm.png",
-                                              lambda arm: published(arm[0], arm[1], "macro_f1")[0]
-                                              if is_paper_task(classes) else float("nan")))
+                                              lambda arm: float(paper_macro.get(arm, float("nan")))))
     fig_conf = {a: w.figure(figs.confusion_figure(confusion, a, classes, fig_dir / figs.figure_name("confusion", a),
                                                   partial.folds_label(a).split(" ")[0])) for a in result_arms}
     fig_heat = w.figure(figs.heatmap_figure(metrics, arms, classes, fig_dir / "heatmap_classwise.png"))
@@ -155,8 +156,7 @@ def build_report(out_dir: str | Path, bootstrap_samples: int = 2000, seed: int =
     _what_ran(doc, exp, arms, partial, main_preds, cr.what_ran_items(exp, confounds))
     cr.data_section(doc, exp, confounds)
     _main_tables(doc, exp, comp, metrics, arms, partial, fig_macro, report_dir, confounds)
-    tc.section(doc, learn_folds, learn_arms, main_epochs is not None and "val_predicted_classes" in main_epochs.columns,
-               bootstrap_samples)
+    tc.section(doc, learn_folds, learn_arms, bootstrap_samples)
     cr.shortcut_section(doc, confounds, classes, bootstrap_samples, seed)
     cr.per_site_section(doc, confounds, classes)
     _statistics(doc, tests, boot, result_arms, classes, bootstrap_samples, seed, exp.n_folds)

@@ -80,10 +80,9 @@ def paper_comparison(metrics: ArmMetrics, arms: list[Arm], classes: list[str], p
     baseline = True: no published value, and they never win the ★, which ranks the paper's arms only.
     """
     rows = []
-    comparable = is_paper_task(classes)
     for arm in arms:
         folds = int(partial.arm_folds[arm_mask(partial.arm_folds, arm)]["folds_present"].sum())
-        rows += _comparison_rows(metrics, arm, classes, folds, baseline=False, published_values=comparable)
+        rows += _comparison_rows(metrics, arm, classes, folds, baseline=False)
     for arm in baseline_arms:
         folds = int(arm_mask(baseline_metrics.per_fold_overall, arm).sum()) if baseline_metrics is not None else 0
         rows += _comparison_rows(baseline_metrics, arm, classes, folds, baseline=True)
@@ -95,19 +94,20 @@ def paper_comparison(metrics: ArmMetrics, arms: list[Arm], classes: list[str], p
     return frame[COMPARISON_COLUMNS]
 
 
-def _comparison_rows(metrics: ArmMetrics | None, arm: Arm, classes: list[str], folds: int, baseline: bool,
-                     published_values: bool = True) -> list[dict]:
-    """The paper-table metrics of one arm; a baseline, or any arm of a run on other classes than the paper's
-    (``published_values`` False), is looked up in no published table."""
+def _comparison_rows(metrics: ArmMetrics | None, arm: Arm, classes: list[str], folds: int,
+                     baseline: bool) -> list[dict]:
+    """The paper-table metrics of one arm. A baseline gets no published value; in a run on other classes than the
+    paper's, no row (deep arm or baseline) is looked up in, or placed under, a published table."""
+    comparable = is_paper_task(classes)
     wanted = [("f1", c) for c in classes] + [("macro_f1", ""), ("weighted_f1", ""), ("accuracy", ""),
                                              ("macro_specificity", "")]
     rows = []
     for metric, cls in wanted:
         mean, std, pooled = _summary_of(metrics, arm, metric, cls)
         paper_metric = "specificity" if metric == "macro_specificity" else metric
-        looked_up = published_values and not baseline
+        looked_up = comparable and not baseline
         p_mean, p_std, table = published(arm[0], arm[1], paper_metric, cls) if looked_up else (np.nan, np.nan, None)
-        if table is None and published_values:
+        if table is None and comparable:
             table = table_for(paper_metric, cls)
         rows.append({"table": table, "model": arm[0], "display_name": display_name(arm[0]), "pretrained": arm[1],
                      "class": cls, "metric": metric, "folds": folds, "mean": mean, "std": std, "pooled": pooled,

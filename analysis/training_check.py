@@ -102,7 +102,7 @@ def warnings(arms: pd.DataFrame) -> list[str]:
     return items
 
 
-def section(doc: Document, folds: pd.DataFrame, arms: pd.DataFrame, has_val_column: bool, n_boot: int) -> None:
+def section(doc: Document, folds: pd.DataFrame, arms: pd.DataFrame, n_boot: int) -> None:
     doc.heading("Did training learn?", 2)
     doc.para(f"Per fold, from epochs.csv and the test predictions. A fold is flagged when its training loss did not "
              f"fall (the mean of its last {LOSS_TAIL} epochs after the first is at least {LOSS_FALL:g} x the first "
@@ -111,9 +111,11 @@ def section(doc: Document, folds: pd.DataFrame, arms: pd.DataFrame, has_val_colu
              "class. Per arm, *above chance* means the lower end of the pooled macro-F1 95% bootstrap interval "
              f"({n_boot} subject resamples, see *Bootstrap 95% confidence intervals*) is above 1/K, what a guess "
              "following the class frequencies scores in expectation.")
-    if not has_val_column:
-        doc.para("epochs.csv has no `val_predicted_classes` column (a run written before it existed): the "
-                 "one-class-validation check was not made.")
+    # Judged per fold (_judge): a fold without the column's values, e.g. an older trial, was not checked.
+    unjudged = int(folds["val_one_class_epochs"].isna().sum())
+    if unjudged:
+        doc.para(f"epochs.csv has no `val_predicted_classes` values for {unjudged} of {len(folds)} fold(s) (trials "
+                 "written before the column existed): for them the one-class-validation check was not made.")
     if arms.empty:
         doc.para("No paper-protocol predictions.")
         return
