@@ -101,6 +101,9 @@ def read_rsna_labels(labels_file: str | os.PathLike) -> dict[int, str]:
     except pd.errors.EmptyDataError:
         raise ValueError(f"{labels_file} is empty; it needs a {ID_COLUMN},{LABEL_COLUMN} header and a row per "
                          "subject") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as error:  # as the manifest reader: name the file
+        raise ValueError(f"{labels_file} is not a readable CSV ({error}); save it as comma-separated text with a "
+                         f"{ID_COLUMN},{LABEL_COLUMN} header") from None
     frame.columns = [str(c).strip() for c in frame.columns]
     missing = [c for c in (ID_COLUMN, LABEL_COLUMN) if c not in frame.columns]
     if missing:
@@ -155,7 +158,8 @@ def discover_rsna(data_root: str | os.PathLike, contrasts: Sequence[str] = ("t1c
         raise FileNotFoundError(f"No subject of {layout.train_dir} has a label in {layout.labels_file} (ids are "
                                 f"matched as numbers: folder 00002 is {ID_COLUMN} 2)")
     log.info("RSNA-MICCAI 2021: %d labelled subjects in %s; series used as channels: %s (--contrasts %s)",
-             len(records), layout.train_dir, ", ".join(sequences), ",".join(contrasts))
+             len(records), layout.train_dir, ", ".join(sequences),
+             contrasts if isinstance(contrasts, str) else ",".join(contrasts))
     return records
 
 

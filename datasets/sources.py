@@ -94,17 +94,18 @@ def discover_brats_ixi(data_root: str | os.PathLike, contrasts: Sequence[str] = 
     return records
 
 
-def read_manifest(manifest: str | os.PathLike) -> list[SubjectRecord]:
+def read_manifest(manifest: str | os.PathLike, require_label: bool = True) -> list[SubjectRecord]:
     """Read a CSV with ``subject_id``, ``label``, ``path`` or ``path_<contrast>`` columns, optional ``group`` and ``site``.
 
     Several ``path_*`` columns become input channels in column order. Relative paths are taken
     relative to the manifest's folder, so a data set can be moved with its manifest. Labels are
     normalised (:func:`normalise_labels`): a stray space or another case must not make a new class.
+    ``require_label`` False (prediction on new scans): the label column is optional, "" where absent.
     """
     manifest = Path(manifest)
-    frame = _read_manifest_table(manifest)
+    frame = _read_manifest_table(manifest, require_label)
     path_columns = [c for c in frame.columns if c == "path" or c.startswith("path_")]
-    labels, merged = normalise_labels(list(frame["label"]))
+    labels, merged = normalise_labels(list(frame["label"])) if "label" in frame.columns else ([""] * len(frame), [])
     if merged:
         log.warning("Manifest %s: labels that differ only in case or surrounding spaces were merged: %s",
                     manifest, "; ".join(merged))
@@ -118,11 +119,12 @@ def read_manifest(manifest: str | os.PathLike) -> list[SubjectRecord]:
     return records
 
 
-def _read_manifest_table(manifest: Path) -> pd.DataFrame:
+def _read_manifest_table(manifest: Path, require_label: bool = True) -> pd.DataFrame:
     """The manifest as strings, refused with its name and the fix when it is missing, empty or lacks columns."""
     if not manifest.is_file():
         raise FileNotFoundError(f"--manifest {manifest} does not exist")
-    expected = "subject_id, label and path (or path_<contrast>) columns"
+    expected = ("subject_id, label and path (or path_<contrast>) columns" if require_label else
+                "subject_id and path (or path_<contrast>) columns (label optional)")
     try:
         frame = pd.read_csv(manifest, dtype=str, keep_default_na=False)
     except pd.errors.EmptyDataError:
@@ -133,7 +135,7 @@ def _read_manifest_table(manifest: Path) -> pd.DataFrame:
                          f"with {expected}") from None
     frame.columns = [str(c).strip() for c in frame.columns]
     path_columns = [c for c in frame.columns if c == "path" or c.startswith("path_")]
-    missing = [c for c in ("subject_id", "label") if c not in frame.columns]
+    missing = [c for c in ("subject_id", "label")[:2 if require_label else 1] if c not in frame.columns]
     if missing or not path_columns:
         need = missing + ([] if path_columns else ["path (or path_<contrast>)"])
         raise ValueError(f"Manifest {manifest} lacks column(s) {', '.join(need)}; it has {', '.join(frame.columns)}")

@@ -156,6 +156,7 @@ def _timed(fn, device: torch.device, warmup: int, steps: int) -> float:
     return float(np.median(times))
 
 
+SWITCH = {"off": [False], "on": [True], "both": [False, True]}  # --amp, --compile, --mps: the settings to run
 MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last_3d": torch.channels_last_3d}
 
 
@@ -242,12 +243,14 @@ def benchmark_model(model_name: str, shape: tuple[int, int, int], batch_size: in
 def _concurrency_worker(spec: dict) -> None:
     """One of ``--concurrency`` N processes: warm up, say ready, wait for go, time the steps, print JSON."""
     device = torch.device(spec["device"])
-    variant = StepVariant(spec.get("memory_format", "contiguous"), spec.get("compiled", False))
+    variant = StepVariant(spec["memory_format"], spec["compiled"])
     model, optimizer, criterion, amp_dtype, scaler, batch, labels = _setup(
         spec["model"], tuple(spec["shape"]), spec["batch_size"], spec["channels"], device, spec["amp"], variant)
     model.train()
     runner = torch.compile(model) if variant.compiled else model
     step = lambda: train_step(runner, batch, labels, criterion, optimizer, amp_dtype, scaler)  # noqa: E731
+    if variant.compiled:
+        step()  # the first call compiles: never inside the timed steps, whatever --warmup says
     for _ in range(spec["warmup"]):
         step()
     _synchronize(device)
@@ -452,19 +455,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --augmentation/--aug-strength: {error}", file=sys.stderr)
         return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    precisions = {"on": [True], "off": [False], "both": [False, True]}[args.amp]
+    precisions = SWITCH[args.amp]
     if device.type != "cuda":
         precisions = [False]  # autocast is used on CUDA only, as in training
 
     variants = [StepVariant(layout, compiled)
                 for layout in (list(MEMORY_FORMATS) if args.memory_format == "both" else [args.memory_format])
-                for compiled in {"off": [False], "on": [True], "both": [False, True]}[args.compile]]
+                for compiled in SWITCH[args.compile]]
     rows = [benchmark_model(m, shape, args.batch_size, channels, device, amp, args.warmup, args.steps, variant)
             for m in models for amp in precisions for variant in variants]
     mps_notes = []
     if device.type == "cuda" and any(n > 1 for n in concurrency):
         concurrent, mps_notes = _concurrent_rows(rows, [n for n in concurrency if n > 1], args, shape, channels,
-                                                 device, {"off": [False], "on": [True], "both": [False, True]}[args.mps])
+                                                 device, SWITCH[args.mps])
         rows += concurrent
     table = pd.DataFrame(rows)
     for column in ["peak_tflops", "peak_fraction", "peak_memory_mb"]:  # None (a CPU, an unknown GPU) -> NaN

@@ -348,37 +348,6 @@ def file_record(path: str) -> SubjectRecord:
     return SubjectRecord(stem, "", (str(Path(path).resolve()),), group=stem, source="files")
 
 
-def read_prediction_manifest(manifest: str) -> list[SubjectRecord]:
-    """A manifest as training reads it (``read_manifest``) when it has a label column; without one, records from its
-    subject_id and path columns (relative paths are relative to the manifest's folder, as in training)."""
-    path = Path(manifest)
-    if not path.is_file():
-        raise PredictError(f"--manifest {path} does not exist")
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as error:
-        raise PredictError(f"Manifest {path} is not a readable CSV ({error}); write a header row with subject_id and "
-                           "path (or path_<contrast>) columns, then one row per subject") from None
-    frame.columns = [str(c).strip() for c in frame.columns]
-    if "label" in frame.columns:
-        return read_manifest(path)
-    path_columns = [c for c in frame.columns if c == "path" or c.startswith("path_")]
-    if "subject_id" not in frame.columns or not path_columns:
-        raise PredictError(f"Manifest {path} needs a subject_id column and a path (or path_<contrast>) column per "
-                           f"input channel (label is optional here); it has {', '.join(frame.columns)}")
-    if frame.empty:
-        raise PredictError(f"Manifest {path} has no subjects (a header and no rows); add one row per subject")
-    records = []
-    for row in frame.itertuples(index=False):
-        values = dict(zip(frame.columns, row))
-        sid = values["subject_id"].strip()
-        paths = tuple(str((path.parent / values[c].strip()).resolve()) if values[c].strip() else ""
-                      for c in path_columns)
-        site = values.get("site", "").strip()
-        records.append(SubjectRecord(sid, "", paths, group=sid, source="manifest", site=site))
-    return records
-
-
 def input_records(args: argparse.Namespace, exp: Experiment, channels: int) -> list[SubjectRecord]:
     """The subjects to predict, each with one file per input channel of the run (else refused)."""
     if args.files:
@@ -388,7 +357,7 @@ def input_records(args: argparse.Namespace, exp: Experiment, channels: int) -> l
                                "column per channel, in the run's order, and pass --manifest")
         return [file_record(f) for f in args.files]
     if args.manifest:
-        records = read_prediction_manifest(args.manifest)
+        records = read_manifest(args.manifest, require_label=False)
         given = f"--manifest {args.manifest} has {len(records[0].paths)} path column(s)"
     else:
         contrasts = tuple(c.strip() for c in (args.contrasts or "").split(",") if c.strip())
@@ -589,7 +558,8 @@ def prepare_volumes(args: argparse.Namespace, exp: Experiment, records: list[Sub
     work_dir = Path(args.cache_dir).resolve() if args.cache_dir else output.with_name(f"{output.stem}_cache")
     converted, failed = convert_records(records, dicom_cache_dir(work_dir))  # DICOM series (RSNA layout) only
     records = survivors(records, converted, failed, "DICOM conversion", args.skip_invalid)
-    report = validate_records(records, tuple(sorted({r.label for r in records})))  # labels were checked before
+    # Labels were checked before; the per-file verdicts are cached like training's, so a rerun does not reopen files.
+    report = validate_records(records, tuple(sorted({r.label for r in records})), work_dir / "validation.json")
     records = keep_or_refuse(records, report.problems, "validation", args.skip_invalid)
     warning = stripping_warning(records, report.profiles, exp)
     if warning:
