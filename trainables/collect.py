@@ -30,6 +30,7 @@ from ray import tune
 
 from datasets.atomic import write_csv_atomic
 from trainables.errors import error_text, is_permanent_result_error, one_line
+from trainables.fold_training import read_checkpoint_file
 from trainables.ray_trainable import config_id, fold_of, trial_name
 
 KEY_COLUMNS = ["experiment", "model", "pretrained", "fold", "config_id", "trial_name"]
@@ -63,9 +64,8 @@ def trial_status(result: tune.Result, finished: bool) -> tuple[str, str]:
     return ("FAILED", reported) if reported else ("INCOMPLETE", "")
 
 
-def checkpoint_location(result: tune.Result) -> str:
-    """Where the trial's last checkpoint lies: a local path, or ``<scheme>://path`` on remote storage."""
-    checkpoint = result.checkpoint
+def checkpoint_location(checkpoint: tune.Checkpoint | None) -> str:
+    """Where a trial's checkpoint lies: a local path, or ``<scheme>://path`` on remote storage ("" for none)."""
     if checkpoint is None:
         return ""
     scheme = checkpoint.filesystem.type_name
@@ -81,19 +81,13 @@ def _read_outputs(result: tune.Result) -> dict[str, Any]:
     """
     import io
 
-    import pyarrow.fs
-
     checkpoint = result.checkpoint
     if checkpoint is None:
         return {}
-    filesystem, folder = checkpoint.filesystem, str(checkpoint.path).rstrip("/")
+    filesystem, folder = checkpoint.filesystem, str(checkpoint.path)
 
     def read(name: str) -> bytes | None:
-        path = f"{folder}/{name}"
-        if filesystem.get_file_info(path).type != pyarrow.fs.FileType.File:
-            return None
-        with filesystem.open_input_stream(path) as stream:
-            return stream.read()
+        return read_checkpoint_file(filesystem, folder, name)
 
     summary = read("result.json")
     if summary is None:
@@ -134,7 +128,7 @@ def collect(result_grids: Iterable[tune.ResultGrid], planned: Iterable[str] = ()
                    "epochs_run": summary.get("epochs_run"), "best_epoch": summary.get("best_epoch"),
                    "best_val_macro_f1": summary.get("best_val_macro_f1"), "n_train": summary.get("n_train"),
                    "n_val": summary.get("n_val"), "n_test": summary.get("n_test"),
-                   "checkpoint": checkpoint_location(result) if summary else ""}
+                   "checkpoint": checkpoint_location(result.checkpoint) if summary else ""}
             trials.append(row)
             if outputs:
                 predictions.append(outputs["predictions"].assign(**keys))

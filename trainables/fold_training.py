@@ -263,6 +263,20 @@ class FoldResult:
 _TABLE_FIELDS = ("predictions", "val_predictions")  # written as CSV files, not into result.json
 
 
+def read_checkpoint_file(filesystem, folder: str, name: str) -> bytes | None:
+    """One file of a checkpoint folder through its pyarrow filesystem (local or remote); None when it is not there.
+
+    Shared by ``collect`` and ``predict``, which read a finished fold's small files without loading its weights.
+    """
+    import pyarrow.fs
+
+    path = f"{folder.rstrip('/')}/{name}"
+    if filesystem.get_file_info(path).type != pyarrow.fs.FileType.File:
+        return None
+    with filesystem.open_input_stream(path) as stream:
+        return stream.read()
+
+
 class WeightStore:
     """Where best weights wait between checkpoints: a folder that outlives them, local or on a pyarrow filesystem.
 

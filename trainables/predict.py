@@ -62,6 +62,7 @@ from datasets.validation import Problem, validate_records
 from datasets.volume_dataset import batch_to_video_layout
 from models import build_model
 from trainables.fold_training import FINAL_WEIGHTS_FILE
+from trainables.fold_training import read_checkpoint_file as read_from_folder
 
 PRETRAINING_TAGS = {"scratch": False, "kinetics": True}  # the --arm spelling, as in trial names
 SUMMARY_FILE = "result.json"  # a finished fold's summary in its final checkpoint, with the trial's config
@@ -264,6 +265,7 @@ def tune_checkpoints(exp: Experiment) -> dict[str, str]:
     """trial name -> final checkpoint from Ray Tune's own experiment state (runs made before trials.csv recorded it)."""
     from ray.tune import ExperimentAnalysis  # Ray only for old runs: a second or more to import
 
+    from trainables.collect import checkpoint_location
     from trainables.ray_trainable import trial_name
 
     storage = str((exp.meta.get("options") or {}).get("storage") or exp.out_dir / "ray").rstrip("/")
@@ -277,11 +279,9 @@ def tune_checkpoints(exp: Experiment) -> dict[str, str]:
         except (ValueError, FileNotFoundError, OSError):
             continue  # not there (a run kind this experiment did not use, or storage that moved)
         for trial in analysis.trials:
-            checkpoint = trial.checkpoint
-            if checkpoint is not None:
-                scheme = checkpoint.filesystem.type_name
-                path = str(checkpoint.path)
-                found[trial_name(trial.config)] = path if scheme == "local" else f"{scheme}://{path.lstrip('/')}"
+            location = checkpoint_location(trial.checkpoint)
+            if location:
+                found[trial_name(trial.config)] = location
     if not found:
         raise PredictError(f"{exp.out_dir}/trials.csv has no checkpoint column (a run made before it existed) and no "
                            f"Tune run with checkpoints was found (looked in {', '.join(looked)}). Run "
@@ -297,12 +297,11 @@ def read_checkpoint_file(checkpoint: str, name: str, trial: str, run_dir: Path) 
         filesystem, folder = pyarrow.fs.FileSystem.from_uri(checkpoint)
     else:
         filesystem, folder = pyarrow.fs.LocalFileSystem(), str(Path(checkpoint).resolve())
-    path = f"{folder.rstrip('/')}/{name}"
     try:
-        if filesystem.get_file_info(path).type != pyarrow.fs.FileType.File:
-            raise FileNotFoundError(path)
-        with filesystem.open_input_stream(path) as stream:
-            return stream.read()
+        content = read_from_folder(filesystem, folder, name)
+        if content is None:
+            raise FileNotFoundError(f"{folder.rstrip('/')}/{name}")
+        return content
     except (FileNotFoundError, OSError) as error:
         raise PredictError(f"Trial {trial}'s checkpoint has no readable {name} at {checkpoint} ({error}). If the run "
                            f"or its --storage moved, run `{resume_hint(run_dir)}` where they are now, which rewrites "
