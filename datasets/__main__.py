@@ -30,7 +30,7 @@ def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
 def _spec(args: argparse.Namespace) -> DataSpec:
     return DataSpec(
         data_root=args.data_root, manifest=args.manifest,
-        contrasts=tuple(c.strip() for c in args.contrasts.split(",") if c.strip()),
+        contrasts=_names(args.contrasts),
         classes=tuple(c.strip() for c in args.classes.split(",")) if args.classes else None,
         skip_invalid=args.skip_invalid, allow_unstripped=args.allow_unstripped,
         max_per_class=parse_max_per_class(getattr(args, "max_per_class", [])),
