@@ -49,6 +49,7 @@ is only modestly faster than TorchIO; the point is that it runs on the GPU, next
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -168,13 +169,23 @@ def _grid_theta(params: LightParams, spatial: torch.Size, dtype: torch.dtype, de
     flip = torch.where(params.flip.to(device), -1.0, 1.0).to(dtype)
     sampling = rotation_matrices(params.degrees.to(device, dtype)).transpose(1, 2) / scales[:, None, :]
     sampling = sampling * torch.stack([flip, torch.ones_like(flip), torch.ones_like(flip)], dim=1)[:, None, :]
-    half = torch.tensor([(n - 1) / 2 for n in spatial], dtype=dtype, device=device)
-    normalised = sampling * half[None, None, :] / half[None, :, None]
+    normalised = sampling * _extent_ratios(tuple(spatial), dtype, device)
     reordered = normalised.flip(1, 2)
     theta = torch.cat([reordered, torch.zeros_like(reordered[:, :, :1])], dim=2)
     # affine_grid multiplies its base grid by theta^T: stored transposed, that product reads contiguous
     # memory, and the (bit-identical) grid comes ~35% faster on CPU (13 vs 21 ms at 4 x 72x90x77).
     return theta.mT.contiguous().mT
+
+
+@functools.lru_cache(maxsize=32)
+def _extent_ratios(spatial: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(1, 3, 3) ``half[j] / half[i]`` with ``half = (n - 1) / 2``: voxel -> normalised units, per batch shape.
+
+    Cached because building a tensor from Python numbers on a GPU is a blocking host-to-device copy: once per
+    shape, not once per training step.
+    """
+    half = [(n - 1) / 2 for n in spatial]
+    return torch.tensor([[[h_j / h_i for h_j in half] for h_i in half]], dtype=dtype, device=device)
 
 
 def _check_strength(strength: float) -> None:

@@ -62,7 +62,8 @@ from datasets.device_augmentation import augment_light
 from datasets.volume_dataset import batch_to_video_layout, to_video_layout
 from models import MODEL_NAMES, PAPER_MODEL_NAMES, build_model
 from trainables.cuda_mps import DEFAULT_PIPE_DIRECTORY, MpsUnavailable, log_tail, private_mps, system_mps_running
-from trainables.fold_training import amp_setup, tensor_bytes, train_step, train_step_loss
+from trainables.fold_training import (amp_setup, cuda_settings, make_optimizer, tensor_bytes, train_step,
+                                      train_step_loss)
 
 # The profiler's C++ side (kineto) prints start/stop trace lines for every profiled step, and on a machine without
 # a GPU an "ERROR ... gpuGetDeviceCount failed" line, though CPU profiling works. Level 6 keeps those out of the
@@ -71,6 +72,9 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
 # The brain's bounding box at the paper's 2 mm in RAS (x, y, z): MNI152's brain is about 143 x 180 x 153 mm.
 DEFAULT_SHAPE = (72, 90, 77)
+# A trial keeps its fold's volumes on the device (train + val + test: the whole cohort, float16); without --cache
+# the memory estimate counts the paper's cohort (259 HGG + 73 LGG + 259 Healthy).
+PAPER_SUBJECTS = 591
 MB = 2**20
 
 # Dense (no sparsity) peak TFLOP/s by CUDA device name: (mixed precision bf16/fp16, float32 as cuDNN
@@ -182,9 +186,10 @@ class StepVariant:
 def _setup(model_name: str, shape: tuple[int, int, int], batch_size: int, channels: int,
            device: torch.device, amp: bool, variant: StepVariant = StepVariant()):
     torch.manual_seed(0)
+    cuda_settings(device)  # what a trial sets: cuDNN autotuning for the fixed shape
     memory_format = MEMORY_FORMATS[variant.memory_format]
     model = build_model(model_name, num_classes=3, in_channels=channels).to(device, memory_format=memory_format)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-5, weight_decay=1e-3)
+    optimizer = make_optimizer(model, {"lr": 1e-5, "weight_decay": 1e-3}, device)  # the trial's (fused on CUDA)
     criterion = nn.CrossEntropyLoss(weight=torch.tensor([0.8, 0.5, 0.7], device=device))
     amp_dtype, scaler = amp_setup(device, amp)
     volume = torch.randn(batch_size, channels, *shape)
@@ -193,10 +198,20 @@ def _setup(model_name: str, shape: tuple[int, int, int], batch_size: int, channe
     return model, optimizer, criterion, amp_dtype, scaler, batch, labels
 
 
+def fold_data_bytes(subjects: int, channels: int, shape: tuple[int, int, int]) -> int:
+    """Bytes of a trial's fold on the device: every subject of the cohort once, float16 (``DeviceVolumes``)."""
+    return subjects * channels * int(np.prod(shape)) * 2
+
+
 def benchmark_model(model_name: str, shape: tuple[int, int, int], batch_size: int, channels: int,
                     device: torch.device, amp: bool, warmup: int, steps: int,
-                    variant: StepVariant = StepVariant()) -> dict:
-    """Seconds per training step and per evaluation batch, FLOPs, checkpoint size and peak CUDA memory."""
+                    variant: StepVariant = StepVariant(), subjects: int = PAPER_SUBJECTS) -> dict:
+    """Seconds per training step and per evaluation batch, FLOPs, checkpoint size and memory per trial.
+
+    On CUDA, what one trial needs is the step's peak (model, Adam state, activations, cuDNN workspace) plus what
+    the step does not show: the fold's volumes, the best weights kept beside the model, and the CUDA context
+    (measured as the device's used memory outside PyTorch's allocator: exact on a GPU nothing else uses).
+    """
     model, optimizer, criterion, amp_dtype, scaler, batch, labels = _setup(
         model_name, shape, batch_size, channels, device, amp, variant)
     if device.type == "cuda":
@@ -215,6 +230,7 @@ def benchmark_model(model_name: str, shape: tuple[int, int, int], batch_size: in
     train_s = _timed(lambda: train_step(runner, batch, labels, criterion, optimizer, amp_dtype, scaler),
                      device, warmup, steps)
     checkpoint = checkpoint_bytes(model, optimizer)
+    best_weights = tensor_bytes(model.state_dict())
     model.eval()
 
     def evaluate() -> None:
@@ -231,15 +247,19 @@ def benchmark_model(model_name: str, shape: tuple[int, int, int], batch_size: in
            "flops_per_step": flops, "achieved_tflops": achieved,
            "peak_tflops": peak, "peak_fraction": achieved / peak if peak else None,
            "checkpoint_mb_per_epoch": checkpoint / MB, "peak_memory_mb": None,
+           "fold_data_mb": fold_data_bytes(subjects, channels, shape) / MB, "subjects": subjects,
            "conv_backend": "+".join(backends) or "unknown", "mps": False,
            "memory_format": variant.memory_format, "compiled": variant.compiled, "compile_s": compile_s,
            "train_step_s": train_s, "train_volumes_per_s": batch_size / train_s,
            "eval_volumes_per_s": batch_size / eval_s}
     if device.type == "cuda":
         peak_memory = torch.cuda.max_memory_reserved(device)
-        total = torch.cuda.get_device_properties(device).total_memory
+        free, total = torch.cuda.mem_get_info(device)
+        context = max(0, total - free - torch.cuda.memory_reserved(device))
+        trial = peak_memory + fold_data_bytes(subjects, channels, shape) + best_weights + context
         row.update({"peak_memory_mb": peak_memory / MB, "peak_memory_gib": peak_memory / 2**30,
-                    "trials_per_gpu_by_memory": int(0.9 * total // peak_memory) if peak_memory else None})
+                    "context_mb": context / MB, "trial_memory_mb": trial / MB,
+                    "trials_per_gpu_by_memory": int(0.9 * total // trial)})
     del model, runner, optimizer, batch
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -261,7 +281,8 @@ def _concurrency_worker(spec: dict) -> None:
         step()
     _synchronize(device)
     print("ready", flush=True)
-    sys.stdin.readline()  # "go": every process starts timing together
+    if sys.stdin.readline().strip() != "go":  # every process starts timing together; anything else: stop
+        return
     started = time.perf_counter()
     for _ in range(spec["steps"]):
         step()
@@ -296,10 +317,14 @@ def concurrent_rate(processes: int, model_name: str, shape: tuple[int, int, int]
                 raise RuntimeError(f"a --concurrency worker failed while timing (exit {child.wait()})")
             results.append(json.loads(line))
     finally:
-        for child in children:
+        for child in children:  # after a failure the others get no "go": they stop instead of timing
             if child.poll() is None:
                 child.stdin.close()
-                child.wait(timeout=60)
+                try:
+                    child.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    child.wait()
     step_s = [r["seconds"] / r["steps"] for r in results]
     return sum(batch_size / s for s in step_s), float(np.mean(step_s))
 
@@ -394,9 +419,10 @@ def augmentation_seconds(shape: tuple[int, int, int], channels: int, kind: str, 
         torch.set_num_threads(threads)
 
 
-def shape_of_cache(cache_dir: str | Path) -> tuple[tuple[int, int, int], int]:
+def shape_of_cache(cache_dir: str | Path) -> tuple[tuple[int, int, int], int, int | None]:
+    """(shape, channels, number of subjects or None) of a prepared cache."""
     meta = json.loads((Path(cache_dir) / "meta.json").read_text())
-    return tuple(meta["shape"]), int(meta.get("channels", 1))
+    return tuple(meta["shape"]), int(meta.get("channels", 1)), meta.get("n_subjects")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -406,6 +432,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shape", help=f"x,y,z voxels of one volume (default {','.join(map(str, DEFAULT_SHAPE))}: 2 mm)")
     p.add_argument("--cache", help="a prepared cache folder (OUT/cache/<key>): take shape and channels from it")
     p.add_argument("--channels", type=int, default=1)
+    p.add_argument("--subjects", type=int,
+                   help=f"subjects a trial keeps on the device, for the memory estimate (default: the cache's, else "
+                        f"{PAPER_SUBJECTS}, the paper's cohort)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--device", help="cuda, cpu, cuda:1 ... (default cuda if available)")
     p.add_argument("--amp", choices=["on", "off", "both"], default="on", help="mixed precision (CUDA only)")
@@ -442,11 +471,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --concurrency takes positive process counts like 1,2,4, got {args.concurrency!r}",
               file=sys.stderr)
         return 2
+    subjects = None
     if args.cache:
-        shape, channels = shape_of_cache(args.cache)
+        shape, channels, subjects = shape_of_cache(args.cache)
     else:
         shape = tuple(int(v) for v in args.shape.split(",")) if args.shape else DEFAULT_SHAPE
         channels = args.channels
+    subjects = args.subjects if args.subjects is not None else subjects or PAPER_SUBJECTS
+    if subjects < 1:
+        print(f"error: --subjects must be at least 1, got {args.subjects}", file=sys.stderr)
+        return 2
     if len(shape) != 3 or min(shape) < 1:
         print(f"error: --shape takes three positive sizes x,y,z, got {args.shape!r}", file=sys.stderr)
         return 2
@@ -468,8 +502,8 @@ def main(argv: list[str] | None = None) -> int:
     variants = [StepVariant(layout, compiled)
                 for layout in (list(MEMORY_FORMATS) if args.memory_format == "both" else [args.memory_format])
                 for compiled in SWITCH[args.compile]]
-    rows = [benchmark_model(m, shape, args.batch_size, channels, device, amp, args.warmup, args.steps, variant)
-            for m in models for amp in precisions for variant in variants]
+    rows = [benchmark_model(m, shape, args.batch_size, channels, device, amp, args.warmup, args.steps, variant,
+                            subjects) for m in models for amp in precisions for variant in variants]
     mps_notes = []
     if device.type == "cuda" and any(n > 1 for n in concurrency):
         concurrent, mps_notes = _concurrent_rows(rows, [n for n in concurrency if n > 1], args, shape, channels,

@@ -92,8 +92,10 @@ class ExperimentConfig:
             raise ValueError(f"--max-failures must be 0 or more, got {self.max_failures}")
         if self.num_samples < 1:
             raise ValueError(f"--num-samples must be at least 1, got {self.num_samples}")
-        if self.gpus_per_trial <= 0 or (self.gpus_per_trial > 1 and not float(self.gpus_per_trial).is_integer()):
-            raise ValueError(f"--gpus-per-trial must be a fraction in (0, 1] or a whole number, got {self.gpus_per_trial}")
+        if not 0 < self.gpus_per_trial <= 1:
+            # A trial trains one fold on one device (cuda:0 of the GPUs Ray gives it): more would sit idle.
+            raise ValueError(f"--gpus-per-trial must be in (0, 1] (a trial uses one GPU; 0.25 packs four trials on "
+                             f"a GPU), got {self.gpus_per_trial}")
         # Data, split and --set options are checked now, not after preprocessing or hours later in a worker.
         self.split_spec()
         self.preprocess_config()

@@ -169,6 +169,12 @@ def augmentation_seed(seed: int, fold: int, epoch: int) -> int:
     return ((seed * 1000 + fold) * 1_000_003 + epoch) % (2**63)
 
 
+def cuda_settings(device: torch.device) -> None:
+    """cuDNN autotuning on a GPU: every batch of a trial has the same shape, so its fastest kernels are found once."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
 def amp_setup(device: torch.device, enabled: bool) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
     """bf16 only where the GPU computes it natively (an emulated bf16 is slower than fp16), else fp16 + GradScaler.
 
@@ -177,7 +183,10 @@ def amp_setup(device: torch.device, enabled: bool) -> tuple[torch.dtype | None, 
     """
     if device.type != "cuda" or not enabled:
         return None, None
-    if torch.cuda.is_bf16_supported(including_emulation=False):
+    # is_bf16_supported asks about the current device: make that the one asked about (cuda:1 of a mixed machine).
+    with torch.cuda.device(device.index) if device.index is not None else contextlib.nullcontext():
+        native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    if native_bf16:
         return torch.bfloat16, None  # bf16 has fp32's range: no loss scaling needed
     return torch.float16, torch.amp.GradScaler("cuda")
 
@@ -467,6 +476,22 @@ def _save_final_checkpoint(directory: Path, state: _State, output_dir: Path) -> 
                   "history": state.history, "finished": True}, directory / CHECKPOINT_FILE)
 
 
+# How the optimizer runs on this device, not what it has learnt: never taken from a checkpoint.
+OPTIMIZER_IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable")
+
+
+def _keep_implementation(saved: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``saved`` with this optimizer's kernel choices, so a checkpoint resumes on another kind of device.
+
+    ``Optimizer.load_state_dict`` takes every param-group key from the checkpoint, ``fused`` included: a CPU
+    checkpoint resumed on a GPU would step with the unfused Adam, which refuses the GradScaler's fp16 arguments
+    (an AssertionError on every step), and a GPU one resumed on the CPU would switch to the fused CPU kernel.
+    """
+    groups = [{**group, **{key: current[key] for key in OPTIMIZER_IMPLEMENTATION_KEYS if key in current}}
+              for group, current in zip(saved["param_groups"], optimizer.param_groups)]
+    return {**saved, "param_groups": groups}
+
+
 def _load_checkpoint(directory: str | os.PathLike, model, optimizer, scaler, state: _State, store: WeightStore,
                      device: torch.device) -> bool:
     """Restore ``state`` (and model, optimizer, scaler, RNG unless finished); True for a finished fold."""
@@ -487,7 +512,7 @@ def _load_checkpoint(directory: str | os.PathLike, model, optimizer, scaler, sta
             state.best_weights = on_device(payload["best_weights"])
         return True
     model.load_state_dict(payload["model"])
-    optimizer.load_state_dict(payload["optimizer"])
+    optimizer.load_state_dict(_keep_implementation(payload["optimizer"], optimizer))
     if scaler is not None and payload["scaler"] is not None:
         scaler.load_state_dict(payload["scaler"])
     _set_rng_state(payload["rng"], device)
@@ -533,8 +558,7 @@ def _train_fold(config: dict[str, Any], data: PreparedData, output_dir: Path, re
                 best_weights_store: WeightStore | str | os.PathLike | None) -> FoldResult:
     output_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # every batch has the same shape: let cuDNN pick its fastest kernels
+    cuda_settings(device)
     if best_weights_store is None:
         best_weights_store = output_dir / ("best_weights" if reporter is not None else "checkpoint")
     store = best_weights_store if isinstance(best_weights_store, WeightStore) else WeightStore(best_weights_store)

@@ -14,9 +14,9 @@ as it can: the run, the arm and every fold's weights are checked before any inpu
 3. **Inputs**: found as training finds them (``datasets.prepare.load_records``), or a manifest whose label column
    is optional, or bare FILES (one NIfTI per subject; id = file stem). Validated by the training checks, registered
    when the run was, and preprocessed by the same code with the run cache's parameters and crop shape.
-4. **Prediction**: every fold's float16 best weights, in eval mode, float32 arithmetic (no autocast, so CPU and GPU
-   give the same numbers up to kernel rounding), batch-wise in the training's video layout. The ensemble is the
-   mean of the folds' softmax probabilities.
+4. **Prediction**: every fold's float16 best weights, in eval mode, float32 arithmetic (no autocast, and no TF32 in
+   cuDNN's convolutions, so CPU and GPU give the same numbers up to kernel rounding), batch-wise in the training's
+   video layout. The ensemble is the mean of the folds' softmax probabilities.
 
 Outputs (OUT = ``--output``, a .csv):
 - OUT: ``subject_id``, ``label`` (when labels were given), ``prob_<class>`` (mean over folds), ``pred``,
@@ -31,6 +31,7 @@ Outputs (OUT = ``--output``, a .csv):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -40,7 +41,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -443,11 +444,29 @@ def pick_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
+@contextlib.contextmanager
+def ieee_float32_convolutions() -> Iterator[None]:
+    """Float32 convolutions in full float32 while the block runs, whatever the process set before.
+
+    cuDNN runs float32 convolutions in TF32 (a 10-bit mantissa) on Ampere and later GPUs by default, so GPU
+    probabilities would differ from the CPU's by ~1e-3 instead of by rounding, and "float32" in the provenance
+    would be untrue. Prediction is cheap enough to afford the exact kernels. (torch's new per-operator API; it
+    does not mix with the legacy ``allow_tf32`` flag.)
+    """
+    conv = torch.backends.cudnn.conv
+    before = conv.fp32_precision
+    conv.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        conv.fp32_precision = before
+
+
 def predict_volumes(model: nn.Module, volumes: np.ndarray, batch_size: int, device: torch.device,
                     progress: Callable[[int], None] = lambda done: None) -> np.ndarray:
     """Softmax probabilities (N, K) of (N, C, X, Y, Z) RAS volumes, in the layout and order training used."""
     probabilities = []
-    with torch.inference_mode():
+    with torch.inference_mode(), ieee_float32_convolutions():
         for start in range(0, len(volumes), batch_size):
             batch = torch.from_numpy(np.ascontiguousarray(volumes[start:start + batch_size])).to(device)
             logits = model(batch_to_video_layout(batch).float())

@@ -37,6 +37,24 @@ def test_no_augmentation_costs_nothing_and_the_cache_gives_the_shape(tmp_path):
     row = pd.read_csv(out).iloc[0]
     assert row["shape_xyz"] == "12x16x12" and row["augment_s_per_volume"] == 0
     assert row["fed_volumes_per_s"] == row["train_volumes_per_s"]
+    # Without the cache's subject count, the memory estimate counts the paper's 591 subjects, float16.
+    assert row["subjects"] == 591 and np.isclose(row["fold_data_mb"], 591 * 2 * 12 * 16 * 12 * 2 / 2**20)
+
+
+def test_the_fold_on_the_device_is_counted_from_the_cache_or_subjects(tmp_path, capsys):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "meta.json").write_text(json.dumps({"shape": [8, 8, 8], "channels": 1, "n_subjects": 60}))
+    out = tmp_path / "bench.csv"
+    common = ["--models", "mc3_18", "--cache", str(cache), "--augmentation", "none", "--device", "cpu",
+              "--warmup", "0", "--steps", "1", "--output", str(out)]
+    assert benchmark.main(common) == 0
+    row = pd.read_csv(out).iloc[0]
+    assert row["subjects"] == 60 and np.isclose(row["fold_data_mb"], 60 * 512 * 2 / 2**20)
+    assert benchmark.main([*common, "--subjects", "1000"]) == 0
+    assert pd.read_csv(out).iloc[0]["fold_data_mb"] == 1000 * 512 * 2 / 2**20
+    assert benchmark.main([*common, "--subjects", "0"]) == 2
+    assert "--subjects must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_bad_options_are_named(capsys):
@@ -173,6 +191,20 @@ def test_concurrent_processes_report_an_aggregate_rate():
 
     samples_per_s, step_s = benchmark.concurrent_rate(2, "mc3_18", (8, 8, 8), 1, 1, torch.device("cpu"), False, 0, 1)
     assert samples_per_s > 0 and step_s > 0
+
+
+def test_a_concurrency_worker_that_gets_no_go_stops_without_timing():
+    """When a sibling dies before "ready", the parent closes the others' stdin: they must not run the timed steps."""
+    import subprocess
+    import sys
+
+    spec = json.dumps({"model": "mc3_18", "shape": [8, 8, 8], "batch_size": 1, "channels": 1, "device": "cpu",
+                       "amp": False, "warmup": 0, "steps": 1, "memory_format": "contiguous", "compiled": False})
+    worker = subprocess.Popen([sys.executable, "-m", "trainables.benchmark", "--concurrency-worker", spec],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert worker.stdout.readline().strip() == "ready"
+    worker.stdin.close()
+    assert worker.wait(timeout=120) == 0 and worker.stdout.read() == ""
 
 
 def test_bad_concurrency_is_named(capsys):

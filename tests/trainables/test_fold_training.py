@@ -1,5 +1,6 @@
 """One fold without Ray: class weights, config checks, the data-on-device path, light checkpoints, resume,
 and a run that learns the phantoms."""
+import contextlib
 import io
 import json
 import os
@@ -191,6 +192,36 @@ def test_best_weights_wait_on_the_side_once_and_come_back_on_resume(tmp_path):
     assert not list((tmp_path / "store").iterdir())
 
 
+@pytest.mark.parametrize("written_fused, resumed_fused", [(False, True), (True, False)])
+def test_a_checkpoint_resumes_with_the_optimizer_kernel_of_the_device_it_resumes_on(tmp_path, written_fused,
+                                                                                   resumed_fused):
+    """A CPU run resumed on a GPU (fused Adam + GradScaler there) and the reverse; both kernels exist on the CPU."""
+    def linear_and_adam(fused):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        return model, torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused)
+
+    model, optimizer = linear_and_adam(written_fused)
+    model(torch.randn(5, 4)).sum().backward()
+    optimizer.step()
+    state, store, cpu = fold_training._State(), fold_training.WeightStore(tmp_path / "store"), torch.device("cpu")
+    state.epoch, state.best_epoch, state.best_score = 1, 1, (0.5, -1.0)
+    state.best_weights = {k: v.clone() for k, v in model.state_dict().items()}
+    fold_training._save_checkpoint(tmp_path, model, optimizer, None, state, store, cpu)
+
+    resumed_model, resumed = linear_and_adam(resumed_fused)
+    fold_training._load_checkpoint(tmp_path, resumed_model, resumed, None, fold_training._State(), store, cpu)
+    assert bool(resumed.param_groups[0]["fused"]) is resumed_fused
+    assert resumed.param_groups[0]["lr"] == 1e-3 and resumed.state_dict()["state"][0]["step"].item() == 1.0
+    torch.testing.assert_close(resumed.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+    # The step a GPU trial takes: the GradScaler hands its scale to the fused kernel (the unfused one refuses it).
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(resumed_model(torch.randn(5, 4)).sum()).backward()
+    scaler.step(resumed)
+    scaler.update()
+    assert resumed.state_dict()["state"][0]["step"].item() == 2.0
+
+
 def test_amp_uses_bf16_only_where_the_gpu_has_it_natively(monkeypatch):
     calls = []
 
@@ -208,6 +239,12 @@ def test_amp_uses_bf16_only_where_the_gpu_has_it_natively(monkeypatch):
     with pytest.warns(UserWarning):  # no CUDA here: the scaler warns and disables itself, the choice stands
         dtype, scaler = fold_training.amp_setup(cuda, True)
     assert dtype == torch.float16 and isinstance(scaler, torch.amp.GradScaler)
+    # An indexed device is made current while asking, so a mixed machine's cuda:1 is judged by its own GPU.
+    entered = []
+    monkeypatch.setattr(torch.cuda, "device", lambda index: entered.append(index) or contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", supported(True))
+    assert fold_training.amp_setup(torch.device("cuda:1"), True) == (torch.bfloat16, None)
+    assert entered == [1]
     calls.clear()
     assert fold_training.amp_setup(torch.device("cpu"), True) == (None, None)
     assert fold_training.amp_setup(cuda, False) == (None, None)

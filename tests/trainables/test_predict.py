@@ -16,6 +16,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from sklearn.metrics import accuracy_score, f1_score
 
 import tune_main
@@ -320,3 +321,14 @@ def test_given_labels_are_scored_with_sklearn_and_training_subjects_are_flagged(
     assert "label" not in unlabelled["table"].columns and unlabelled["record"]["score"] is None
     assert "No labels given: no score." in unlabelled["out"] and "Score on" not in unlabelled["out"]
     assert list(unlabelled["table"]["in_run_cohort"]) == [True, True, False]
+
+
+def test_prediction_asks_cudnn_for_full_float32_and_gives_the_setting_back():
+    """TF32 is cuDNN's default for float32 convolutions on recent GPUs; inside prediction it is off, after it as before."""
+    conv = torch.backends.cudnn.conv
+    before = conv.fp32_precision
+    with pytest.raises(RuntimeError, match="inside"):
+        with predict.ieee_float32_convolutions():
+            assert conv.fp32_precision == "ieee"
+            raise RuntimeError("inside")
+    assert conv.fp32_precision == before

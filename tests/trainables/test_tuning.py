@@ -152,6 +152,16 @@ def test_trials_get_a_gpu_share_where_the_cluster_has_a_gpu(tmp_path):
         ray.shutdown()
 
 
+@pytest.mark.parametrize("share", [0, -0.5, 1.5, 2])
+def test_a_gpu_share_outside_zero_to_one_is_refused(tmp_path, share):
+    """A trial trains on one device: two GPUs for it would sit half idle, so a whole number above 1 is refused too."""
+    from trainables.experiment import ExperimentConfig
+
+    with pytest.raises(ValueError, match=r"--gpus-per-trial must be in \(0, 1\] \(a trial uses one GPU"):
+        ExperimentConfig(output=str(tmp_path), gpus_per_trial=share)
+    assert ExperimentConfig(output=str(tmp_path), gpus_per_trial=1).gpus_per_trial == 1
+
+
 def test_tensorboard_tags_read_back_from_event_files(grid_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
