@@ -6,8 +6,9 @@ Definitions (the same for two-class and multi-class runs, on each arm's pooled o
   (label == class) against prob_<class>. For two classes this equals the usual binary Brier score of
   either class (both classes have the same squared error); it is half the "multi-class Brier" sum.
 - Expected calibration error (ECE) on the top-class confidence c = max_k prob_k, whose prediction is
-  the argmax class: 10 equal-width bins, [0, 0.1), [0.1, 0.2), ..., [0.9, 1.0] (the binning of
-  sklearn.calibration.calibration_curve, strategy="uniform"); ECE = sum over non-empty bins b of
+  the argmax class: 10 equal-width bins closed on the right, [0, 0.1], (0.1, 0.2], ..., (0.9, 1.0] (the
+  binning of sklearn.calibration.calibration_curve, strategy="uniform", which draws the reliability figure,
+  so a confidence of exactly 0.8 is counted with 0.75, not with 0.85); ECE = sum over non-empty bins b of
   (n_b / N) * |accuracy_b - mean confidence_b|.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ CALIBRATION_COLUMNS = ["model", "pretrained", "n_predictions", "n_subjects", "br
 BRIER_DEFINITION = ("Brier = mean over classes of the one-vs-rest Brier score (sklearn brier_score_loss of "
                     "label == class against prob_<class>; with two classes this is the ordinary binary Brier score)")
 ECE_DEFINITION = ("ECE = expected calibration error on the top-class confidence (the largest prob_, whose class is "
-                  "the prediction): 10 equal-width bins [0, 0.1), ..., [0.9, 1]; ECE = Σ_b (n_b / N) × "
+                  "the prediction): 10 equal-width bins [0, 0.1], (0.1, 0.2], ..., (0.9, 1], as the reliability figure; ECE = Σ_b (n_b / N) × "
                   "|accuracy_b − mean confidence_b| over non-empty bins; 0 is perfectly calibrated")
 
 
@@ -55,9 +56,9 @@ def brier_ovr(y_true: np.ndarray, probs: np.ndarray) -> float:
 
 
 def bin_ids(confidence: np.ndarray, n_bins: int = N_BINS) -> np.ndarray:
-    """Equal-width bin of each confidence, as calibration_curve(strategy="uniform") assigns them."""
+    """Equal-width bin of each confidence, as calibration_curve(strategy="uniform") assigns them: closed on the right."""
     edges = np.linspace(0.0, 1.0, n_bins + 1)
-    return np.searchsorted(edges[1:-1], np.asarray(confidence, dtype=float), side="right")
+    return np.searchsorted(edges[1:-1], np.asarray(confidence, dtype=float), side="left")
 
 
 def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, n_bins: int = N_BINS) -> float:

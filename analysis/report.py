@@ -297,7 +297,7 @@ def _statistics(doc, tests, boot, result_arms, classes, n_boot, seed, n_folds) -
     zero_var = tests[tests["note"].str.contains("zero variance|identical scores", regex=True)] if len(tests) else tests
     if len(zero_var):
         doc.para("Where the difference is identical on every fold the variance is zero: t is reported as ±inf and "
-                 "p = 0 (or undefined when the difference is 0), which says more about having 3 folds than about "
+                 f"p = 0 (or undefined when the difference is 0), which says more about having {J} folds than about "
                  "certainty.")
     doc.table(tb.pairwise_display(tests), empty="Fewer than two arms have results: no comparison.")
     doc.heading("Bootstrap 95% confidence intervals", 3)

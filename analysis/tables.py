@@ -89,8 +89,8 @@ def paper_comparison(metrics: ArmMetrics, arms: list[Arm], classes: list[str], p
     frame = pd.DataFrame(rows, columns=COMPARISON_COLUMNS[:-3] + ["baseline"])
     frame["table"] = frame["table"].astype("Int64")
     frame["baseline"] = frame["baseline"].astype(bool)
-    frame["winner"] = _is_max(frame, "mean") & ~frame["baseline"]
-    frame["paper_winner"] = _is_max(frame, "paper_mean") & ~frame["baseline"]
+    frame["winner"] = _is_max(frame, "mean")
+    frame["paper_winner"] = _is_max(frame, "paper_mean")
     return frame[COMPARISON_COLUMNS]
 
 
@@ -135,9 +135,14 @@ def _summary_of(metrics: ArmMetrics | None, arm: Arm, metric: str, cls: str) -> 
 
 
 def _is_max(frame: pd.DataFrame, column: str) -> pd.Series:
-    """True for the arm(s) with the highest value of `column` within each (metric, class); ties all win."""
-    best = frame.groupby(["metric", "class"])[column].transform("max")
-    return (frame[column] == best) & frame[column].notna()
+    """True for the deep arm(s) with the highest value of `column` within each (metric, class); ties all win.
+
+    Baselines are left out before the maximum is taken: a baseline that beats every arm must not take the ★
+    away from the best arm (the shortcut check, not the ★, is where baselines compete).
+    """
+    arms = frame[column].where(~frame["baseline"])
+    best = arms.groupby([frame["metric"], frame["class"]]).transform("max")
+    return (arms == best) & arms.notna()
 
 
 # ----------------------------------------------------------------------------- display tables

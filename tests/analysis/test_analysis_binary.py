@@ -226,8 +226,19 @@ def test_brier_and_ece_three_classes_by_hand():
     hand = ((0.28 ** 2 + 0.55 ** 2) / 2 + (0.18 ** 2 + 0.75 ** 2) / 2 + (0.1 ** 2 + 0.2 ** 2) / 2) / 3
     assert cal.brier_ovr(y, probs) == pytest.approx(hand)
     assert cal.brier_ovr(y, probs) == pytest.approx(0.5129 / 3)
-    # confidences 0.72 (right, bin [0.7, 0.8)) and 0.55 (wrong, bin [0.5, 0.6)): (0.28 + 0.55) / 2
+    # confidences 0.72 (right, bin (0.7, 0.8]) and 0.55 (wrong, bin (0.5, 0.6]): (0.28 + 0.55) / 2
     assert cal.expected_calibration_error(y, probs) == pytest.approx(0.415)
+
+
+def test_a_confidence_on_a_bin_edge_is_counted_where_the_reliability_figure_counts_it():
+    # 0.8 and 0.8 right, 0.75 and 0.75 wrong: sklearn puts all four in (0.7, 0.8], one bin of accuracy 0.5 and
+    # mean confidence 0.775, so ECE = |0.5 - 0.775| = 0.275 (with [0.8, 0.9) it would be 0.475).
+    probs = np.array([[0.8, 0.2], [0.8, 0.2], [0.75, 0.25], [0.75, 0.25]])
+    y = np.array([0, 0, 1, 1])
+    assert list(cal.bin_ids(np.array([0.8, 0.75, 0.3, 0.6, 0.7, 0.0, 0.1, 1.0]))) == [7, 7, 2, 5, 6, 0, 0, 9]
+    assert cal.expected_calibration_error(y, probs) == pytest.approx(0.275)
+    accuracy, confidence = calibration_curve([1, 1, 0, 0], [0.8, 0.8, 0.75, 0.75], n_bins=10, strategy="uniform")
+    assert list(accuracy) == [0.5] and list(confidence) == pytest.approx([0.775])
 
 
 def test_ece_bins_match_sklearn_calibration_curve():

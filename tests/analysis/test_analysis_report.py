@@ -79,6 +79,33 @@ def test_paper_values_and_differences(built_paper_report):
     assert "★" in md and "Table 5" in md
 
 
+def test_a_baseline_above_every_arm_does_not_take_the_star_from_the_best_arm():
+    from analysis.metrics import arm_metrics
+    from analysis.partial import PartialResults
+    from analysis.tables import paper_comparison
+
+    classes = ["HGG", "LGG", "Healthy"]
+
+    def predictions(model: str, wrong: int) -> pd.DataFrame:
+        """Three folds of six subjects (two per class); the first `wrong` of each fold are called the next class."""
+        return pd.DataFrame([{"model": model, "pretrained": False, "fold": fold, "trial_name": f"{model}-{fold}",
+                              "subject_id": f"s{fold}-{i}", "label": classes[i % 3],
+                              "pred": classes[(i + 1) % 3] if i < wrong else classes[i % 3]}
+                             for fold in range(3) for i in range(6)])
+
+    arms, baseline = [("mc3_18", False), ("r3d_18", False)], [("acquisition_baseline", False)]
+    deep = pd.concat([predictions("mc3_18", 2), predictions("r3d_18", 3)])
+    folds = pd.DataFrame([{"model": m, "pretrained": p, "folds_planned": 3, "folds_present": 3, "missing_folds": "",
+                           "failed_folds": "", "trials": 3, "n_predictions": 18} for m, p in arms])
+    comparison = paper_comparison(arm_metrics(deep, classes, arms), arms, classes,
+                                  PartialResults(failed=pd.DataFrame(), missing=pd.DataFrame(), arm_folds=folds, notes=[]),
+                                  arm_metrics(predictions("acquisition_baseline", 0), classes, baseline), baseline)
+    accuracy = comparison[comparison["metric"] == "accuracy"].set_index("model")
+    # 4/6, 3/6 and 6/6 right in every fold: the baseline is best, the star still goes to the best arm.
+    assert accuracy["mean"].to_dict() == pytest.approx({"mc3_18": 4 / 6, "r3d_18": 3 / 6, "acquisition_baseline": 1.0})
+    assert accuracy["winner"].to_dict() == {"mc3_18": True, "r3d_18": False, "acquisition_baseline": False}
+
+
 def test_statistics_section(built_paper_report):
     md = (built_paper_report / "report" / "report.md").read_text()
     assert "Nadeau-Bengio" in md and "Holm" in md
