@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -60,7 +61,7 @@ def draw_cohort(records: Sequence[SubjectRecord], caps: Mapping[str, int], seed:
     available = {c: sorted(r.subject_id for r in records if r.label == c) for c in classes}
     saved_path = Path(saved) if saved is not None else None
     reused = saved_path is not None and saved_path.is_file()
-    drawn = _load(saved_path, available, caps) if reused else _draw(available, caps, seed)
+    drawn = _load(saved_path, available, caps, seed) if reused else _draw(available, caps, seed)
     keep = {sid for ids in drawn.values() for sid in ids}
     kept = [r for r in records if r.label not in caps or r.subject_id in keep]
     info = {"seed": int(seed), "max_per_class": dict(caps), "available": {c: len(ids) for c, ids in available.items()},
@@ -77,20 +78,24 @@ def save_cohort(path: str | os.PathLike, info: dict[str, Any]) -> None:
 
 def _draw(available: dict[str, list[str]], caps: Mapping[str, int], seed: int) -> dict[str, list[str]]:
     drawn = {}
-    for index, cls in enumerate(sorted(caps)):
+    for cls in sorted(caps):
         ids = available[cls]
-        # One generator per class, seeded with its name's rank: a cap on one class never changes another's draw.
-        rng = np.random.default_rng([int(seed), index])
+        # One generator per class, seeded with its name (not its rank among the capped classes): a cap added on
+        # another class never changes this class's draw.
+        rng = np.random.default_rng([int(seed), zlib.crc32(cls.encode("utf-8"))])
         chosen = ids if len(ids) <= caps[cls] else list(rng.choice(ids, size=caps[cls], replace=False))
         drawn[cls] = sorted(str(s) for s in chosen)
     return drawn
 
 
-def _load(path: Path, available: dict[str, list[str]], caps: Mapping[str, int]) -> dict[str, list[str]]:
+def _load(path: Path, available: dict[str, list[str]], caps: Mapping[str, int], seed: int) -> dict[str, list[str]]:
     record = json.loads(path.read_text())
     if dict(record.get("max_per_class", {})) != dict(caps):
         raise ValueError(f"{path} was drawn with --max-per-class {record.get('max_per_class')}, not {dict(caps)}; "
                          "use another --output, or delete the file to draw again")
+    if record.get("seed") != int(seed):
+        raise ValueError(f"{path} was drawn with --seed {record.get('seed')}, not {seed}; use another --output, or "
+                         "delete the file to draw again")
     drawn = {c: list(ids) for c, ids in record["subjects"].items()}
     for cls, ids in drawn.items():
         gone = sorted(set(ids) - set(available.get(cls, [])))

@@ -60,6 +60,22 @@ class SplitSpec:
         check_split_options(self.scheme, self.n_splits, self.test_size, self.val_fraction)
 
 
+SPLIT_SPEC_FIELDS = ("scheme", "n_splits", "test_size", "val_fraction", "seed")  # saved in every SplitPlan too
+
+
+def check_plan_matches(plan: SplitPlan, spec: SplitSpec, path: str | os.PathLike) -> None:
+    """Refuse a saved plan drawn with other options than this run asks for, instead of silently reusing it.
+
+    A run that stopped before its options were saved (experiment.json) leaves splits.json behind; the next run
+    in the same folder may ask for other folds or another seed.
+    """
+    differ = [f"{name} {getattr(plan, name)!r} (asked: {getattr(spec, name)!r})" for name in SPLIT_SPEC_FIELDS
+              if getattr(plan, name) != getattr(spec, name)]
+    if differ:
+        raise ValueError(f"{path} holds splits drawn with other options: {'; '.join(differ)}. Use another --output, "
+                         f"or delete {Path(path).name} to draw the splits again")
+
+
 @dataclass(frozen=True)
 class PreparedData:
     """What a trial needs: the cache entry, the label order and the audited folds."""
@@ -156,8 +172,11 @@ def prepare_data(
     Every refusal (invalid files, mixed skull stripping, an unknown class in ``max_per_class``, class
     counts the folds cannot split) comes before the first volume is preprocessed; class counts are
     checked again when registration or preprocessing leaves subjects out (--skip-invalid). Reuses
-    ``splits_file`` and ``cohort_file`` if they exist (resume).
+    ``splits_file`` and ``cohort_file`` if they exist (resume), after checking they were drawn with this run's
+    options (before any file is opened).
     """
+    if splits_file is not None and Path(splits_file).is_file():
+        check_plan_matches(SplitPlan.load(splits_file), split_spec, splits_file)
     report = check_data(spec, cache_root)
     if report.problems:
         log.warning("%s", report.format())
@@ -186,7 +205,7 @@ def prepare_data(
         require_class_counts([r for r in records if r.subject_id not in failed_ids], report.classes, split_spec,
                              after="preprocessing")
     if splits_file is not None and Path(splits_file).is_file():
-        plan = SplitPlan.load(splits_file)
+        plan = SplitPlan.load(splits_file)  # its options were checked on entry
         audit_splits(plan, table)
         ids_in_plan = {s for f in plan.folds for s in f.train + f.val + f.test}
         if not ids_in_plan <= set(table["subject_id"]):

@@ -26,6 +26,24 @@ def test_draw_is_seeded_capped_and_leaves_other_classes_alone():
     assert info["drawn"] == {"LGG": 0, "HGG": 6, "Healthy": 7}
 
 
+def test_a_cap_added_on_another_class_never_changes_a_class_draw():
+    lgg = [SubjectRecord(f"BraTS19_L_{i}_1", "LGG", (f"l{i}.nii.gz",), f"l{i}") for i in range(12)]
+    def healthy(caps):
+        kept, _ = draw_cohort(records(n_hgg=12) + lgg, caps, seed=0, classes=CLASSES)
+        return sorted(r.subject_id for r in kept if r.label == "Healthy")
+    alone = healthy({"Healthy": 7})
+    # HGG sorts before Healthy, LGG after it: neither cap may move the Healthy draw.
+    assert healthy({"Healthy": 7, "HGG": 5}) == alone and healthy({"Healthy": 7, "LGG": 5}) == alone
+
+
+def test_a_saved_draw_of_another_seed_is_refused(tmp_path):
+    saved = tmp_path / "cohort.json"
+    _, info = draw_cohort(records(), {"Healthy": 7}, seed=0, classes=CLASSES, saved=saved)
+    save_cohort(saved, info)
+    with pytest.raises(ValueError, match="cohort.json was drawn with --seed 0, not 3; use another --output"):
+        draw_cohort(records(), {"Healthy": 7}, seed=3, classes=CLASSES, saved=saved)
+
+
 def test_a_cap_above_the_count_keeps_everyone():
     kept, info = draw_cohort(records(n_healthy=5), {"Healthy": 259}, seed=0, classes=CLASSES)
     assert len(kept) == 11 and info["drawn"]["Healthy"] == 5

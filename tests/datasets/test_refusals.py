@@ -247,3 +247,17 @@ def test_a_file_that_fails_in_preprocessing_is_left_out_and_the_counts_rechecked
     with pytest.raises(ValueError, match=r"After the subjects that preprocessing left out \(--skip-invalid\): Too few "
                                          r"subjects .*LGG has 4, HGG has 4; each needs at least 5"):
         prepare_data(spec, PreprocessConfig(spacing=8.0), SplitSpec(n_splits=3), cache, num_workers=1)
+
+
+def test_splits_saved_with_other_options_are_refused_before_any_file_is_read(tmp_path):
+    """A run that stopped before saving its options leaves splits.json; a new run there must not reuse it silently."""
+    from datasets.splits import SplitPlan
+
+    splits = tmp_path / "splits.json"
+    SplitPlan(scheme="kfold", n_splits=3, test_size=0.3, val_fraction=0.2, seed=0).save(splits)
+    missing = tmp_path / "no-data-here"  # never opened: the refusal comes first
+    with pytest.raises(ValueError, match=r"splits.json holds splits drawn with other options: scheme 'kfold' "
+                                         r"\(asked: 'shuffle'\); n_splits 3 \(asked: 5\); seed 0 \(asked: 7\)\. "
+                                         r"Use another --output, or delete splits.json"):
+        prepare_data(DataSpec(data_root=str(missing)), PreprocessConfig(spacing=8.0),
+                     SplitSpec(scheme="shuffle", n_splits=5, seed=7), tmp_path / "cache", splits_file=splits)
