@@ -15,6 +15,14 @@ fewest trials started so far (round robin over arms and folds), asks that study'
 fold; each result goes back to the study it came from. So trials of all folds and arms run
 concurrently, each study sees only its own fold's scores, and Tune checkpoints the router (and
 with it every study's searcher) like any searcher, so ``Tuner.restore`` continues every study.
+
+Why one trial in flight per study: after its random start-up trials, TPE's next suggestion depends on
+which of the study's trials have finished when it is asked. With several trials of one study running,
+that is a matter of timing, and the same seed would give other configurations on a rerun. A study
+therefore gets its next trial only when its previous one has finished (Tune is told "not now" when
+every open study is busy), so each study's sequence of configurations depends on the seed and the
+scores alone. Parallelism comes from running many studies at once (arms x folds); with fewer studies
+than trial slots, slots wait.
 """
 from __future__ import annotations
 
@@ -58,6 +66,7 @@ class FoldStudies(Searcher):
         self._fixed = dict(fixed)
         self._started: Counter = Counter()
         self._study_of: dict[str, StudyKey] = {}
+        self._running: dict[StudyKey, str] = {}  # the one trial in flight per study
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
         # The studies were built complete; Tune's param_space holds constants only.
@@ -67,12 +76,16 @@ class FoldStudies(Searcher):
         open_studies = [key for key in self._order if self._started[key] < self._quota[key]]
         if not open_studies:
             return Searcher.FINISHED
-        key = min(open_studies, key=lambda k: (self._started[k], self._order.index(k)))
+        idle = [key for key in open_studies if key not in self._running]
+        if not idle:
+            return None  # every open study has a trial running: Tune asks again when one finishes
+        key = min(idle, key=lambda k: (self._started[k], self._order.index(k)))
         params = self._studies[key].suggest(trial_id)
         if params is None or params == Searcher.FINISHED:
             return params
         self._started[key] += 1
         self._study_of[trial_id] = key
+        self._running[key] = trial_id
         return {**self._fixed, **params, "model": key.model, "pretrained": key.pretrained, "fold": key.fold,
                 "_experiment": "search"}
 
@@ -84,6 +97,8 @@ class FoldStudies(Searcher):
         key = self._study_of.get(trial_id)
         if key is not None:
             self._studies[key].on_trial_complete(trial_id, result=result, error=error)
+            if self._running.get(key) == trial_id:
+                del self._running[key]
 
     def study_of(self, trial_id: str) -> StudyKey | None:
         return self._study_of.get(trial_id)
@@ -95,3 +110,7 @@ class FoldStudies(Searcher):
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as handle:
             self.__dict__.update(pickle.load(handle))
+        # Forget what was in flight: Tune's restored trial states may already count such a trial as finished
+        # (saved apart from this searcher), and a study waiting for it would wait for ever. A trial Tune does
+        # resume runs beside its study's next one: a restored search keeps its studies, not its timing.
+        self._running = {}

@@ -6,15 +6,17 @@
 RUN_DIR is a ``tune_main.py --output`` folder. Each refusal names the file or option and the fix, and comes as early
 as it can: the run, the arm and every fold's weights are checked before any input is registered or preprocessed.
 
-1. **Arm**: the one with the best nested estimate (when a search ran for it) or else grid estimate, pooled macro F1
-   of the run's own test predictions, computed by ``analysis/`` as in the report; ``--arm`` picks one.
+1. **Arm**: the one whose folds scored best on validation (mean over folds of each trial's best validation macro F1:
+   the nested estimate's selected trials when a search ran for the arm, else the grid's trials); its test estimate
+   (pooled macro F1 of the run's own test predictions, as in the report) is printed, never used to choose, so it
+   is not the winner of a comparison on test data. ``--arm`` picks one.
 2. **Folds**: each finished fold's trial of that arm (nested: the configuration the nested estimate used; grid:
    the grid's trial), found in trials.csv's ``checkpoint`` column. For runs made before that column existed, Ray
    Tune's own records of the run (``ray.tune.ExperimentAnalysis`` on experiment.json's ``tune_runs``).
 3. **Inputs**: found as training finds them (``datasets.prepare.load_records``), or a manifest whose label column
    is optional, or bare FILES (one NIfTI per subject; id = file stem). Validated by the training checks, registered
    when the run was, and preprocessed by the same code with the run cache's parameters and crop shape.
-4. **Prediction**: every fold's float16 best weights, in eval mode, float32 arithmetic (no autocast, and no TF32 in
+4. **Prediction**: every fold's best weights, in eval mode, float32 arithmetic (no autocast, and no TF32 in
    cuDNN's convolutions, so CPU and GPU give the same numbers up to kernel rounding), batch-wise in the training's
    video layout. The ensemble is the mean of the folds' softmax probabilities.
 
@@ -162,10 +164,12 @@ class ArmEstimate:
     kind: str  # "nested" (each fold's selected configuration) or "grid" (the grid's configuration)
     macro_f1: float  # pooled over the folds' test predictions
     trials: dict[int, str]  # fold -> trial name
+    val_macro_f1: float = float("nan")  # mean over those trials of their best (inner-)validation macro F1
 
     def describe(self) -> str:
         folds = len(self.trials)
-        return f"{self.kind} estimate: pooled macro F1 {self.macro_f1:.2f} over {folds} fold{'s' if folds != 1 else ''}"
+        return (f"{self.kind} estimate: validation macro F1 {self.val_macro_f1:.2f} (mean over folds), test pooled "
+                f"macro F1 {self.macro_f1:.2f} over {folds} fold{'s' if folds != 1 else ''}")
 
 
 def arm_estimates(exp: Experiment) -> dict[Arm, ArmEstimate]:
@@ -195,7 +199,16 @@ def arm_estimates(exp: Experiment) -> dict[Arm, ArmEstimate]:
             arm = (str(row.model), bool(row.pretrained))
             estimates[arm] = ArmEstimate(arm, "nested", float(row.test_macro_f1_pooled),
                                          {int(f): str(t) for f, t in zip(chosen["fold"], chosen["trial_name"])})
-    return estimates
+    return {arm: dataclasses.replace(e, val_macro_f1=validation_score(exp, e.trials)) for arm, e in estimates.items()}
+
+
+def validation_score(exp: Experiment, trials: dict[int, str]) -> float:
+    """Mean over folds of each trial's best validation macro F1 (trials.csv), NaN when none is recorded."""
+    if exp.trials is None or "best_val_macro_f1" not in exp.trials:
+        return float("nan")
+    scores = exp.trials.set_index("trial_name")["best_val_macro_f1"]
+    values = [float(scores.loc[name]) for name in trials.values() if name in scores.index]
+    return float(np.nanmean(values)) if values and not np.all(np.isnan(values)) else float("nan")
 
 
 def no_finished_fold(exp: Experiment, arm: Arm | None) -> PredictError:
@@ -214,7 +227,12 @@ def no_finished_fold(exp: Experiment, arm: Arm | None) -> PredictError:
 
 
 def choose_arm(exp: Experiment, requested: Arm | None) -> tuple[ArmEstimate, str]:
-    """(the arm to predict with, why). Ties go to more folds, then to the paper's arm order."""
+    """(the arm to predict with, why): the best validation score; ties go to more folds, then to the paper's order.
+
+    Not the best test score: choosing the arm whose test estimate is highest would make that estimate the winner
+    of a comparison on test data, optimistic by as much as the arms' noise. Ranked on validation, the printed test
+    figure is the chosen arm's estimate and nothing was chosen by it.
+    """
     estimates = arm_estimates(exp)
     present = sort_arms([*exp.planned_arms, *estimates, *(study.arm for study in fold_studies(exp))])
     if requested is not None:
@@ -227,12 +245,14 @@ def choose_arm(exp: Experiment, requested: Arm | None) -> tuple[ArmEstimate, str
         return chosen, f"chosen with --arm ({chosen.describe()})"
     if not estimates:
         raise no_finished_fold(exp, None)
-    ranked = sorted(estimates.values(), key=lambda e: (-e.macro_f1, -len(e.trials), arm_sort_key(e.arm)))
+    ranked = sorted(estimates.values(), key=lambda e: (np.isnan(e.val_macro_f1), -np.nan_to_num(e.val_macro_f1),
+                                                       -len(e.trials), arm_sort_key(e.arm)))
     best, others = ranked[0], ranked[1:]
-    reason = f"best {best.describe()}"
+    reason = f"highest validation score, {best.describe()}"
     if others:
-        reason += "; others: " + ", ".join(f"{arm_text(e.arm)} {e.kind} {e.macro_f1:.2f}" for e in others)
-    return best, reason
+        reason += "; others: " + ", ".join(f"{arm_text(e.arm)} {e.kind} validation {e.val_macro_f1:.2f}, test "
+                                           f"{e.macro_f1:.2f}" for e in others)
+    return best, reason + " (chosen on validation scores; the test figure played no part)"
 
 
 # ---------------------------------------------------------------------------------------------- fold weights
@@ -331,7 +351,7 @@ def load_fold_model(weights: FoldWeights, arm: Arm, classes: Sequence[str], chan
     state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     model = build_model(config["model"], num_classes=len(classes), in_channels=channels, dropout=config["dropout"])
     try:
-        model.load_state_dict(state)  # float16 tensors are copied into the float32 parameters
+        model.load_state_dict(state)  # float32 (runs before 2026-11-24 stored float16: copied into float32)
     except RuntimeError as error:
         detail = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
         raise PredictError(f"{weights.checkpoint}/{FINAL_WEIGHTS_FILE} does not fit {config['model']} with {channels} "
@@ -659,7 +679,9 @@ def provenance(args: argparse.Namespace, exp: Experiment, estimate: ArmEstimate,
     return {
         "run_dir": str(exp.out_dir.resolve()), "run_id": exp.meta.get("run_id"), "experiment": exp.experiment,
         "arm": {"model": estimate.arm[0], "pretrained": estimate.arm[1], "estimate": estimate.kind,
-                "pooled_macro_f1": estimate.macro_f1, "why": reason},
+                "pooled_macro_f1": estimate.macro_f1,
+                "validation_macro_f1": None if math.isnan(estimate.val_macro_f1) else estimate.val_macro_f1,
+                "why": reason},
         "folds": [{"fold": m.weights.fold, "trial_name": m.weights.trial_name, "checkpoint": m.weights.checkpoint,
                    "best_weights_sha256": m.sha256, "config": m.config} for m in models],
         "classes": list(exp.classes),
@@ -668,7 +690,7 @@ def provenance(args: argparse.Namespace, exp: Experiment, estimate: ArmEstimate,
                    "in_run_cohort": [str(s) for s in table.loc[table["in_run_cohort"], "subject_id"]]},
         "preprocessing": {**dataclasses.asdict(config), "channels": channels, "cache_entry": str(cache_entry),
                           "registration_cache": str(registration_cache) if registration_cache else None},
-        "inference": {"device": str(device), "batch_size": args.batch_size, "dtype": "float32 (float16 weights)",
+        "inference": {"device": str(device), "batch_size": args.batch_size, "dtype": "float32",
                       "torch": torch.__version__, "torchvision": torchvision.__version__},
         "outputs": {name: str(path) for name, path in paths.items()},
         "score": result,

@@ -3,7 +3,7 @@
 One trial = one fold of one model. The fold comes from ``config["fold"]`` (grid and nested search;
 ``__trial_index__`` in runs made by the former Repeater-based search). Tune gets a report every epoch and
 a checkpoint every ``checkpoint_every`` epochs and at the end; the final checkpoint carries the fold's
-output files and its float16 best weights, so the driver collects them from Ray's storage wherever the
+output files and its best weights, so the driver collects them from Ray's storage wherever the
 trial ran (``collect._read_outputs`` reads the small files only). Between checkpoints the best weights
 wait in the trial's folder in Tune's storage (``fold_best_weights/``, emptied when the fold finishes).
 The trial caps its CPU threads to the CPUs Ray assigned it. Every report names the node (``node_id``,

@@ -44,13 +44,13 @@ def test_injected_failure_resumes_from_checkpoint(phantom_root, tmp_path, ray_se
     with result.checkpoint.as_directory() as folder:
         epochs = pd.read_csv(f"{folder}/epochs.csv")
         assert list(epochs["epoch"]) == [1, 2, 3]
-        # The final checkpoint: float16 best weights, counters and the outputs; no optimizer state.
+        # The final checkpoint: float32 best weights, counters and the outputs; no optimizer state.
         assert sorted(p.name for p in Path(folder).iterdir()) == [
             "best_weights.pt", "epochs.csv", "fold_state.pt", "predictions.csv", "result.json", "val_predictions.csv"]
         state = torch.load(f"{folder}/fold_state.pt", weights_only=False)
         assert state["finished"] and "optimizer" not in state and "model" not in state
         weights = torch.load(f"{folder}/best_weights.pt", weights_only=True)
-        assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float16}
+        assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float32}
     trial_dir = next((tmp_path / "ray" / "failure").glob("*/.injected_failure_done")).parent
     # Checkpoints in epochs 2 (every second epoch) and 3 (the final one) only: the final one is the second.
     assert [p.name for p in trial_dir.glob("checkpoint_*")] == ["checkpoint_000001"] == [Path(result.checkpoint.path).name]
