@@ -101,19 +101,23 @@ def _shortcut_line(tables: Path, have_baselines: bool) -> str:
     import pandas as pd
 
     from analysis.names import display_name
-    from analysis.shortcut import not_clearly_better
+    from analysis.shortcut import clearly_worse, not_clearly_better
 
     path = tables / "shortcut_check.csv"
     check = pd.read_csv(path, keep_default_na=False, na_values=[""]) if path.is_file() else pd.DataFrame()
     if check.empty:
         return ("shortcut check: no deep-arm predictions to compare with the baselines" if have_baselines
                 else "shortcut check: not available (no baseline_predictions.csv); see report")
-    check["clearly_better"] = check["clearly_better"].astype(str).str.casefold() == "true"
+    for flag in ("clearly_better", "clearly_worse"):
+        if flag in check:
+            check[flag] = check[flag].astype(str).str.casefold() == "true"
     parts = []
     for baseline in dict.fromkeys(check["baseline"]):
         weak, total = not_clearly_better(check, baseline)
+        worse = clearly_worse(check, baseline)
         parts.append(f"{weak} of {total}" + (" deep-arm x class results are not clearly better than" if not parts
-                                             else " against") + f" the {display_name(baseline)}")
+                                             else " against") + f" the {display_name(baseline)}"
+                     + (f" ({worse} clearly worse)" if worse else ""))
     return "shortcut check: " + "; ".join(parts) + "; see report"
 
 

@@ -161,8 +161,19 @@ def warnings(res: ConfoundResults, classes: list[str]) -> list[str]:
     weak, total = sc.not_clearly_better(res.shortcut, ACQUISITION)
     if weak:
         items.append(f"**Possible shortcut**: {weak} of {total} deep-arm x class results are not clearly better than "
-                     "the acquisition-only baseline, which sees no anatomy (see *Shortcut check*).")
+                     f"the acquisition-only baseline, which sees no anatomy{_worse(res.shortcut, ACQUISITION)} (see "
+                     "*Shortcut check*).")
+    weak, total = sc.not_clearly_better(res.shortcut, HISTOGRAM)
+    if weak:
+        items.append(f"**Nothing shown beyond intensity statistics**: {weak} of {total} deep-arm x class results are "
+                     "not clearly better than the intensity-histogram baseline, which sees only the brain's intensity "
+                     f"distribution{_worse(res.shortcut, HISTOGRAM)} (see *Shortcut check*).")
     return items
+
+
+def _worse(check, baseline: str) -> str:
+    worse = sc.clearly_worse(check, baseline)
+    return f"; {worse} of them clearly worse" if worse else ""
 
 
 def warnings_section(doc: Document, items: list[str]) -> None:

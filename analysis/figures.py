@@ -219,7 +219,7 @@ def _paired_bars(frame: pd.DataFrame, key: str, series: list[tuple[str, str, str
         return None
     arms = list(dict.fromkeys(zip(frame["model"], frame["pretrained"])))
     with matplotlib.rc_context(RC):
-        fig = Figure(figsize=(3.6 + 1.3 * len(arms), 3.6), layout="constrained")
+        fig = Figure(figsize=(max(5.0, 2.4 + 1.6 * len(arms)), 4.4), layout="constrained")
         ax = fig.subplots()
         for k, (value, colour, label) in enumerate(series):
             xs, ys, es = [], [], []
@@ -231,10 +231,12 @@ def _paired_bars(frame: pd.DataFrame, key: str, series: list[tuple[str, str, str
                     es.append(np.nan_to_num(r["test_macro_f1_std"].iloc[0]))
             if xs:
                 ax.bar(xs, ys, width=0.35, yerr=es, color=colour, label=label, capsize=3)
-        ax.set_xticks(range(len(arms)), [arm_label(*a).replace(" (", "\n(") for a in arms], rotation=30, ha="right")
-        ax.set_ylabel("Test macro F1 (mean ± std over folds)")
+        # Labels wrapped, not rotated, and the legend under the axes: long arm and configuration names must not be
+        # cut at the figure's edge or squeeze the bars.
+        ax.set_xticks(range(len(arms)), [textwrap.fill(arm_label(*a), 16) for a in arms], fontsize=8)
+        ax.set_ylabel("Test macro F1\n(mean ± std over folds)")
         ax.set_ylim(0, 1.02)
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        fig.legend(loc="outside lower center", ncols=len(series), fontsize=8)
         ax.set_title(title)
         return save_figure(fig, path)
 

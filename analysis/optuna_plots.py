@@ -20,6 +20,8 @@ from analysis.figures import RC, save_figure  # noqa: E402
 from analysis.names import arm_label  # noqa: E402
 
 SQLITE_PREFIX = "sqlite:///"
+# Fewer completed trials than this (or equal scores) give fANOVA nothing to apportion.
+MIN_TRIALS_FOR_IMPORTANCE = 3
 
 
 @dataclass
@@ -117,9 +119,13 @@ def study_figures(study_spec: dict, out_dir: Path, figures_dir: Path, seed: int 
 
         varying = sorted({p for t in complete for p in t.params
                           if len({repr(u.params.get(p)) for u in complete}) > 1})
-        if len(complete) < 2 or not varying:
-            out.notes.append(f"study {name!r}: hyperparameter importances need at least 2 completed trials with "
-                             f"varying parameters ({len(complete)} completed, varying: {varying or 'none'})")
+        scores = {t.value for t in complete}
+        if len(complete) < MIN_TRIALS_FOR_IMPORTANCE or len(scores) < 2 or not varying:
+            # fANOVA splits the variance of the scores among the parameters: with two points, or equal scores, it
+            # still returns numbers (a third each), which would read as a finding.
+            out.notes.append(f"study {name!r}: hyperparameter importances need at least {MIN_TRIALS_FOR_IMPORTANCE} "
+                             f"completed trials with different scores and varying parameters ({len(complete)} "
+                             f"completed, {len(scores)} distinct score(s), varying: {varying or 'none'})")
             return out
         evaluator = optuna.importance.FanovaImportanceEvaluator(seed=seed)
         try:

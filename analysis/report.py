@@ -200,6 +200,26 @@ def _rel(path: Path, report_dir: Path) -> str:
 
 
 # ==================================================================== sections
+def _span(values: pd.Series) -> str:
+    low, high = int(values.min()), int(values.max())
+    return str(low) if low == high else f"{low}-{high}"
+
+
+def _training_item(exp: Experiment, main_preds: pd.DataFrame) -> str | None:
+    """How the main tables' test predictions were made: epochs, part sizes and the epoch chosen (trials.csv)."""
+    columns = {"trial_name", "epochs_run", "best_epoch", "n_train", "n_val", "n_test"}
+    if exp.trials is None or not columns <= set(exp.trials.columns) or main_preds.empty:
+        return None
+    used = exp.trials[exp.trials["trial_name"].isin(set(main_preds["trial_name"]))].dropna(subset=sorted(columns - {"trial_name"}))
+    if used.empty:
+        return None
+    return (f"Training and selection ({len(used)} trial(s) behind the main tables, from trials.csv): each trained "
+            f"{_span(used['epochs_run'])} epoch(s) on its fold's training part ({_span(used['n_train'])} subjects), "
+            f"kept the weights of the epoch with the best macro F1 on the fold's inner validation part "
+            f"({_span(used['n_val'])} subjects; epochs chosen: {_span(used['best_epoch'])}), and scored its test part "
+            f"({_span(used['n_test'])} subjects) once, with those weights.")
+
+
 def _what_ran(doc: Document, exp: Experiment, arms: list[Arm], partial: PartialResults, main_preds: pd.DataFrame,
               data_items: list[str]) -> None:
     doc.heading("What ran", 2)
@@ -216,6 +236,9 @@ def _what_ran(doc: Document, exp: Experiment, arms: list[Arm], partial: PartialR
         f"Main (paper-protocol) tables use {description}: {len(main_preds)} test predictions.",
         f"predictions.csv: {len(exp.predictions)} rows from {exp.predictions['trial_name'].nunique()} trial(s).",
     ]
+    training = _training_item(exp, main_preds)
+    if training:
+        items.append(training)
     items += data_items
     search_item = sr.what_ran_item(exp)
     if search_item:
@@ -252,7 +275,7 @@ def _main_tables(doc, exp, comp, metrics, arms, partial, fig_macro, report_dir, 
              "*pooled* is the same metric on all out-of-fold predictions of the arm concatenated (less biased for "
              "the minority class than the fold mean). *Published* is the paper's value, *Difference* = our fold "
              f"mean − published. **Bold** with {tb.STAR} marks the best arm of a column (ours by fold mean; in the "
-             "published column the paper's best). *Folds* shows folds present / planned; an arm with fewer folds "
+             "published column the best published value among the arms shown, not necessarily the paper's best). *Folds* shows folds present / planned; an arm with fewer folds "
              "than planned is marked with the missing fold numbers. Arms without any result show *no results*.")
     if not is_paper_task(exp.classes):
         doc.para(f"This run's classes ({', '.join(exp.classes)}) are not the paper's three (LGG, HGG, Healthy), so no "
@@ -380,13 +403,15 @@ def _figures(doc, exp, result_arms, arms, auc, roc_notes, fig_conf, fig_heat, fi
         doc.para("No paper-protocol predictions.")
     for arm in result_arms:
         doc.image(fig_conf[arm], _rel(fig_conf[arm], report_dir),
-                  f"Confusion matrix, {arm_label(*arm)}: counts summed over folds and row-normalised.")
+                  f"Confusion matrix, {arm_label(*arm)}: the paper-protocol test predictions of every outer fold "
+                  "(each subject once, in the fold that held it out), counts summed over folds and row-normalised.")
     doc.heading("Class-wise heat-maps (paper Fig 7)", 3)
     if fig_heat is None:
         doc.para("No paper-protocol predictions.")
     else:
         doc.image(fig_heat, _rel(fig_heat, report_dir),
-                  "Precision, recall, specificity and F1 per class and arm (fold means).")
+                  "Precision, recall, specificity and F1 per class and arm: means over the outer test folds "
+                  "(paper-protocol predictions); the colour scale spans the values shown.")
     doc.heading("ROC curves (one-vs-rest)", 3)
     doc.para("AUC from the prob_ columns: pooled over folds, and mean ± std of the per-fold AUCs.")
     doc.table(tb.auc_display(auc, result_arms, classes), empty="No paper-protocol predictions.")
@@ -394,7 +419,9 @@ def _figures(doc, exp, result_arms, arms, auc, roc_notes, fig_conf, fig_heat, fi
         doc.bullets(sorted(set(roc_notes)))
     for arm in result_arms:
         if fig_roc.get(arm) is not None:
-            doc.image(fig_roc[arm], _rel(fig_roc[arm], report_dir), f"ROC curves, {arm_label(*arm)}.")
+            doc.image(fig_roc[arm], _rel(fig_roc[arm], report_dir),
+                      f"ROC curves, {arm_label(*arm)}: one-vs-rest per class, on the outer test predictions "
+                      "pooled over folds.")
     doc.heading("Learning curves", 3)
     if exp.epochs is None:
         doc.para("epochs.csv is missing: no learning curves.")
@@ -403,7 +430,10 @@ def _figures(doc, exp, result_arms, arms, auc, roc_notes, fig_conf, fig_heat, fi
         path = fig_learn.get(arm)
         if path is not None:
             drawn = True
-            doc.image(path, _rel(path, report_dir), f"Learning curves, {arm_label(*arm)}: mean ± 1 std over folds.")
+            doc.image(path, _rel(path, report_dir), f"Learning curves, {arm_label(*arm)}: training loss on the fold's (augmented) training part, "
+                      "validation loss and macro F1 on its inner validation part (never the test part), per "
+                      "epoch; mean ± 1 sample std (ddof = 1) over folds. Each fold's test part was scored once, "
+                      "with the weights of its epoch of best validation macro F1.")
     missing = [arm_label(*a) for a in arms if fig_learn.get(a) is None]
     if exp.epochs is not None and missing:
         doc.para("No epoch rows for: " + "; ".join(missing) + ".")

@@ -19,7 +19,8 @@ from analysis.names import Arm, arm_label, display_name
 
 CONFIDENCE = 0.95
 SHORTCUT_COLUMNS = ["model", "pretrained", "baseline", "metric", "class", "n_subjects", "n_rows", "deep",
-                    "baseline_value", "diff", "low", "high", "clearly_better", "n_resamples", "seed", "note"]
+                    "baseline_value", "diff", "low", "high", "clearly_better", "clearly_worse", "n_resamples", "seed",
+                    "note"]
 # What failing to beat each baseline means, in the report's words.
 MEANING = {
     "acquisition_baseline": "that class's score may reflect the data source rather than anatomy",
@@ -81,7 +82,8 @@ def paired_bootstrap(deep: pd.DataFrame, base: pd.DataFrame, classes: list[str],
     if len(subjects) == 0:
         return pd.DataFrame([{"metric": m, "class": c, "n_subjects": 0, "n_rows": 0, "deep": np.nan,
                               "baseline_value": np.nan, "diff": np.nan, "low": np.nan, "high": np.nan,
-                              "clearly_better": False, "note": "no test predictions in common"} for m, c in names])
+                              "clearly_better": False, "clearly_worse": False, "note": "no test predictions in common"}
+                             for m, c in names])
     code = {c: i for i, c in enumerate(classes)}
     row_subject = np.searchsorted(subjects, both["subject_id"].to_numpy())
     label = both["label"].map(code).to_numpy()
@@ -103,7 +105,8 @@ def paired_bootstrap(deep: pd.DataFrame, base: pd.DataFrame, classes: list[str],
         rows.append({"metric": metric, "class": cls, "n_subjects": len(subjects), "n_rows": len(both),
                      "deep": float(point["deep"][i]), "baseline_value": float(point["base"][i]),
                      "diff": float(point["deep"][i] - point["base"][i]), "low": float(low[i]), "high": float(high[i]),
-                     "clearly_better": bool(np.isfinite(low[i]) and low[i] > 0), "note": note})
+                     "clearly_better": bool(np.isfinite(low[i]) and low[i] > 0),
+                     "clearly_worse": bool(np.isfinite(high[i]) and high[i] < 0), "note": note})
     return pd.DataFrame(rows)
 
 
@@ -132,6 +135,12 @@ def not_clearly_better(check: pd.DataFrame, baseline: str) -> tuple[int, int]:
     return int((~sel["clearly_better"].astype(bool)).sum()), len(sel)
 
 
+def clearly_worse(check: pd.DataFrame, baseline: str) -> int:
+    """Deep arm x class F1 rows whose whole 95% interval lies below the baseline: the arm did worse, not just no better."""
+    sel = check[(check["baseline"] == baseline) & (check["metric"] == "f1")]
+    return int(sel["clearly_worse"].astype(bool).sum()) if "clearly_worse" in sel else 0
+
+
 def verdicts(check: pd.DataFrame, classes: list[str], baselines: list[str]) -> list[str]:
     """Per class and baseline, in words: which deep arms are not clearly better, and what that means."""
     sentences = []
@@ -146,11 +155,14 @@ def verdicts(check: pd.DataFrame, classes: list[str], baselines: list[str]) -> l
                 sentences.append(f"{cls}: every deep arm is clearly better than the {name}.")
                 continue
             meaning = MEANING.get(baseline, "the deep arm has not shown more than this baseline does")
+            worse = [arm_label(r.model, r.pretrained) for r in sel.itertuples(index=False) if r.clearly_worse]
+            below = f" Clearly worse than it (the whole interval below 0): {'; '.join(worse)}." if worse else ""
             if len(weak) == len(sel) and len(sel) > 1:
-                sentences.append(f"{cls}: no deep arm is clearly better than the {name} ({'; '.join(weak)}): {meaning}.")
+                sentences.append(f"{cls}: no deep arm is clearly better than the {name} ({'; '.join(weak)}): "
+                                 f"{meaning}.{below}")
             else:
                 verb = "is" if len(weak) == 1 else "are"
-                sentences.append(f"{cls}: {'; '.join(weak)} {verb} not clearly better than the {name}: {meaning}.")
+                sentences.append(f"{cls}: {'; '.join(weak)} {verb} not clearly better than the {name}: {meaning}.{below}")
     return sentences
 
 
@@ -163,7 +175,8 @@ def shortcut_display(check: pd.DataFrame) -> pd.DataFrame:
         "Deep": check["deep"].map(fmt), "Baseline value": check["baseline_value"].map(fmt),
         "Diff (deep − baseline) [95% CI]": [f"{d:+.4f} [{fmt(lo)}, {fmt(hi)}]" if np.isfinite(d) else ""
                                             for d, lo, hi in zip(check["diff"], check["low"], check["high"])],
-        "Clearly better": check["clearly_better"].map(lambda b: "yes" if b else "**no**"),
+        "Clearly better": [("yes" if b else "**no** (clearly worse)" if w else "**no**")
+                           for b, w in zip(check["clearly_better"], check["clearly_worse"])],
         "Subjects": check["n_subjects"].astype(str), "Note": check["note"]})
 
 

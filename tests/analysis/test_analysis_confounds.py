@@ -101,6 +101,19 @@ def test_perfect_arm_is_clearly_better_than_a_baseline_at_chance(built_confound_
     assert "ResNet Mixed Convolution (pre-trained) is not clearly better" not in md
 
 
+def test_an_arm_below_a_baseline_is_called_clearly_worse_not_only_not_better():
+    # 12 subjects in two folds; the baseline is right about all of them, the deep arm calls every one the next class.
+    rows = [{"fold": i % 2, "subject_id": f"s{i}", "label": CLASSES[i % 3]} for i in range(12)]
+    base = pd.DataFrame([{**r, "pred": r["label"]} for r in rows])
+    deep = pd.DataFrame([{**r, "pred": CLASSES[(CLASSES.index(r["label"]) + 1) % 3]} for r in rows])
+    res = paired_bootstrap(deep, base, CLASSES, n_resamples=200, seed=0).set_index("class")
+    assert (res["diff"] == -1.0).all() and (res["high"] < 0).all()
+    assert res["clearly_worse"].all() and not res["clearly_better"].any()
+    # Equal predictions: neither better nor worse.
+    same = paired_bootstrap(base, base, CLASSES, n_resamples=200, seed=0)
+    assert not same["clearly_worse"].any() and not same["clearly_better"].any()
+
+
 def test_paired_bootstrap_point_values_match_sklearn_and_are_seeded(built_confound_report):
     deep = pd.read_csv(built_confound_report / "predictions.csv")
     base = pd.read_csv(built_confound_report / "baseline_predictions.csv")

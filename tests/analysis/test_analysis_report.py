@@ -233,7 +233,7 @@ def test_search_report_best_config_and_optuna(search_dir, tmp_path):
     imp = pd.read_csv(report / "tables" / "optuna_importance_mc3_18-scratch.csv")
     assert set(imp["param"]) == {"lr", "dropout"} and imp["importance"].sum() == pytest.approx(1.0)
     md = (report / "report.md").read_text()
-    assert "need at least 2 completed trials" in md
+    assert "need at least 3 completed trials with different scores" in md
     assert "not found; read" in md  # the moved storage was found under OUT/optuna and the report says so
     assert "(default 1e-05)" in md and "Grid hyperparameters (paper defaults):" in md
     assert "3 independent random 70:30" in md
