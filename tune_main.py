@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     proto.add_argument("--seed", type=int)
     proto.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                        help="override a training option, e.g. --set lr=1e-4 batch_size=2 augmentation=heavy")
-    proto.add_argument("--num-samples", type=int, help="search: Optuna suggestions per arm (default 20)")
+    proto.add_argument("--num-samples", type=int, help="search: trials per (arm, outer fold) study, the grid's configuration included (default 20)")
     run = p.add_argument_group("execution")
     run.add_argument("--gpus-per-trial", type=float, help="GPU share per trial (default 0.25: four trials per GPU)")
     run.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (default 1)")

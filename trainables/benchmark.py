@@ -61,6 +61,7 @@ from datasets import build_augmentation
 from datasets.device_augmentation import augment_light
 from datasets.volume_dataset import batch_to_video_layout, to_video_layout
 from models import MODEL_NAMES, PAPER_MODEL_NAMES, build_model
+from search_spaces import PAPER_DEFAULTS
 from trainables.cuda_mps import DEFAULT_PIPE_DIRECTORY, MpsUnavailable, log_tail, private_mps, system_mps_running
 from trainables.fold_training import (amp_setup, cuda_settings, make_optimizer, tensor_bytes, train_step,
                                       train_step_loss)
@@ -435,7 +436,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--subjects", type=int,
                    help=f"subjects a trial keeps on the device, for the memory estimate (default: the cache's, else "
                         f"{PAPER_SUBJECTS}, the paper's cohort)")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=PAPER_DEFAULTS["batch_size"],
+                   help=f"volumes per step (default {PAPER_DEFAULTS['batch_size']}, the trials' default)")
     p.add_argument("--device", help="cuda, cpu, cuda:1 ... (default cuda if available)")
     p.add_argument("--amp", choices=["on", "off", "both"], default="on", help="mixed precision (CUDA only)")
     p.add_argument("--augmentation", default="light", help="none, light or heavy (default light)")
