@@ -20,6 +20,7 @@ from analysis.document import Document
 from analysis.load import HYPERPARAMETERS, Experiment
 from analysis.names import arm_label, arm_sort_key, display_name
 from analysis.nested import NestedSearch, analyse_nested
+from search_spaces import TPE_STARTUP_TRIALS
 
 CITATION = "Cawley & Talbot, *On over-fitting in model selection and subsequent selection bias in performance " \
            "evaluation*, JMLR 11, 2010"
@@ -201,6 +202,7 @@ def deploy_display(deploy: pd.DataFrame, exp: Experiment) -> pd.DataFrame:
 # ---------------------------------------------------------------------------------------- section
 def search_section(doc: Document, exp: Experiment, res: SearchResults, report_dir: Path) -> None:
     doc.heading("Hyperparameter search", 2)
+    _search_space(doc, exp)
     if res.nested is not None:
         _nested_estimate(doc, exp, res, report_dir)
         _fold_choices(doc, exp, res.nested)
@@ -208,6 +210,34 @@ def search_section(doc: Document, exp: Experiment, res: SearchResults, report_di
     else:
         _before_nested(doc, exp, res, report_dir)
     _studies(doc, res.studies, report_dir, nested=res.nested is not None)
+
+
+def _search_space(doc: Document, exp: Experiment) -> None:
+    """What was searched and how hard: the ranges (as run, re-centred on --set values), the trials per study."""
+    space = exp.meta.get("search_space")
+    if not space:
+        return
+    doc.heading("Search space", 3)
+    grid = exp.paper_defaults
+    rows = [{"Parameter": f"`{r['name']}`",
+             "Searched": f"{tb.fmt_hp(r['searched_low'])} - {tb.fmt_hp(r['searched_high'])}",
+             "Scale": "log" if r["log"] else "linear",
+             "Grid value": tb.fmt_hp(grid.get(r["name"], r["default"])), "Paper": tb.fmt_hp(r["paper"]),
+             "Why this range": r["reason"] + ("" if (r["searched_low"], r["searched_high"]) == (r["low"], r["high"])
+                                              else f" (moved with the --set value from {tb.fmt_hp(r['low'])} - "
+                                                   f"{tb.fmt_hp(r['high'])})")}
+            for r in space]
+    doc.table(pd.DataFrame(rows))
+    samples = exp.meta.get("num_samples")
+    if samples:
+        per_study = "per (arm, outer fold) study" if is_nested(exp) else "per arm"
+        text = (f"{samples} trial(s) {per_study}, the grid's configuration first; the sampler is Optuna's TPE "
+                f"(seeded), whose first {TPE_STARTUP_TRIALS} suggestions in a study are random draws from these "
+                "ranges.")
+        if samples <= TPE_STARTUP_TRIALS + 1:
+            text += (" With this many trials no study got past them: this was a random search around the grid's "
+                     "configuration, not a model-guided one.")
+        doc.para(text)
 
 
 def _nested_estimate(doc: Document, exp: Experiment, res: SearchResults, report_dir: Path) -> None:

@@ -32,6 +32,10 @@ class SearchRange:
         return min(self.low, centre), max(self.high, centre)
 
 
+# TPE's random start-up suggestions per study (Optuna's default, passed explicitly): a study with no more trials than
+# this never leaves random sampling, which the report must say.
+TPE_STARTUP_TRIALS = 10
+
 SEARCH_SPACE: tuple[SearchRange, ...] = (
     SearchRange("lr", 4e-6, 4e-4, True,
                 "one decade either side of the default 4e-5 (the paper's 1e-5 scaled to batch 4): Adam's step size "

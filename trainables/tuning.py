@@ -14,7 +14,7 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from datasets import PreparedData
-from search_spaces import SEARCH_SPACE, optuna_distributions
+from search_spaces import SEARCH_SPACE, TPE_STARTUP_TRIALS, optuna_distributions
 from trainables.experiment import ExperimentConfig
 from trainables.nested_search import FoldStudies, StudyKey
 from trainables.ray_trainable import TUNE_METRIC, fold_trial, trial_name
@@ -172,7 +172,7 @@ def run_search(config: ExperimentConfig, data: PreparedData, resources: dict[str
                 evaluated_rewards=[known[key][0]] if known[key] else None,
                 # One seed for every study: their first (random) suggestions coincide across folds, so a
                 # configuration evaluated in every fold exists to compare folds and to deploy.
-                sampler=optuna.samplers.TPESampler(seed=config.seed),
+                sampler=optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=TPE_STARTUP_TRIALS),
                 study_name=key.name, storage=optuna.storages.RDBStorage(url))
             for key in keys}
         searcher = FoldStudies(studies, quota, fixed, METRIC, MODE)

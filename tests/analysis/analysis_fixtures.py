@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from search_spaces import space_table
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 CLASSES = ["HGG", "LGG", "Healthy"]
@@ -294,7 +296,7 @@ def build_nested_search_dir(out: Path, studies: bool = True) -> Path:
     meta = {"experiment": "demo", "classes": CLASSES, "n_folds": 3, "split": "kfold", "seed": 0,
             "arms": [{"model": m, "pretrained": p} for m, p in NESTED_SCORES], "planned_trials": planned,
             "paper_config_id": PAPER_CONFIG, "paper_defaults": PAPER_DEFAULTS, "search_design": "nested",
-            "optuna_studies": specs}
+            "optuna_studies": specs, "num_samples": 4, "search_space": space_table({"lr": 4e-4})}
     write_dir(out, meta, preds, epochs, trials)
     pd.DataFrame(used).to_csv(out / "trial_subjects.csv", index=False)
     (out / "splits.json").write_text(json.dumps(splits, indent=2))

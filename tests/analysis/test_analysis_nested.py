@@ -266,6 +266,10 @@ def test_nested_report_leads_with_the_estimate_and_labels_studies_by_fold(built_
         assert (f"study '{arm}-fold2': hyperparameter importances need at least 3 completed trials with different "
                 "scores and varying parameters (2 completed, 2 distinct score(s)") in md
     assert "Optimisation history, ResNet Mixed Convolution (scratch), fold 2." in md
+    # What was searched and how hard: lr re-centred on --set lr=4e-4 (10x the default 4e-5, so the decade moves too).
+    assert "| `lr` | 4e-05 - 0.004 | log |" in md and "(moved with the --set value from 4e-06 - 0.0004)" in md
+    assert ("4 trial(s) per (arm, outer fold) study, the grid's configuration first" in md
+            and "this was a random search around the grid's configuration, not a model-guided one" in md)
     assert "objective = inner-validation macro F1 of fold 2" in md
     assert (report / "figures" / "search_nested_vs_default.png").is_file()
 
