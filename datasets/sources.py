@@ -5,6 +5,7 @@ every problem is reported in one place.
 """
 from __future__ import annotations
 
+import csv
 import logging
 import os
 import re
@@ -20,6 +21,8 @@ from datasets.rsna import MGMT_CLASSES
 log = logging.getLogger(__name__)
 
 BRATS_GRADES = ("HGG", "LGG")
+# Contrasts a BraTS volume may have beside IXI's T1 (both T1-weighted; T1ce is the paper's choice).
+IXI_PAIRED_CONTRASTS = ("t1ce", "t1")
 # IXI<nnn>-<Site>-<nnnn>-T1.nii[.gz] as downloaded, or FSL BET's skull-stripped ...-T1_brain.nii[.gz].
 IXI_PATTERN = re.compile(r"^(IXI\d+-([A-Za-z]+)-\d+)-T1(_brain)?\.nii(\.gz)?$")
 # BraTS19_<site>_<n>_1: the release names the contributing institution in the id (CBICA, TCIA01, 2013, ...).
@@ -84,6 +87,14 @@ def discover_brats_ixi(data_root: str | os.PathLike, contrasts: Sequence[str] = 
             f"IXI provides T1 only, but {len(contrasts)} contrasts were asked for ({', '.join(contrasts)}); "
             "use one contrast with IXI, or a --manifest that names a file per contrast"
         )
+    if ixi_files and contrasts[0] not in IXI_PAIRED_CONTRASTS:
+        # T1ce beside IXI's T1 is the paper's pairing (both T1-weighted); FLAIR or T2 beside T1 would let a network
+        # tell Healthy by the kind of scan alone.
+        raise ValueError(
+            f"IXI provides T1 only, but --contrasts {contrasts[0]} was asked for: every Healthy volume would be a T1 "
+            f"while the tumours are {contrasts[0].upper()}, a shortcut a network learns instead of anatomy. Use "
+            "--contrasts t1ce (the paper's pairing) or t1, or a --manifest with healthy scans of the same contrast"
+        )
     for sid, path in ixi_files.items():
         records.append(SubjectRecord(sid, "Healthy", (str(path),), group=sid, source="ixi", site=ixi_site(sid)))
     if not records:
@@ -125,8 +136,13 @@ def _read_manifest_table(manifest: Path, require_label: bool = True) -> pd.DataF
         raise FileNotFoundError(f"--manifest {manifest} does not exist")
     expected = ("subject_id, label and path (or path_<contrast>) columns" if require_label else
                 "subject_id and path (or path_<contrast>) columns (label optional)")
+    long_rows = _rows_longer_than_header(manifest)
+    if long_rows:
+        raise ValueError(f"Manifest {manifest}: line(s) {', '.join(map(str, long_rows[:10]))} have more fields than "
+                         "the header; remove the extra commas (or quote a path that contains one)")
     try:
-        frame = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+        # index_col=False: never take column 1 as an index (which pandas does when every row has an extra field).
+        frame = pd.read_csv(manifest, dtype=str, keep_default_na=False, index_col=False)
     except pd.errors.EmptyDataError:
         raise ValueError(f"Manifest {manifest} is empty; write a header row with {expected}, then one row per "
                          "subject") from None
@@ -142,7 +158,21 @@ def _read_manifest_table(manifest: Path, require_label: bool = True) -> pd.DataF
     if frame.empty:
         raise ValueError(f"Manifest {manifest} has no subjects (a header and no rows); add one row per subject "
                          f"with its {expected}")
+    no_id = [i + 2 for i, sid in enumerate(frame["subject_id"]) if not str(sid).strip()]  # line 1 is the header
+    if no_id:
+        raise ValueError(f"Manifest {manifest}: line(s) {', '.join(map(str, no_id[:10]))} have no subject_id; give "
+                         "every row an id, or delete empty rows")
     return frame
+
+
+def _rows_longer_than_header(manifest: Path) -> list[int]:
+    """1-based line numbers of rows with more comma-separated fields than the header (pandas would shift them)."""
+    with open(manifest, newline="", encoding="utf-8-sig", errors="replace") as handle:
+        rows = list(csv.reader(handle))
+    if not rows:
+        return []
+    width = len(rows[0])
+    return [number for number, row in enumerate(rows[1:], start=2) if len(row) > width]
 
 
 def _spelling(label: str) -> str:

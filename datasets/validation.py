@@ -86,6 +86,17 @@ def inspect_volume(path: str | os.PathLike) -> tuple[str | None, dict | None]:
         return f"not 3-D (shape {tuple(image.shape)})", None
     if min(shape) == 0:
         return f"empty image (shape {shape})", None
+    if min(shape) == 1:
+        return (f"a single slice, not a 3-D volume (shape {shape}); give the whole series as one 3-D NIfTI "
+                "(e.g. dcm2niix)"), None
+    pixdim = _voxel_sizes_without_orientation(path, image)
+    if pixdim is not None and min(pixdim) <= 0:
+        # Without a qform/sform the affine comes from pixdim, and nibabel turns a 0 into 1 mm: resampled wrongly.
+        return (f"voxel size {', '.join(f'{z:g}' for z in pixdim)} mm in the header (pixdim) and no qform/sform: "
+                f"a size must be positive; {AFFINE_FIX}"), None
+    if not np.issubdtype(image.get_data_dtype(), np.number) or np.issubdtype(image.get_data_dtype(), np.complexfloating):
+        return (f"voxel type {image.get_data_dtype()} is not a real number (RGB or complex data); give a "
+                "single-channel intensity volume"), None
     unplaceable = affine_problem(image.affine)
     if unplaceable is not None:
         return unplaceable, None
@@ -101,6 +112,19 @@ def inspect_volume(path: str | os.PathLike) -> tuple[str | None, dict | None]:
 
 
 AFFINE_FIX = "fix the header's qform/sform, e.g. with nibabel or fslorient"
+
+
+def _voxel_sizes_without_orientation(path: Path, image) -> tuple[float, ...] | None:
+    """pixdim[1:4] as written when no qform/sform places the volume (nibabel's checked header turns a 0 into 1 mm
+    on load); None when a qform or sform gives the affine, or the header cannot be read raw."""
+    try:
+        with nib.openers.ImageOpener(str(path)) as handle:
+            raw = type(image.header).from_fileobj(handle, check=False)
+    except Exception:  # noqa: BLE001 - an unusual container: nibabel's own reading stands
+        return None
+    if int(raw["qform_code"]) > 0 or int(raw["sform_code"]) > 0:
+        return None
+    return tuple(float(v) for v in raw["pixdim"][1:4])
 
 
 def affine_problem(affine: np.ndarray) -> str | None:
@@ -120,8 +144,8 @@ def affine_problem(affine: np.ndarray) -> str | None:
 
 
 # Bumped whenever inspect_volume checks something new, so results cached by an older check are redone.
-# 2: the affine is checked (singular or non-finite).
-CHECK_VERSION = 2
+# 2: the affine is checked (singular or non-finite). 3: single slices, zero voxel sizes, RGB/complex data.
+CHECK_VERSION = 3
 
 
 class _CheckCache:

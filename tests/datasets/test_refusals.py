@@ -14,6 +14,7 @@ from datasets.__main__ import main
 from datasets.records import SubjectRecord
 from datasets.sources import class_order, read_manifest
 from datasets.splits import check_class_counts, fewest_inner_subjects, plan_splits
+from datasets import validation
 from datasets.validation import check_volume, validate_records
 from tests.conftest import write_brats_tree, write_ellipsoid
 
@@ -127,7 +128,56 @@ def test_results_cached_by_an_older_check_are_not_trusted(tmp_path):
     record = SubjectRecord("bad", "HGG", (str(path),), "bad")
     report = validate_records([record], ("HGG",), cache)
     assert [p.reason for p in report.problems] == [f"affine is singular (voxel sizes 0, 1, 1): {AFFINE_FIX}"]
-    assert json.loads(cache.read_text())["version"] == 2
+    assert json.loads(cache.read_text())["version"] == validation.CHECK_VERSION == 3
+
+
+def test_a_single_slice_an_rgb_volume_and_a_zero_voxel_size_are_named_with_the_fix(tmp_path):
+    import gzip
+    import struct
+
+    single = tmp_path / "slice.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((60, 60, 1)).astype(np.float32), np.eye(4)), single)
+    assert check_volume(single) == ("a single slice, not a 3-D volume (shape (60, 60, 1)); give the whole series as "
+                                    "one 3-D NIfTI (e.g. dcm2niix)")
+    rgb = tmp_path / "rgb.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")]), np.eye(4)), rgb)
+    assert check_volume(rgb).startswith("voxel type [('R', 'u1'), ('G', 'u1'), ('B', 'u1')] is not a real number")
+    # pixdim[1] = 0 and no qform/sform, written byte by byte: nibabel itself would never save such a header.
+    good = tmp_path / "good.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((8, 8, 8)).astype(np.float32), np.eye(4)), good)
+    raw = bytearray(gzip.open(good).read())
+    raw[80:84] = struct.pack("<f", 0.0)
+    raw[252:256] = struct.pack("<hh", 0, 0)
+    zero = tmp_path / "zero.nii"
+    zero.write_bytes(bytes(raw))
+    assert check_volume(zero) == (f"voxel size 0, 1, 1 mm in the header (pixdim) and no qform/sform: a size must be "
+                                  f"positive; {AFFINE_FIX}")
+    raw[252:254] = struct.pack("<h", 1)  # with a qform the affine does not come from pixdim: nothing to refuse
+    placed = tmp_path / "placed.nii"
+    placed.write_bytes(bytes(raw))
+    assert check_volume(good) is None and check_volume(placed) is None
+
+
+def test_manifest_rows_with_an_extra_field_or_no_id_are_named_by_line(tmp_path):
+    extra = write_manifest(tmp_path / "extra.csv", "subject_id,label,path\na,HGG,a.nii.gz,oops\nb,LGG,b.nii.gz\n")
+    with pytest.raises(ValueError, match=r"extra.csv: line\(s\) 2 have more fields than the header; remove the "
+                                         r"extra commas"):
+        read_manifest(extra)
+    no_id = write_manifest(tmp_path / "no_id.csv", "subject_id,label,path\na,HGG,a.nii.gz\n,LGG,b.nii.gz\n")
+    with pytest.raises(ValueError, match=r"no_id.csv: line\(s\) 3 have no subject_id"):
+        read_manifest(no_id)
+
+
+def test_ixi_beside_another_contrast_than_t1_is_refused_as_a_shortcut(tmp_path):
+    from datasets.sources import discover_brats_ixi
+    from datasets.synthetic import write_synthetic_dataset
+
+    root = write_synthetic_dataset(tmp_path / "data", n_hgg=1, n_lgg=1, n_healthy=1, seed=0, downsample=8,
+                                   contrasts=("t1ce", "flair"))
+    with pytest.raises(ValueError, match=r"--contrasts flair was asked for: every Healthy volume would be a T1 while "
+                                         r"the tumours are FLAIR"):
+        discover_brats_ixi(root, ("flair",))
+    assert {r.label for r in discover_brats_ixi(root, ("t1ce",))} == {"HGG", "LGG", "Healthy"}
 
 
 # --- class counts -------------------------------------------------------------------------------------------
