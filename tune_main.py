@@ -99,13 +99,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def read_experiment_record(path: Path) -> dict:
+    """OUT/experiment.json, or a message that names it and the way out when it is damaged."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is damaged (not valid JSON: {error}); it holds this experiment's options. Restore "
+                         "it (e.g. from a backup), or run the experiment with another --output") from None
+
+
+def check_writable(folder: Path, option: str) -> None:
+    """Refuse a folder that is a file or cannot be written, before any data is read (and without creating it)."""
+    existing = folder if folder.exists() else next(p for p in folder.parents if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{option} {folder}: {existing} is a file, not a folder; give a folder (created if missing)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {folder} cannot be written ({existing} is read-only for this user); choose a "
+                         "folder you can write to")
+
+
 def saved_options(output: Path) -> dict:
     """The options an experiment folder was started with, for ``--resume``."""
     record = output / "experiment.json"
     if not record.is_file():
         raise ValueError(f"--resume: {output} holds no experiment ({record} is missing); "
                          "start it without --resume, or give the --output of an existing run")
-    saved = json.loads(record.read_text()).get("options", {})
+    saved = read_experiment_record(record).get("options", {})
     names = set(field_names())
     return {k: v for k, v in saved.items() if k in names}
 
@@ -224,7 +243,7 @@ def assign_run_id(config: ExperimentConfig) -> None:
     """
     saved_file = config.output_path / "experiment.json"
     if saved_file.is_file():
-        config.run_id = json.loads(saved_file.read_text()).get("options", {}).get("run_id")
+        config.run_id = read_experiment_record(saved_file).get("options", {}).get("run_id")
     else:
         config.run_id = new_run_id()
 
@@ -232,7 +251,7 @@ def assign_run_id(config: ExperimentConfig) -> None:
 def refuse_changed_options(config: ExperimentConfig) -> None:
     saved_file = config.output_path / "experiment.json"
     if saved_file.is_file():
-        saved = json.loads(saved_file.read_text()).get("options", {})
+        saved = read_experiment_record(saved_file).get("options", {})
         changed = config.differences(saved)
         if changed:
             hint = ""
@@ -263,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = config_from_args(args)
+        check_writable(config.output_path, "--output")
+        check_writable(config.cache_path, "--cache-dir")
         assign_run_id(config)
         if config.experiment == "demo":
             ensure_demo_data(config)

@@ -229,10 +229,26 @@ def require_class_counts(records: Sequence[SubjectRecord], classes: Sequence[str
     try:
         check_class_counts(counts, split_spec.scheme, split_spec.n_splits, split_spec.test_size,
                            split_spec.val_fraction, grouped)
+        if grouped and split_spec.scheme == "kfold":
+            _require_a_group_per_test_fold(records, classes, split_spec.n_splits)
     except ValueError as error:
         if after is None:
             raise
         raise ValueError(f"After the subjects that {after} left out (--skip-invalid): {error}") from None
+
+
+def _require_a_group_per_test_fold(records: Sequence[SubjectRecord], classes: Sequence[str], n_splits: int) -> None:
+    """A group (patient) never straddles folds, so a class needs subjects in at least --folds groups: else some test
+    fold lacks it (and scikit-learn stops later, after preprocessing, with a message that names no option)."""
+    short = {c: len({r.group for r in records if r.label == c}) for c in classes}
+    short = {c: n for c, n in short.items() if 0 < n < n_splits}
+    if short:
+        raise ValueError(
+            "Too few groups (the manifest's group column: one patient's scans stay in one fold) for --folds "
+            f"{n_splits}: " + ", ".join(f"{c} has {n}" for c, n in short.items()) + f"; each class needs subjects in at "
+            f"least {n_splits} groups. Fix: "
+            + (f"use --folds {min(short.values())}, " if min(short.values()) >= 2 else "")
+            + "add subjects, or check the group column (an empty group means the subject's own id)")
 
 
 def _left_out_by_preprocessing(cached: CachedDataset) -> set[str]:

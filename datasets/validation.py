@@ -193,14 +193,25 @@ def validate_records(
     report = ValidationReport(classes=tuple(classes))
     cache = _CheckCache(Path(cache_file) if cache_file else None)
     entries: dict[str, list[SubjectRecord]] = {}
+    users: dict[str, set[str]] = {}  # resolved file -> the subjects that name it
     for record in records:
         entries.setdefault(record.subject_id, []).append(record)
+        for file in record.paths:
+            if file:
+                users.setdefault(str(Path(file).resolve()), set()).add(record.subject_id)
     for record in records:
         problem = None
+        shared = sorted({other for file in record.paths if file
+                         for other in users[str(Path(file).resolve())]} - {record.subject_id})
         if len(entries[record.subject_id]) > 1:
             problem = Problem(record.subject_id, ";".join(record.paths), _duplicate_reason(entries[record.subject_id]))
         elif record.label not in report.classes:
             problem = Problem(record.subject_id, ";".join(record.paths), f"unknown label {record.label!r} (expected one of {', '.join(report.classes)})")
+        elif shared:
+            # One scan under two ids can sit in a training part and a test part at once (and may carry two labels).
+            problem = Problem(record.subject_id, ";".join(record.paths),
+                              f"the same file as subject(s) {', '.join(shared[:5])}: one scan under two ids would be "
+                              "trained and tested on; keep one of the ids")
         else:
             for file in record.paths:
                 reason, profile = cache.check(file)

@@ -92,6 +92,11 @@ class ExperimentConfig:
             raise ValueError(f"--max-failures must be 0 or more, got {self.max_failures}")
         if self.num_samples < 1:
             raise ValueError(f"--num-samples must be at least 1, got {self.num_samples}")
+        if not self.cpus_per_trial > 0:
+            raise ValueError(f"--cpus-per-trial must be positive (a trial needs a CPU to drive it), got "
+                             f"{self.cpus_per_trial}")
+        if self.max_concurrent is not None and self.max_concurrent < 1:
+            raise ValueError(f"--max-concurrent must be at least 1 (leave it out for no cap), got {self.max_concurrent}")
         if not 0 < self.gpus_per_trial <= 1:
             # A trial trains one fold on one device (cuda:0 of the GPUs Ray gives it): more would sit idle.
             raise ValueError(f"--gpus-per-trial must be in (0, 1] (a trial uses one GPU; 0.25 packs four trials on "

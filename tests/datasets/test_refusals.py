@@ -311,3 +311,28 @@ def test_splits_saved_with_other_options_are_refused_before_any_file_is_read(tmp
                                          r"Use another --output, or delete splits.json"):
         prepare_data(DataSpec(data_root=str(missing)), PreprocessConfig(spacing=8.0),
                      SplitSpec(scheme="shuffle", n_splits=5, seed=7), tmp_path / "cache", splits_file=splits)
+
+
+def test_a_class_in_fewer_groups_than_folds_is_refused_before_preprocessing():
+    from datasets.prepare import require_class_counts
+
+    # Six subjects per class, but every HGG scan belongs to one of two patients: three folds cannot all hold HGG.
+    records = ([SubjectRecord(f"h{i}", "HGG", ("x.nii.gz",), group=f"P{i % 2}") for i in range(6)]
+               + [SubjectRecord(f"l{i}", "LGG", ("x.nii.gz",), group=f"l{i}") for i in range(6)])
+    with pytest.raises(ValueError, match=r"Too few groups .* for --folds 3: HGG has 2; each class needs subjects in "
+                                         r"at least 3 groups. Fix: use --folds 2, add subjects"):
+        require_class_counts(records, ("HGG", "LGG"), SplitSpec(n_splits=3))
+    require_class_counts(records, ("HGG", "LGG"), SplitSpec(n_splits=2))  # two groups, two folds: fine
+
+
+def test_one_file_under_two_subject_ids_is_refused_for_both(tmp_path):
+    scan = write_ellipsoid(tmp_path / "scan.nii.gz")
+    other = write_ellipsoid(tmp_path / "other.nii.gz", seed=1)
+    records = [SubjectRecord("a", "HGG", (str(scan),), "a"),
+               SubjectRecord("b", "LGG", (str(tmp_path / "sub" / ".." / "scan.nii.gz"),), "b"),  # the same file
+               SubjectRecord("c", "LGG", (str(other),), "c")]
+    report = validate_records(records, ("HGG", "LGG"))
+    assert [(p.subject_id, p.reason) for p in report.problems] == [
+        ("a", "the same file as subject(s) b: one scan under two ids would be trained and tested on; keep one of the ids"),
+        ("b", "the same file as subject(s) a: one scan under two ids would be trained and tested on; keep one of the ids")]
+    assert [r.subject_id for r in report.valid] == ["c"]

@@ -67,9 +67,9 @@ def test_skip_invalid_lists_and_exits_zero(planted_tree, capsys):
 
 
 def test_duplicate_ids_and_unknown_labels_from_a_manifest(tmp_path, capsys):
-    a = write_ellipsoid(tmp_path / "a.nii.gz")
+    a, b = write_ellipsoid(tmp_path / "a.nii.gz"), write_ellipsoid(tmp_path / "b.nii.gz", seed=1)
     pd.DataFrame({"subject_id": ["s1", "s1", "s2", "s3"], "label": ["yes", "yes", "maybe", "no"],
-                  "path": [a.name] * 4}).to_csv(tmp_path / "m.csv", index=False)
+                  "path": [a.name, a.name, a.name, b.name]}).to_csv(tmp_path / "m.csv", index=False)
     assert main(["check", "--manifest", str(tmp_path / "m.csv"), "--classes", "yes,no"]) == 1
     out = capsys.readouterr().out
     assert out.count("duplicate subject id (2 entries) (subject s1)") == 2

@@ -263,6 +263,8 @@ def test_bad_set_option_is_named(phantom_root, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("options, message", [
+    (["--cpus-per-trial", "0"], "--cpus-per-trial must be positive (a trial needs a CPU to drive it), got 0"),
+    (["--max-concurrent", "0"], "--max-concurrent must be at least 1 (leave it out for no cap), got 0"),
     (["--folds", "1"], "--folds must be at least 2 for --split kfold, got 1"),
     (["--split", "shuffle", "--folds", "0"], "--folds must be at least 1 for --split shuffle, got 0"),
     (["--set", "augmentation=medium"], "augmentation must be one of none, light, heavy, got 'medium'"),
@@ -274,6 +276,38 @@ def test_bad_options_stop_before_any_file_is_read_or_written(phantom_root, tmp_p
     assert tune_main.main([*argv, *options]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_an_output_that_is_a_file_or_read_only_and_a_damaged_record_are_named(phantom_root, tmp_path, capsys):
+    argv = ["--experiment", "paper", "--data-root", str(phantom_root), "--pretrained", "none"]
+    a_file = tmp_path / "afile"
+    a_file.write_text("")
+    assert tune_main.main([*argv, "--output", str(a_file)]) == 2
+    assert f"--output {a_file}: {a_file} is a file, not a folder" in capsys.readouterr().err
+    assert tune_main.main([*argv, "--output", str(a_file / "sub")]) == 2  # its would-be parent is the file
+    assert f"--output {a_file / 'sub'}: {a_file} is a file, not a folder" in capsys.readouterr().err
+    assert tune_main.main([*argv, "--output", str(tmp_path / "out"), "--cache-dir", str(a_file)]) == 2
+    assert f"--cache-dir {a_file}: {a_file} is a file" in capsys.readouterr().err
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "experiment.json").write_text('{"options": {,}')
+    assert tune_main.main([*argv, "--output", str(damaged)]) == 2
+    err = capsys.readouterr().err
+    assert f"{damaged / 'experiment.json'} is damaged (not valid JSON:" in err and "another --output" in err
+    assert tune_main.main(["--resume", "--output", str(damaged)]) == 2
+    assert "is damaged (not valid JSON" in capsys.readouterr().err
+
+
+def test_a_read_only_output_is_refused_before_any_data_is_read(monkeypatch, phantom_root, tmp_path, capsys):
+    # As on a read-only mount: os.access says no (root passes permission bits, so the answer is stood in for).
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    monkeypatch.setattr(tune_main.os, "access", lambda path, mode: Path(path) != read_only)
+    assert tune_main.main(["--experiment", "paper", "--data-root", str(phantom_root), "--pretrained", "none",
+                           "--output", str(read_only / "run")]) == 2
+    assert f"--output {read_only / 'run'} cannot be written ({read_only} is read-only for this user)" in \
+        capsys.readouterr().err
+    assert not (read_only / "run").exists()
 
 
 def test_a_missing_data_root_is_named(tmp_path, capsys):
