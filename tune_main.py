@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -319,7 +320,6 @@ def run_experiment(config: ExperimentConfig) -> int:
     import ray
 
     from trainables.cluster import ClusterCheckError, check_cluster, ignored_ray_address, init_options
-    from trainables.collect import collect, write_tables
     from trainables.tuning import grid_fold_values, run_grid, run_search, search_studies, trial_resources
 
     out = config.output_path
@@ -333,13 +333,18 @@ def run_experiment(config: ExperimentConfig) -> int:
             config.cache_path, splits_file=out / "splits.json", num_workers=config.preprocess_workers,
             cohort_file=out / "cohort.json",
         )
+    except KeyboardInterrupt:  # the cache is written whole or not at all: a rerun preprocesses again
+        return stop_interrupted(config)
     except (InvalidDataError, ValueError, FileNotFoundError, DiskFullError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"Data: {len(data.cached.table)} subjects, classes {', '.join(data.classes)}, cache {data.cache_dir}; "
           f"{config.split} with {len(data.plan.folds)} folds, splits in {out / 'splits.json'}", flush=True)
     write_csv_atomic(data.subjects, out / "subjects.csv")
-    fit_baselines(data, config, out)
+    try:
+        fit_baselines(data, config, out)
+    except KeyboardInterrupt:
+        return stop_interrupted(config)
     search_arms = [(m, p) for m, p in config.arms()
                    if config.experiment == "search" or (config.experiment == "demo" and m in (config.search_models or config.models))]
     folds = len(data.plan.folds)
@@ -376,6 +381,20 @@ def run_experiment(config: ExperimentConfig) -> int:
                     return stop_interrupted(config)
     finally:
         ray.shutdown()
+    # Tune's SIGINT handler outlives Tuner.fit; without the default one back, Ctrl-C in the report would be ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return write_outputs(config, grids, data, out, bool(search_arms))
+    except KeyboardInterrupt:
+        print(f"\nInterrupted after training: every trial is kept. Rerun the same command to write the tables and the "
+              f"report (nothing is trained again), or `python -m analysis {out}` once the tables exist.", flush=True)
+        return 130
+
+
+def write_outputs(config: ExperimentConfig, grids: list, data, out: Path, searched: bool) -> int:
+    """The tables from Tune's results, then the report; 0 when every planned trial finished."""
+    from trainables.collect import collect, write_tables
+
     tables = collect(grids, planned_trials(config, len(data.plan.folds)), subjects=data.subjects)
     write_tables(tables, out)
     trials = tables["trials"]
@@ -399,7 +418,7 @@ def run_experiment(config: ExperimentConfig) -> int:
                       "the pipeline end to end; not a reproduction (the paper column, where shown, is the published "
                       "result on real data at 2 mm and 50 epochs; README: Notes on the reproduction).")
             print(f"Report: {report / 'report.md'} and {report / 'report.html'}")
-    print(f"TensorBoard: {tensorboard_command(config, bool(search_arms))}")
+    print(f"TensorBoard: {tensorboard_command(config, searched)}")
     return 0 if failed.empty else 1
 
 

@@ -94,9 +94,10 @@ def check_class_counts(counts: Mapping[str, int], scheme: str = "kfold", n_split
     short = [c for c, n in fewest.items() if n < 1]
     if short:
         needed = _needed_for_inner_parts(counts, short, scheme, n_splits, test_size, val_fraction, grouped)
-        fix = ("add subjects, use fewer --folds, or drop the class with --classes" if scheme == "kfold" else
-               "add subjects, or drop the class with --classes (each shuffle split holds out test_size of every "
-               "class, whatever --folds)")
+        fix = ("add subjects, use fewer --folds, or leave the class out of the data (a --manifest without its rows)"
+               if scheme == "kfold" else
+               "add subjects, or leave the class out of the data (a --manifest without its rows; each shuffle split "
+               "holds out test_size of every class, whatever --folds)")
         raise ValueError(
             f"Too few subjects for every fold's inner training and validation parts to hold each class "
             f"({_options(scheme, n_splits, test_size, val_fraction)}): "
@@ -128,7 +129,7 @@ def _require_a_subject_per_fold(counts: Mapping[str, int], n_splits: int) -> Non
         raise ValueError(
             f"Every class needs at least {n_splits} subjects for {n_splits} folds (one per test part); "
             + ", ".join(f"{c}: {n}" for c, n in few.items())
-            + ". Add subjects, use fewer --folds, or drop the class with --classes"
+            + ". Add subjects, use fewer --folds, or leave the class out of the data (a --manifest without its rows)"
         )
 
 
@@ -293,7 +294,11 @@ class SplitPlan:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "SplitPlan":
-        return cls.from_json(Path(path).read_text())
+        try:
+            return cls.from_json(Path(path).read_text())
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ValueError(f"{path} is damaged ({type(error).__name__}: {error}); delete it to draw the splits again "
+                             "(the same seed and data give the same splits), or restore it from a backup") from None
 
 
 def plan_splits(

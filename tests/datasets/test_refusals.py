@@ -197,7 +197,7 @@ def test_one_class_is_refused():
 
 def test_fewer_subjects_than_folds_says_how_many():
     with pytest.raises(ValueError, match=r"Every class needs at least 3 subjects for 3 folds \(one per test part\); "
-                                         r"LGG: 2\. Add subjects, use fewer --folds, or drop the class with --classes"):
+                                         r"LGG: 2\. Add subjects, use fewer --folds, or leave the class out of the data"):
         check_class_counts({"HGG": 9, "LGG": 2}, n_splits=3)
 
 
@@ -210,8 +210,8 @@ def test_k_fold_counts_that_leave_a_validation_part_without_a_class():
     assert min(fewest_inner_subjects({"LGG": 5, "HGG": 5, "Healthy": 5}, "kfold", 3, 0.3, 0.2).values()) == 0
     with pytest.raises(ValueError, match=r"inner training and validation parts to hold each class \(--split kfold, "
                                          r"--folds 3, val_fraction 0\.2\): LGG has 4, HGG has 4, Healthy has 4; "
-                                         r"each needs at least 6\. .* Fix: add subjects, use fewer --folds, or drop "
-                                         r"the class with --classes"):
+                                         r"each needs at least 6\. .* Fix: add subjects, use fewer --folds, or leave "
+                                         r"the class out of the data"):
         check_class_counts({"LGG": 4, "HGG": 4, "Healthy": 4}, "kfold", 3)
     check_class_counts({"LGG": 6, "HGG": 6, "Healthy": 6}, "kfold", 3)
 
@@ -336,3 +336,13 @@ def test_one_file_under_two_subject_ids_is_refused_for_both(tmp_path):
         ("a", "the same file as subject(s) b: one scan under two ids would be trained and tested on; keep one of the ids"),
         ("b", "the same file as subject(s) a: one scan under two ids would be trained and tested on; keep one of the ids")]
     assert [r.subject_id for r in report.valid] == ["c"]
+
+
+def test_a_damaged_splits_file_is_named_with_the_way_out(tmp_path):
+    from datasets.splits import SplitPlan
+
+    damaged = tmp_path / "splits.json"
+    damaged.write_text('{"scheme": "kfold", "n_splits": 3, "fol')
+    with pytest.raises(ValueError, match=r"splits.json is damaged \(JSONDecodeError: .*\); delete it to draw the "
+                                         r"splits again \(the same seed and data give the same splits\)"):
+        SplitPlan.load(damaged)
