@@ -51,6 +51,11 @@ def _ixi_preference(path: Path) -> tuple[int, int]:
 def _ixi_files(root: Path) -> dict[str, Path]:
     """One T1 file per IXI subject: BET's ``..._brain`` output preferred to the raw head of the same subject."""
     chosen: dict[str, Path] = {}
+    odd = sorted(p for p in root.rglob("*.nii*") if p.name.casefold().startswith("ixi") and "t1" in p.name.casefold()
+                 and "mask" not in p.name.casefold() and not IXI_PATTERN.match(p.name))  # BET -m masks are expected
+    if odd:  # a renamed or lower-case file would otherwise drop out of the Healthy class without a word
+        log.warning("IXI-like file(s) not named IXI<nnn>-<Site>-<nnnn>-T1[_brain].nii[.gz], left out: %s%s",
+                    ", ".join(str(p) for p in odd[:5]), f" (+{len(odd) - 5} more)" if len(odd) > 5 else "")
     for path in sorted(p for p in root.rglob("IXI*-T1*.nii*") if IXI_PATTERN.match(p.name)):
         sid = IXI_PATTERN.match(path.name).group(1)
         if sid not in chosen or _ixi_preference(path) < _ixi_preference(chosen[sid]):

@@ -346,3 +346,16 @@ def test_a_damaged_splits_file_is_named_with_the_way_out(tmp_path):
     with pytest.raises(ValueError, match=r"splits.json is damaged \(JSONDecodeError: .*\); delete it to draw the "
                                          r"splits again \(the same seed and data give the same splits\)"):
         SplitPlan.load(damaged)
+
+
+def test_ixi_files_with_unexpected_names_are_named_when_left_out(tmp_path, caplog):
+    from datasets.sources import discover_brats_ixi
+
+    write_brats_tree(tmp_path, per_grade=1)
+    write_ellipsoid(tmp_path / "IXI" / "IXI002-HH-1600-T1.nii.gz")
+    write_ellipsoid(tmp_path / "IXI" / "IXI001-Guys-1211_T1.nii.gz", seed=1)  # underscore: not IXI's name
+    with caplog.at_level(logging.WARNING):
+        records = discover_brats_ixi(tmp_path)
+    assert [r.subject_id for r in records if r.label == "Healthy"] == ["IXI002-HH-1600"]
+    assert "left out: " in caplog.text and "IXI001-Guys-1211_T1.nii.gz" in caplog.text
+    assert "IXI002-HH-1600-T1.nii.gz" not in caplog.text
