@@ -245,8 +245,17 @@ def assign_run_id(config: ExperimentConfig) -> None:
     saved_file = config.output_path / "experiment.json"
     if saved_file.is_file():
         config.run_id = read_experiment_record(saved_file).get("options", {}).get("run_id")
-    else:
-        config.run_id = new_run_id()
+        return
+    # experiment.json is written before Ray starts, so Tune runs or Optuna studies without it mean it was deleted.
+    # A new run id would train everything again beside them and add its trials to the old studies: refuse instead.
+    left = sorted(p.relative_to(config.output_path).as_posix() for p in
+                  [*(config.output_path / "ray").glob("paper*"), *(config.output_path / "ray").glob("search*"),
+                   config.output_path / "optuna" / "search.db"] if p.exists())
+    if left:
+        raise ValueError(f"{config.output_path} holds an earlier experiment's results ({', '.join(left)}) but no "
+                         "experiment.json, which records its options: restore that file to resume it, or use another "
+                         "--output (or delete those results to start this folder over)")
+    config.run_id = new_run_id()
 
 
 def refuse_changed_options(config: ExperimentConfig) -> None:

@@ -298,6 +298,18 @@ def test_an_output_that_is_a_file_or_read_only_and_a_damaged_record_are_named(ph
     assert "is damaged (not valid JSON" in capsys.readouterr().err
 
 
+def test_results_without_their_experiment_record_are_not_trained_over(phantom_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "ray" / "paper-1a2b3c4d").mkdir(parents=True)
+    (out / "optuna").mkdir()
+    (out / "optuna" / "search.db").write_bytes(b"")
+    assert tune_main.main(["--experiment", "paper", "--data-root", str(phantom_root), "--pretrained", "none",
+                           "--output", str(out)]) == 2
+    assert (f"{out} holds an earlier experiment's results (optuna/search.db, ray/paper-1a2b3c4d) but no "
+            "experiment.json, which records its options: restore that file") in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["optuna", "ray"]  # nothing written
+
+
 def test_a_read_only_output_is_refused_before_any_data_is_read(monkeypatch, phantom_root, tmp_path, capsys):
     # As on a read-only mount: os.access says no (root passes permission bits, so the answer is stood in for).
     read_only = tmp_path / "ro"
