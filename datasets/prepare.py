@@ -175,8 +175,9 @@ def prepare_data(
     ``splits_file`` and ``cohort_file`` if they exist (resume), after checking they were drawn with this run's
     options (before any file is opened).
     """
-    if splits_file is not None and Path(splits_file).is_file():
-        check_plan_matches(SplitPlan.load(splits_file), split_spec, splits_file)
+    saved_plan = SplitPlan.load(splits_file) if splits_file is not None and Path(splits_file).is_file() else None
+    if saved_plan is not None:
+        check_plan_matches(saved_plan, split_spec, splits_file)
     report = check_data(spec, cache_root)
     if report.problems:
         log.warning("%s", report.format())
@@ -204,8 +205,8 @@ def prepare_data(
         subjects = _drop(subjects, failed_ids)
         require_class_counts([r for r in records if r.subject_id not in failed_ids], report.classes, split_spec,
                              after="preprocessing")
-    if splits_file is not None and Path(splits_file).is_file():
-        plan = SplitPlan.load(splits_file)  # its options were checked on entry
+    if saved_plan is not None:
+        plan = saved_plan
         audit_splits(plan, table)
         ids_in_plan = {s for f in plan.folds for s in f.train + f.val + f.test}
         if not ids_in_plan <= set(table["subject_id"]):

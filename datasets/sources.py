@@ -51,15 +51,21 @@ def _ixi_preference(path: Path) -> tuple[int, int]:
 def _ixi_files(root: Path) -> dict[str, Path]:
     """One T1 file per IXI subject: BET's ``..._brain`` output preferred to the raw head of the same subject."""
     chosen: dict[str, Path] = {}
-    odd = sorted(p for p in root.rglob("*.nii*") if p.name.casefold().startswith("ixi") and "t1" in p.name.casefold()
-                 and "mask" not in p.name.casefold() and not IXI_PATTERN.match(p.name))  # BET -m masks are expected
-    if odd:  # a renamed or lower-case file would otherwise drop out of the Healthy class without a word
-        log.warning("IXI-like file(s) not named IXI<nnn>-<Site>-<nnnn>-T1[_brain].nii[.gz], left out: %s%s",
-                    ", ".join(str(p) for p in odd[:5]), f" (+{len(odd) - 5} more)" if len(odd) > 5 else "")
-    for path in sorted(p for p in root.rglob("IXI*-T1*.nii*") if IXI_PATTERN.match(p.name)):
-        sid = IXI_PATTERN.match(path.name).group(1)
+    odd: list[Path] = []
+    for path in sorted(root.rglob("*.nii*")):  # one walk of the tree, which holds every BraTS file too
+        match = IXI_PATTERN.match(path.name)
+        name = path.name.casefold()
+        if match is None:
+            # A renamed or lower-case file would drop out of the Healthy class without a word (BET -m masks expected).
+            if name.startswith("ixi") and "t1" in name and "mask" not in name:
+                odd.append(path)
+            continue
+        sid = match.group(1)
         if sid not in chosen or _ixi_preference(path) < _ixi_preference(chosen[sid]):
             chosen[sid] = path
+    if odd:
+        log.warning("IXI-like file(s) not named IXI<nnn>-<Site>-<nnnn>-T1[_brain].nii[.gz], left out: %s%s",
+                    ", ".join(str(p) for p in odd[:5]), f" (+{len(odd) - 5} more)" if len(odd) > 5 else "")
     return dict(sorted(chosen.items()))
 
 

@@ -193,16 +193,16 @@ def validate_records(
     report = ValidationReport(classes=tuple(classes))
     cache = _CheckCache(Path(cache_file) if cache_file else None)
     entries: dict[str, list[SubjectRecord]] = {}
+    resolved = {file: str(Path(file).resolve()) for record in records for file in record.paths if file}
     users: dict[str, set[str]] = {}  # resolved file -> the subjects that name it
     for record in records:
         entries.setdefault(record.subject_id, []).append(record)
         for file in record.paths:
             if file:
-                users.setdefault(str(Path(file).resolve()), set()).add(record.subject_id)
+                users.setdefault(resolved[file], set()).add(record.subject_id)
     for record in records:
         problem = None
-        shared = sorted({other for file in record.paths if file
-                         for other in users[str(Path(file).resolve())]} - {record.subject_id})
+        shared = sorted({other for file in record.paths if file for other in users[resolved[file]]} - {record.subject_id})
         if len(entries[record.subject_id]) > 1:
             problem = Problem(record.subject_id, ";".join(record.paths), _duplicate_reason(entries[record.subject_id]))
         elif record.label not in report.classes:
