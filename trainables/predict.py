@@ -589,10 +589,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def prepare_volumes(args: argparse.Namespace, exp: Experiment, records: list[SubjectRecord],
-                    config: PreprocessConfig, output: Path) -> tuple[list[SubjectRecord], np.ndarray, Path | None]:
-    """(the subjects kept, their volumes as the models expect them, the registration cache or None): converted from
-    DICOM and validated as training does, registered when the run was, and preprocessed; warns about volumes unlike
-    the run's and subjects from its cohort."""
+                    config: PreprocessConfig, output: Path
+                    ) -> tuple[list[SubjectRecord], np.ndarray, Path | None, list[bool]]:
+    """(the subjects kept, their volumes as the models expect them, the registration cache or None, whether each
+    subject is in the run's cohort): converted from DICOM and validated as training does, registered when the run
+    was, and preprocessed; warns about volumes unlike the run's and subjects from its cohort."""
     work_dir = Path(args.cache_dir).resolve() if args.cache_dir else output.with_name(f"{output.stem}_cache")
     converted, failed = convert_records(records, dicom_cache_dir(work_dir))  # DICOM series (RSNA layout) only
     records = survivors(records, converted, failed, "DICOM conversion", args.skip_invalid)
@@ -619,7 +620,7 @@ def prepare_volumes(args: argparse.Namespace, exp: Experiment, records: list[Sub
               f"({', '.join(ids[:COHORT_IDS_SHOWN])}{' ...' if len(ids) > COHORT_IDS_SHOWN else ''}): they were "
               "training data of the run (of every fold but their own test fold), so their predictions are not an "
               "independent test (column in_run_cohort)", file=sys.stderr)
-    return records, volumes, registration_cache
+    return records, volumes, registration_cache, cohort
 
 
 def predict(args: argparse.Namespace) -> int:
@@ -636,7 +637,7 @@ def predict(args: argparse.Namespace) -> int:
     # Every fold's weights are read now, on the CPU: a missing or foreign file is refused before the inputs are
     # opened, registered and preprocessed (minutes for a large cohort), not after.
     models = [load_fold_model(weights, estimate.arm, exp.classes, channels, run_dir) for weights in folds]
-    records, volumes, registration_cache = prepare_volumes(args, exp, records, config, output)
+    records, volumes, registration_cache, cohort = prepare_volumes(args, exp, records, config, output)
 
     probabilities = []
     for number, fold_model in enumerate(models, start=1):
@@ -645,7 +646,7 @@ def predict(args: argparse.Namespace) -> int:
         probabilities.append(predict_volumes(fold_model.model.to(device), volumes, args.batch_size, device,
                                              progress_printer(label, len(volumes), args.batch_size)))
         fold_model.model.cpu()  # one fold on the device at a time
-    table, per_fold = ensemble_tables(records, exp.classes, models, probabilities, in_run_cohort(records, exp))
+    table, per_fold = ensemble_tables(records, exp.classes, models, probabilities, cohort)
     result = score(table, exp.classes)
     paths = {"predictions": output, "folds": output.with_name(f"{output.stem}_folds.csv"),
              "provenance": output.with_suffix(".json")}
