@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--manifest", help="CSV: subject_id, label, path or path_<contrast>..., optional group")
     data.add_argument("--contrasts", help="comma list of input channels: BraTS contrasts (t1, t1ce, t2, flair; "
                                           "default t1ce) or RSNA-MICCAI series (flair, t1w, t1wce, t2w)")
-    data.add_argument("--classes", help="comma list of labels in output order (default: from the data)")
+    data.add_argument("--classes", help="comma list of labels in output order; naming only some selects them, "
+                                        "e.g. LGG,HGG (default: every label in the data)")
     data.add_argument("--skip-invalid", action="store_true", help="leave invalid volumes out instead of stopping")
     data.add_argument("--allow-unstripped", action="store_true",
                       help="go on although skull-stripped and unstripped volumes are mixed (a confound; the report says so)")

@@ -21,7 +21,8 @@ def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--contrasts", default="t1ce",
                         help="comma list of BraTS contrasts used as channels (default t1ce); for RSNA-MICCAI: flair, "
                              "t1w, t1wce, t2w (t1, t1ce, t2 are aliases)")
-    parser.add_argument("--classes", default=None, help="comma list of labels, in output order (default: from the data)")
+    parser.add_argument("--classes", default=None, help="comma list of labels, in output order; naming only some "
+                                                        "selects them (default: every label in the data)")
     parser.add_argument("--skip-invalid", action="store_true", help="leave invalid files out instead of failing")
     parser.add_argument("--allow-unstripped", action="store_true",
                         help="accept a mix of skull-stripped and unstripped volumes (a confound; see README)")

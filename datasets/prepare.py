@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -115,12 +116,26 @@ def load_records(spec: DataSpec) -> list[SubjectRecord]:
         return read_manifest(spec.manifest)
     if find_rsna_layout(spec.data_root) is not None:
         return discover_rsna(spec.data_root, spec.contrasts)
-    return discover_brats_ixi(spec.data_root, spec.contrasts)
+    return discover_brats_ixi(spec.data_root, spec.contrasts, spec.classes)
+
+
+def select_classes(records: list[SubjectRecord], classes: Sequence[str]) -> list[SubjectRecord]:
+    """The subjects whose label is one of ``classes``: ``--classes LGG,HGG`` on BraTS + IXI runs LGG vs HGG.
+
+    The subjects left out are counted per label in the log, so a misspelt label in a manifest (which would be left
+    out with them) is visible. Unlabelled records are kept: validation refuses them with its own message.
+    """
+    left_out = Counter(r.label for r in records if r.label and r.label not in classes)
+    if left_out:
+        log.warning("--classes %s: leaving out %d subject(s) with another label: %s", ",".join(classes),
+                    sum(left_out.values()), ", ".join(f"{label} ({n})" for label, n in sorted(left_out.items())))
+    return [r for r in records if not r.label or r.label in classes]
 
 
 def check_data(spec: DataSpec, cache_root: str | os.PathLike | None = None) -> ValidationReport:
     records = load_records(spec)
     classes = class_order(records, spec.classes)
+    records = select_classes(records, classes)
     # DICOM series become cached NIfTI first; an unusable series is reported with the other problems.
     records, unconverted = convert_records(records, dicom_cache_dir(cache_root))
     cache_file = Path(cache_root) / "validation.json" if cache_root else None

@@ -78,8 +78,13 @@ def _find_nifti(folder: Path, stem: str) -> Path:
     return folder / f"{stem}.nii.gz"
 
 
-def discover_brats_ixi(data_root: str | os.PathLike, contrasts: Sequence[str] = ("t1ce",)) -> list[SubjectRecord]:
-    """BraTS ``{HGG,LGG}/<subject>/<subject>_<contrast>.nii.gz`` and IXI ``IXI*-T1.nii[.gz]`` anywhere under ``data_root``."""
+def discover_brats_ixi(data_root: str | os.PathLike, contrasts: Sequence[str] = ("t1ce",),
+                       classes: Sequence[str] | None = None) -> list[SubjectRecord]:
+    """BraTS ``{HGG,LGG}/<subject>/<subject>_<contrast>.nii.gz`` and IXI ``IXI*-T1.nii[.gz]`` anywhere under ``data_root``.
+
+    ``classes`` (``--classes``, any spelling) without Healthy leaves IXI out before its files are looked at, so
+    ``--classes LGG,HGG --contrasts flair`` runs on BraTS alone instead of being refused for IXI's missing FLAIR.
+    """
     root = Path(data_root)
     if not root.is_dir():
         raise FileNotFoundError(f"--data-root {root} is not a folder; point it at the folder holding the BraTS and IXI data")
@@ -92,7 +97,8 @@ def discover_brats_ixi(data_root: str | os.PathLike, contrasts: Sequence[str] = 
             sid = subject_dir.name
             paths = tuple(str(_find_nifti(subject_dir, f"{sid}_{c}")) for c in contrasts)
             records.append(SubjectRecord(sid, grade_dir.name, paths, group=sid, source="brats", site=brats_site(sid)))
-    ixi_files = _ixi_files(root)
+    with_healthy = classes is None or "Healthy" in match_classes(classes, PAPER_CLASSES)
+    ixi_files = _ixi_files(root) if with_healthy else {}
     if ixi_files and len(contrasts) > 1:
         raise ValueError(
             f"IXI provides T1 only, but {len(contrasts)} contrasts were asked for ({', '.join(contrasts)}); "

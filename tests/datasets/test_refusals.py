@@ -12,7 +12,7 @@ import pytest
 from datasets import DataSpec, PreprocessConfig, SplitSpec, check_data, prepare_data
 from datasets.__main__ import main
 from datasets.records import SubjectRecord
-from datasets.sources import class_order, read_manifest
+from datasets.sources import class_order, discover_brats_ixi, read_manifest
 from datasets.splits import check_class_counts, fewest_inner_subjects, plan_splits
 from datasets import validation
 from datasets.validation import check_volume, validate_records
@@ -359,3 +359,32 @@ def test_ixi_files_with_unexpected_names_are_named_when_left_out(tmp_path, caplo
     assert [r.subject_id for r in records if r.label == "Healthy"] == ["IXI002-HH-1600"]
     assert "left out: " in caplog.text and "IXI001-Guys-1211_T1.nii.gz" in caplog.text
     assert "IXI002-HH-1600-T1.nii.gz" not in caplog.text
+
+
+def test_classes_select_a_subset_of_the_labels(phantom_root, tmp_path, caplog):
+    """``--classes LGG,HGG`` trains LGG vs HGG: other labels are left out with a count, not refused."""
+    records = discover_brats_ixi(phantom_root)
+    manifest = tmp_path / "all.csv"
+    pd.DataFrame({"subject_id": [r.subject_id for r in records], "label": [r.label for r in records],
+                  "path": [r.paths[0] for r in records]}).to_csv(manifest, index=False)
+    with caplog.at_level(logging.WARNING, logger="datasets.prepare"):
+        data = prepare_data(DataSpec(manifest=str(manifest), classes=("hgg", "lgg")),
+                            PreprocessConfig(spacing=12.0), SplitSpec(n_splits=2, val_fraction=0.25), tmp_path / "c")
+    assert data.classes == ("HGG", "LGG")
+    assert data.subjects["label"].value_counts().to_dict() == {"HGG": 8, "LGG": 8}
+    assert "--classes HGG,LGG: leaving out 8 subject(s) with another label: Healthy (8)" in caplog.text
+    # On the BraTS/IXI tree itself IXI is not even discovered without the Healthy class: nothing to leave out.
+    caplog.clear()
+    tree = prepare_data(DataSpec(data_root=str(phantom_root), classes=("lgg", "hgg")),
+                        PreprocessConfig(spacing=12.0), SplitSpec(n_splits=2, val_fraction=0.25), tmp_path / "c")
+    assert tree.classes == ("LGG", "HGG") and set(tree.subjects["subject_id"]) == set(data.subjects["subject_id"])
+    assert "leaving out" not in caplog.text
+
+
+def test_classes_without_healthy_leave_ixi_out_of_discovery(phantom_root):
+    # FLAIR beside IXI's T1 is refused as a contrast shortcut; without the Healthy class IXI is not read at all.
+    with pytest.raises(ValueError, match="IXI provides T1 only"):
+        discover_brats_ixi(phantom_root, ("flair",))
+    records = discover_brats_ixi(phantom_root, ("flair",), classes=("LGG", "HGG"))
+    assert {r.label for r in records} == {"LGG", "HGG"}
+    assert all(r.paths[0].endswith("_flair.nii.gz") for r in records)
