@@ -34,7 +34,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from analysis.names import Arm
+from analysis.names import Arm, arm_frames, arm_mask
 
 THRESHOLD = 0.5
 ARGMAX_RULE = "0.5"  # values of the classification report's threshold_rule column
@@ -62,15 +62,9 @@ def positive_class(classes: list[str]) -> str:
     return classes[1]
 
 
-def _arm_frames(preds: pd.DataFrame, arms: list[Arm]):
-    """(arm, its pooled predictions) for every arm that has any."""
-    for arm in arms:
-        arm_df = preds[(preds["model"] == arm[0]) & (preds["pretrained"] == arm[1])]
-        if not arm_df.empty:
-            yield arm, arm_df
-
-
 def _target_score(arm_df: pd.DataFrame, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(1 where the label is the positive class else 0, prob_<positive>): the inputs of every two-class score,
+    on test rows and on validation rows alike."""
     pos = positive_class(classes)
     return (arm_df["label"] == pos).to_numpy(dtype=int), arm_df[f"prob_{pos}"].to_numpy(dtype=float)
 
@@ -116,7 +110,6 @@ def fold_thresholds(test_preds: pd.DataFrame, val_preds: pd.DataFrame | None, cl
     at that threshold. Only validation rows are read, and a trial whose validation rows include one of its own
     test subjects is refused: its threshold would have seen the subject it is applied to.
     """
-    pos = positive_class(classes)
     rows = []
     for trial in test_preds.drop_duplicates("trial_name").itertuples(index=False):
         val = val_preds[val_preds["trial_name"] == trial.trial_name] if val_preds is not None else test_preds.iloc[:0]
@@ -126,7 +119,7 @@ def fold_thresholds(test_preds: pd.DataFrame, val_preds: pd.DataFrame | None, cl
             raise ValueError(f"val_predictions.csv: trial {trial.trial_name!r} has validation rows for its own test "
                              f"subject(s) {both[:5]}; a fold's validation part must exclude its test fold (check "
                              "splits.json and rerun the trial)")
-        y, score = (val["label"] == pos).to_numpy(dtype=int), val[f"prob_{pos}"].to_numpy(dtype=float)
+        y, score = _target_score(val, classes)
         threshold, chosen_by = youden_threshold(y, score) if len(val) else (THRESHOLD, NO_VALIDATION)
         sens, spec = sensitivity_specificity(y, score > threshold)
         rows.append({"model": trial.model, "pretrained": trial.pretrained, "fold": trial.fold,
@@ -148,10 +141,6 @@ def threshold_source(arm_thresholds: pd.DataFrame) -> str:
     for reason, group in sorted(fallbacks.groupby("chosen_by"), key=lambda item: item[1]["fold"].min()):
         text += f"; 0.5 in fold(s) {', '.join(str(f) for f in sorted(group['fold']))}: {reason}"
     return text
-
-
-def _arm_thresholds(thresholds: pd.DataFrame, arm: Arm) -> pd.DataFrame:
-    return thresholds[(thresholds["model"] == arm[0]) & (thresholds["pretrained"] == arm[1])]
 
 
 def per_row_threshold(arm_df: pd.DataFrame, thresholds: pd.DataFrame) -> np.ndarray:
@@ -222,9 +211,9 @@ def binary_summary(preds: pd.DataFrame, classes: list[str], arms: list[Arm], n_r
     only: each fold used its own (``threshold_source``)."""
     thresholds = fold_thresholds(preds, None, classes) if thresholds is None else thresholds
     rows = []
-    for arm, arm_df in _arm_frames(preds, arms):
+    for arm, arm_df in arm_frames(preds, arms):
         y, score = _target_score(arm_df, classes)
-        arm_thresholds = _arm_thresholds(thresholds, arm)
+        arm_thresholds = thresholds[arm_mask(thresholds, arm)]
         sens, spec = sensitivity_specificity(y, score > per_row_threshold(arm_df, thresholds))
         sens_argmax, spec_argmax = sensitivity_specificity(y, score > THRESHOLD)
         ap = float(average_precision_score(y, score)) if y.any() else np.nan
@@ -240,7 +229,7 @@ def binary_summary(preds: pd.DataFrame, classes: list[str], arms: list[Arm], n_r
 def pr_curves(preds: pd.DataFrame, classes: list[str], arms: list[Arm]) -> dict:
     """arm -> (recall, precision, average precision, positive prevalence) from sklearn's precision_recall_curve."""
     curves = {}
-    for arm, arm_df in _arm_frames(preds, arms):
+    for arm, arm_df in arm_frames(preds, arms):
         y, score = _target_score(arm_df, classes)
         if not y.any():
             continue  # no positive subject: precision-recall is undefined
@@ -257,10 +246,10 @@ def classification_report_table(preds: pd.DataFrame, classes: list[str], arms: l
     weighted avg; zero_division=0."""
     thresholds = fold_thresholds(preds, None, classes) if thresholds is None else thresholds
     rows = []
-    for arm, arm_df in _arm_frames(preds, arms):
+    for arm, arm_df in arm_frames(preds, arms):
         applied = {ARGMAX_RULE: (THRESHOLD, THRESHOLD),
                    VALIDATION_RULE: (per_row_threshold(arm_df, thresholds),
-                                     float(_arm_thresholds(thresholds, arm)["threshold"].median()))}
+                                     float(thresholds[arm_mask(thresholds, arm)]["threshold"].median()))}
         for rule, (per_row, summary) in applied.items():
             report = classification_report(arm_df["label"].to_numpy(), threshold_predictions(arm_df, classes, per_row),
                                            labels=classes, output_dict=True, zero_division=0)

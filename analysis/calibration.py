@@ -18,7 +18,7 @@ import pandas as pd
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import brier_score_loss
 
-from analysis.names import Arm
+from analysis.names import Arm, arm_frames
 
 N_BINS = 10
 CALIBRATION_COLUMNS = ["model", "pretrained", "n_predictions", "n_subjects", "brier", "ece", "n_bins"]
@@ -79,10 +79,7 @@ def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, n_bins: in
 def calibration_table(preds: pd.DataFrame, classes: list[str], arms: list[Arm]) -> pd.DataFrame:
     """One row per arm with predictions: Brier (one-vs-rest mean) and ECE (10 bins) on pooled test predictions."""
     rows = []
-    for model, pretrained in arms:
-        arm_df = preds[(preds["model"] == model) & (preds["pretrained"] == pretrained)]
-        if arm_df.empty:
-            continue
+    for (model, pretrained), arm_df in arm_frames(preds, arms):
         y = _label_index(arm_df["label"], classes)
         probs = _probabilities(arm_df, classes)
         rows.append({"model": model, "pretrained": pretrained, "n_predictions": len(arm_df),
@@ -95,10 +92,7 @@ def reliability_curves(preds: pd.DataFrame, classes: list[str], arms: list[Arm])
     """arm -> (mean confidence, accuracy) per non-empty bin, from sklearn's calibration_curve on
     (top-class prediction correct, top-class confidence) with 10 uniform bins."""
     curves = {}
-    for model, pretrained in arms:
-        arm_df = preds[(preds["model"] == model) & (preds["pretrained"] == pretrained)]
-        if arm_df.empty:
-            continue
+    for (model, pretrained), arm_df in arm_frames(preds, arms):
         confidence, pred = top_class(_probabilities(arm_df, classes))
         correct = (pred == _label_index(arm_df["label"], classes)).astype(int)
         accuracy, mean_confidence = calibration_curve(correct, confidence, pos_label=1, n_bins=N_BINS,

@@ -21,7 +21,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from datasets.atomic import write_bytes_atomic  # noqa: E402
 from analysis.metrics import ArmMetrics  # noqa: E402
-from analysis.names import Arm, arm_label, arm_slug, display_name  # noqa: E402
+from analysis.names import Arm, arm_label, arm_mask, arm_slug, display_name  # noqa: E402
 
 DPI = 100
 RC = {"font.size": 9, "axes.titlesize": 10, "figure.dpi": DPI, "savefig.dpi": DPI, "path.simplify": True,
@@ -49,7 +49,7 @@ def _annotate(ax, values: np.ndarray, fmt: str, threshold: float, dark_high: boo
 
 def confusion_figure(confusion: pd.DataFrame, arm: Arm, classes: list[str], path: Path, folds_label: str) -> Path:
     """Like the paper's Figs 4-6: counts summed over folds, and row-normalised (rows = true class)."""
-    sel = confusion[(confusion["model"] == arm[0]) & (confusion["pretrained"] == arm[1])]
+    sel = confusion[arm_mask(confusion, arm)]
     idx = {c: i for i, c in enumerate(classes)}
     counts = np.zeros((len(classes), len(classes)))
     fractions = np.full((len(classes), len(classes)), np.nan)
@@ -77,7 +77,7 @@ def confusion_figure(confusion: pd.DataFrame, arm: Arm, classes: list[str], path
 def heatmap_figure(metrics: ArmMetrics, arms: list[Arm], classes: list[str], path: Path) -> Path | None:
     """Fig 7: precision / recall / specificity / F1 per class (columns) and arm (rows), fold means."""
     pc = metrics.per_class
-    arms = [a for a in arms if ((pc["model"] == a[0]) & (pc["pretrained"] == a[1])).any()]
+    arms = [a for a in arms if arm_mask(pc, a).any()]
     if not arms:
         return None
     grids = {}
@@ -85,8 +85,7 @@ def heatmap_figure(metrics: ArmMetrics, arms: list[Arm], classes: list[str], pat
         values = np.full((len(arms), len(classes)), np.nan)
         for i, arm in enumerate(arms):
             for j, cls in enumerate(classes):
-                sel = pc[(pc["model"] == arm[0]) & (pc["pretrained"] == arm[1]) & (pc["class"] == cls)
-                         & (pc["metric"] == metric)]
+                sel = pc[arm_mask(pc, arm) & (pc["class"] == cls) & (pc["metric"] == metric)]
                 if len(sel):
                     values[i, j] = sel["mean"].iloc[0]
         grids[metric] = values
@@ -135,7 +134,7 @@ def roc_figure(curves: dict, arm: Arm, classes: list[str], path: Path) -> Path |
 def learning_curve_figure(epochs: pd.DataFrame, arm: Arm, path: Path) -> Path | None:
     """Loss and validation scores per epoch: mean over folds with a ±1 std band (folds may stop at
     different epochs, so each epoch's mean uses the folds that reached it, and the count is shown)."""
-    sel = epochs[(epochs["model"] == arm[0]) & (epochs["pretrained"] == arm[1])]
+    sel = epochs[arm_mask(epochs, arm)]
     if sel.empty:
         return None
     panels = [("Loss", [("train_loss", "train", "tab:blue"), ("val_loss", "validation", "tab:orange")]),
@@ -171,14 +170,14 @@ def learning_curve_figure(epochs: pd.DataFrame, arm: Arm, path: Path) -> Path | 
 def macro_f1_figure(metrics: ArmMetrics, arms: list[Arm], path: Path, paper_lookup) -> Path | None:
     """Macro F1 per arm: each fold as a dot, the fold mean as a bar, the published value as a cross."""
     fo = metrics.per_fold_overall
-    arms = [a for a in arms if ((fo["model"] == a[0]) & (fo["pretrained"] == a[1])).any()]
+    arms = [a for a in arms if arm_mask(fo, a).any()]
     if not arms:
         return None
     with matplotlib.rc_context(RC):
         fig = Figure(figsize=(2.8 + 1.1 * len(arms), 3.8), layout="constrained")
         ax = fig.subplots()
         for i, arm in enumerate(arms):
-            vals = fo[(fo["model"] == arm[0]) & (fo["pretrained"] == arm[1])].sort_values("fold")["macro_f1"].to_numpy()
+            vals = fo[arm_mask(fo, arm)].sort_values("fold")["macro_f1"].to_numpy()
             ax.bar(i, vals.mean(), color="tab:blue" if arm[1] else "tab:gray", alpha=0.5, width=0.6)
             ax.scatter(np.full(len(vals), i), vals, color="black", s=12, zorder=3,
                        label="fold" if i == 0 else None)
@@ -224,7 +223,7 @@ def _paired_bars(frame: pd.DataFrame, key: str, series: list[tuple[str, str, str
         for k, (value, colour, label) in enumerate(series):
             xs, ys, es = [], [], []
             for i, arm in enumerate(arms):
-                r = frame[(frame["model"] == arm[0]) & (frame["pretrained"] == arm[1]) & (frame[key] == value)]
+                r = frame[arm_mask(frame, arm) & (frame[key] == value)]
                 if len(r) and np.isfinite(r["test_macro_f1_mean"].iloc[0]):
                     xs.append(i + (k - 0.5) * 0.35)
                     ys.append(r["test_macro_f1_mean"].iloc[0])

@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from analysis.names import Arm, sort_arms
+from analysis.names import Arm, arm_mask, sort_arms
 
 PREDICTION_COLUMNS = ["experiment", "model", "pretrained", "fold", "config_id", "trial_name", "subject_id", "label", "pred"]
 EPOCH_COLUMNS = ["experiment", "model", "pretrained", "fold", "config_id", "trial_name", "epoch"]
@@ -445,6 +445,6 @@ def check_one_trial_per_fold(main_preds: pd.DataFrame, path: Path) -> None:
     counts = per.groupby(["model", "pretrained", "fold"]).size()
     if (counts > 1).any():
         model, pretrained, fold = counts[counts > 1].index[0]
-        names = sorted(per[(per["model"] == model) & (per["pretrained"] == pretrained) & (per["fold"] == fold)]["trial_name"])
+        names = sorted(per[arm_mask(per, (model, pretrained)) & (per["fold"] == fold)]["trial_name"])
         raise ValueError(f"{path}: arm ({model}, pretrained={pretrained}) fold {fold} has predictions from several "
                          f"paper-protocol trials {names}; expected exactly one")

@@ -21,7 +21,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from analysis.names import Arm
+from analysis.names import Arm, arm_frames
 
 CLASS_METRICS = ["precision", "recall", "specificity", "f1"]
 OVERALL_METRICS = ["accuracy", "macro_f1", "weighted_f1"]
@@ -66,10 +66,7 @@ class ArmMetrics:
 def arm_metrics(preds: pd.DataFrame, classes: list[str], arms: list[Arm]) -> ArmMetrics:
     """Metrics per fold and pooled for every arm that has predictions (arms without any get no rows)."""
     fold_class_rows, fold_overall_rows, class_rows, overall_rows, support_rows = [], [], [], [], []
-    for model, pretrained in arms:
-        arm_df = preds[(preds["model"] == model) & (preds["pretrained"] == pretrained)]
-        if arm_df.empty:
-            continue  # reported as missing, never as zeros
+    for (model, pretrained), arm_df in arm_frames(preds, arms):
         arm_fold_class, arm_fold_overall = [], []
         for (fold, trial), fold_df in arm_df.groupby(["fold", "trial_name"], sort=True):
             cm = class_metrics(fold_df["label"], fold_df["pred"], classes)
@@ -125,10 +122,7 @@ def confusion_counts(preds: pd.DataFrame, classes: list[str], arms: list[Arm]) -
     Long format: model, pretrained, true, pred, count, row_fraction (rows = true class, as in the paper).
     """
     rows = []
-    for model, pretrained in arms:
-        arm_df = preds[(preds["model"] == model) & (preds["pretrained"] == pretrained)]
-        if arm_df.empty:
-            continue
+    for (model, pretrained), arm_df in arm_frames(preds, arms):
         counts = np.zeros((len(classes), len(classes)), dtype=int)
         for _, fold_df in arm_df.groupby("fold", sort=True):
             counts += confusion_matrix(fold_df["label"], fold_df["pred"], labels=classes)
@@ -149,10 +143,7 @@ def roc_per_class(preds: pd.DataFrame, classes: list[str], arms: list[Arm]) -> t
     skipped and named in the returned notes.
     """
     rows, curves, notes = [], {}, []
-    for model, pretrained in arms:
-        arm_df = preds[(preds["model"] == model) & (preds["pretrained"] == pretrained)]
-        if arm_df.empty:
-            continue
+    for (model, pretrained), arm_df in arm_frames(preds, arms):
         for cls in classes:
             y_pooled = (arm_df["label"] == cls).to_numpy()
             score_pooled = arm_df[f"prob_{cls}"].to_numpy(dtype=float)

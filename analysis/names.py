@@ -1,4 +1,4 @@
-"""Display names and orderings for arms (model, pretrained).
+"""Arms (model, pretrained): display names, orderings, and an arm's rows in a table.
 
 `models` imports torch (seconds), so its DISPLAY_NAMES is fetched lazily and only once; the
 analysis still works without torch (names then fall back to the model key, and the report says so).
@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
+from typing import TYPE_CHECKING, Iterable, Iterator
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # The paper's table order (ResNet3D, ResNet (2+1)D, ResNet Mixed Convolution); other models follow, sorted.
 PAPER_MODEL_ORDER = ("r3d_18", "r2plus1d_18", "mc3_18")
@@ -95,3 +99,18 @@ def baseline_sort_key(arm: Arm) -> tuple[int, str, bool]:
 
 def sort_arms(arms) -> list[Arm]:
     return sorted({(str(m), bool(p)) for m, p in arms}, key=arm_sort_key)
+
+
+def arm_mask(frame: pd.DataFrame, arm: Arm) -> pd.Series:
+    """Which rows of ``frame`` belong to ``arm``: every analysis table names an arm by its ``model`` and
+    ``pretrained`` columns, so this one test selects an arm everywhere."""
+    return (frame["model"] == arm[0]) & (frame["pretrained"] == arm[1])
+
+
+def arm_frames(frame: pd.DataFrame, arms: Iterable[Arm]) -> Iterator[tuple[Arm, pd.DataFrame]]:
+    """(arm, its rows of ``frame``) in the order of ``arms``, skipping an arm without rows: an arm with no
+    results gets no table row (it is reported as missing), never a row of zeros."""
+    for arm in arms:
+        rows = frame[arm_mask(frame, arm)]
+        if not rows.empty:
+            yield arm, rows

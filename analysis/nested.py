@@ -29,7 +29,7 @@ import pandas as pd
 
 from analysis.load import HYPERPARAMETERS, Experiment
 from analysis.metrics import arm_metrics, overall_metrics
-from analysis.names import Arm, arm_sort_key
+from analysis.names import Arm, arm_mask, arm_sort_key
 from analysis.partial import failed_folds, failed_folds_text, failed_trials
 
 SEARCH = "search"
@@ -111,8 +111,7 @@ def fold_candidates(trials: pd.DataFrame | None, study: FoldStudy) -> pd.DataFra
     if trials is None:
         return _search_trials(None)
     done = trials[(trials["status"] == "TERMINATED") & np.isfinite(trials["best_val_macro_f1"].astype(float))
-                  & (trials["model"] == study.model) & (trials["pretrained"] == study.pretrained)
-                  & (trials["fold"] == study.fold)]
+                  & arm_mask(trials, study.arm) & (trials["fold"] == study.fold)]
     own = done["experiment"] == SEARCH
     handed = (done["trial_name"] == study.grid_trial) if study.grid_trial else pd.Series(False, index=done.index)
     return done[own | handed].sort_values("trial_name", kind="stable").reset_index(drop=True)
@@ -170,8 +169,7 @@ def study_failures(trials: pd.DataFrame | None, study: FoldStudy) -> list[str]:
     failed = failed_trials(trials)
     if failed.empty:
         return []
-    mine = failed[(failed["model"] == study.model) & (failed["pretrained"] == study.pretrained)
-                  & (failed["fold"] == study.fold)]
+    mine = failed[arm_mask(failed, study.arm) & (failed["fold"] == study.fold)]
     own = (mine["experiment"] == SEARCH) | (mine["trial_name"] == (study.grid_trial or ""))
     return sorted(mine.loc[own, "trial_name"])
 
@@ -217,7 +215,7 @@ def paper_default_predictions(exp: Experiment, arm: Arm, folds: list[int]) -> pd
     """Test predictions of the paper's configuration for `arm` on `folds`: the grid's trials (experiment
     "paper"), else the search's trials of paper_config_id; one trial per fold (the smallest name if several)."""
     preds = exp.predictions
-    preds = preds[(preds["model"] == arm[0]) & (preds["pretrained"] == arm[1]) & preds["fold"].isin(folds)]
+    preds = preds[arm_mask(preds, arm) & preds["fold"].isin(folds)]
     chosen = preds[preds["experiment"] == "paper"]
     if chosen.empty and exp.paper_config_id is not None:
         chosen = preds[(preds["experiment"] == SEARCH) & (preds["config_id"] == exp.paper_config_id)]
@@ -250,7 +248,7 @@ def nested_estimate(exp: Experiment, selection: pd.DataFrame) -> pd.DataFrame:
     is named in ``missing_folds``, and so is a fold where the paper's configuration has no trial."""
     rows = []
     for arm in _arms(selection):
-        studied = selection[(selection["model"] == arm[0]) & (selection["pretrained"] == arm[1])]
+        studied = selection[arm_mask(selection, arm)]
         chosen = studied[studied["trial_name"] != ""]
         preds = exp.predictions[exp.predictions["trial_name"].isin(set(chosen["trial_name"]))]
         rows.append(estimate_row(preds, arm, "nested", exp.classes, _unchosen_folds(studied, preds)))
@@ -359,8 +357,8 @@ def deploy_config(exp: Experiment, studies: list[FoldStudy], candidates: pd.Data
     rows = []
     for arm in _arms(selection):
         folds = sorted(s.fold for s in studies if s.arm == arm)
-        mine = candidates[(candidates["model"] == arm[0]) & (candidates["pretrained"] == arm[1])]
-        chosen = selection[(selection["model"] == arm[0]) & (selection["pretrained"] == arm[1])]
+        mine = candidates[arm_mask(candidates, arm)]
+        chosen = selection[arm_mask(selection, arm)]
         failed = configs_with_failed_folds(exp, studies, arm)
         picked = deploy_choice(mine, chosen, folds, exp.paper_config_id, excluded=set(failed))
         if picked is None:

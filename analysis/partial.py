@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from analysis.load import Experiment
-from analysis.names import Arm
+from analysis.names import Arm, arm_mask
 
 UNFINISHED = ("MISSING", "PENDING", "RUNNING", "INCOMPLETE")
 FAILED_STATUSES = ("ERROR", "FAILED")
@@ -33,7 +33,7 @@ class PartialResults:
         """'3/3', '2/3 (fold 1 failed)' or '2/3 (missing fold 1)', as shown beside every table row."""
         if arm in self.extra_folds:
             return self.extra_folds[arm]
-        row = self.arm_folds[(self.arm_folds["model"] == arm[0]) & (self.arm_folds["pretrained"] == arm[1])]
+        row = self.arm_folds[arm_mask(self.arm_folds, arm)]
         if row.empty:
             return ""
         r = row.iloc[0]
@@ -47,7 +47,7 @@ class PartialResults:
         return f"{label} ({'; '.join(parts)})"
 
     def is_incomplete(self, arm: Arm) -> bool:
-        row = self.arm_folds[(self.arm_folds["model"] == arm[0]) & (self.arm_folds["pretrained"] == arm[1])]
+        row = self.arm_folds[arm_mask(self.arm_folds, arm)]
         return bool(len(row)) and int(row.iloc[0]["folds_present"]) < int(row.iloc[0]["folds_planned"])
 
 
@@ -72,7 +72,7 @@ def failed_folds(trials: pd.DataFrame | None, arm: Arm, config_id: str | None = 
     """
     if trials is None:
         return {}
-    mine = trials[(trials["model"] == arm[0]) & (trials["pretrained"] == arm[1])]
+    mine = trials[arm_mask(trials, arm)]
     if config_id is not None:
         mine = mine[mine["config_id"] == config_id]
     if experiments is not None:
@@ -137,7 +137,7 @@ def partial_results(exp: Experiment, main_preds: pd.DataFrame, arms: list[Arm]) 
 
     arm_rows = []
     for model, pretrained in arms:
-        sel = main_preds[(main_preds["model"] == model) & (main_preds["pretrained"] == pretrained)]
+        sel = main_preds[arm_mask(main_preds, (model, pretrained))]
         present = sorted(int(f) for f in sel["fold"].unique())
         absent = [f for f in range(exp.n_folds) if f not in present]
         main_failed = failed_folds(exp.select_main(trials), (model, pretrained)) if trials is not None else {}

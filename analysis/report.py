@@ -18,7 +18,7 @@ from analysis.document import Document
 from datasets.atomic import write_text_atomic
 from analysis.load import Experiment, check_one_trial_per_fold, load_experiment
 from analysis.metrics import arm_metrics, confusion_counts, roc_per_class
-from analysis.names import Arm, arm_label, display_name, display_names_note
+from analysis.names import Arm, arm_frames, arm_label, arm_mask, display_name, display_names_note
 from analysis.paper import PAPER_CITATION, is_paper_task
 from analysis.partial import STATUS_MEANING, PartialResults, partial_results
 from analysis.stats import POWER_CAVEAT, bootstrap_f1_ci, pairwise_tests
@@ -90,7 +90,7 @@ def build_report(out_dir: str | Path, bootstrap_samples: int = 2000, seed: int =
     auc, curves, roc_notes = roc_per_class(main_preds, classes, arms)
     tests = pairwise_tests(metrics.per_fold_overall, main_trials, arms)
     boot = _bootstrap(main_preds, classes, arms, bootstrap_samples, seed)
-    result_arms = [a for a in arms if tb.arm_mask(metrics.per_fold_overall, a).any()]
+    result_arms = [a for a in arms if arm_mask(metrics.per_fold_overall, a).any()]
     confounds = cr.analyse_confounds(exp, main_preds, result_arms, bootstrap_samples, seed)
     partial.extra_folds.update(cr.baseline_folds(confounds, exp.n_folds))
     binary = bn.is_binary(classes)
@@ -180,10 +180,7 @@ def build_report(out_dir: str | Path, bootstrap_samples: int = 2000, seed: int =
 
 def _bootstrap(preds: pd.DataFrame, classes: list[str], arms: list[Arm], n: int, seed: int) -> pd.DataFrame:
     frames = []
-    for arm in arms:
-        sel = preds[tb.arm_mask(preds, arm)]
-        if sel.empty:
-            continue
+    for arm, sel in arm_frames(preds, arms):
         ci = bootstrap_f1_ci(sel, classes, n_resamples=n, seed=seed)
         ci.insert(0, "pretrained", arm[1])
         ci.insert(0, "model", arm[0])
@@ -355,7 +352,7 @@ def _binary_section(doc, summary, report, result_arms, classes, fig_pr, report_d
              "scikit-learn's average_precision_score.")
     rows = []
     for r in summary.itertuples(index=False):
-        rows.append({"Model": display_name(r.model), "Pre-trained": "yes" if r.pretrained else "no",
+        rows.append({**tb.arm_cells(r.model, r.pretrained),
                      "Subjects": r.n_subjects, "ROC AUC [95% CI]": f"{tb.fmt(r.auc) or 'n/a'} "
                      f"[{tb.fmt(r.auc_low) or 'n/a'}, {tb.fmt(r.auc_high) or 'n/a'}]",
                      "Average precision": tb.fmt(r.average_precision) or "n/a",

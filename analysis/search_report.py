@@ -18,7 +18,7 @@ from analysis import figures as figs
 from analysis import tables as tb
 from analysis.document import Document
 from analysis.load import HYPERPARAMETERS, Experiment
-from analysis.names import arm_label, arm_sort_key, display_name
+from analysis.names import arm_label, arm_sort_key
 from analysis.nested import NestedSearch, analyse_nested
 from search_spaces import TPE_STARTUP_TRIALS
 
@@ -109,7 +109,7 @@ def estimate_display(estimate: pd.DataFrame, classes: list[str], n_folds: int, d
     rows = []
     for r in estimate.to_dict("records"):
         gaps = _text(r.get("missing_folds"))  # studied folds without a trial here, and why (a failure, mostly)
-        row = {"Model": display_name(r["model"]), "Pre-trained": "yes" if r["pretrained"] else "no",
+        row = {**tb.arm_cells(r["model"], r["pretrained"]),
                "Configuration": "nested: chosen per fold" if r["estimate"] == NESTED else default_label,
                "Folds": f"{int(r['n_folds'])}/{n_folds}" + (f" ({gaps})" if gaps else ""),
                "Macro F1 (mean ± std)": tb.fmt_pm(r["test_macro_f1_mean"], r["test_macro_f1_std"]),
@@ -138,7 +138,7 @@ def selection_display(selection: pd.DataFrame, exp: Experiment) -> pd.DataFrame:
     rows = []
     for r in selection.to_dict("records"):
         chosen = bool(r["config_id"])
-        row = {"Model": display_name(r["model"]), "Pre-trained": "yes" if r["pretrained"] else "no",
+        row = {**tb.arm_cells(r["model"], r["pretrained"]),
                "Fold": str(r["fold"]), "Chosen": _config_text(r["config_id"], exp.paper_config_id, exp.default_label),
                **(tb.hp_cells(r, exp.paper_defaults, show_default=r["config_id"] != exp.paper_config_id) if chosen
                   else dict.fromkeys(HYPERPARAMETERS, "")),
@@ -187,7 +187,7 @@ def deploy_display(deploy: pd.DataFrame, exp: Experiment) -> pd.DataFrame:
     rows = []
     for r in deploy.to_dict("records"):
         configured = bool(_text(r["config_id"]))
-        rows.append({"Model": display_name(r["model"]), "Pre-trained": "yes" if r["pretrained"] else "no",
+        rows.append({**tb.arm_cells(r["model"], r["pretrained"]),
                      "Configuration": (_config_text(r["config_id"], exp.paper_config_id, exp.default_label)
                                        if configured else "none"),
                      **(tb.hp_cells(r, exp.paper_defaults, show_default=r["config_id"] != exp.paper_config_id)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analysis.names import Arm, arm_label, display_name
+from analysis.names import Arm, arm_frames, arm_label, arm_mask, display_name
 
 CONFIDENCE = 0.95
 SHORTCUT_COLUMNS = ["model", "pretrained", "baseline", "metric", "class", "n_subjects", "n_rows", "deep",
@@ -114,12 +114,9 @@ def shortcut_check(main_preds: pd.DataFrame, baseline_preds: pd.DataFrame, deep_
                    baseline_arms: list[Arm], classes: list[str], n_resamples: int, seed: int) -> pd.DataFrame:
     """Every deep arm with predictions against every baseline: SHORTCUT_COLUMNS, one row per metric and class."""
     frames = []
-    for arm in deep_arms:
-        deep = main_preds[(main_preds["model"] == arm[0]) & (main_preds["pretrained"] == arm[1])]
-        if deep.empty:
-            continue
+    for arm, deep in arm_frames(main_preds, deep_arms):
         for base_arm in baseline_arms:
-            base = baseline_preds[(baseline_preds["model"] == base_arm[0]) & (baseline_preds["pretrained"] == base_arm[1])]
+            base = baseline_preds[arm_mask(baseline_preds, base_arm)]
             res = paired_bootstrap(deep, base, classes, n_resamples, seed)
             res.insert(0, "baseline", base_arm[0])
             res.insert(0, "pretrained", arm[1])
@@ -197,8 +194,7 @@ def per_site(preds: pd.DataFrame, arms: list[Arm], classes: list[str], baseline:
     Pooled over folds. A site where a class is absent has no recall for it (NaN, not 0).
     """
     rows = []
-    for arm in arms:
-        sel = preds[(preds["model"] == arm[0]) & (preds["pretrained"] == arm[1])]
+    for arm, sel in arm_frames(preds, arms):
         for (source, site), grp in sel.groupby(["source", "site"], sort=True):
             correct = grp["label"] == grp["pred"]
             row = {"model": arm[0], "pretrained": arm[1], "baseline": baseline, "source": source, "site": site,

@@ -14,7 +14,7 @@ import pandas as pd
 from scipy import stats as sps
 from sklearn.metrics import precision_recall_fscore_support
 
-from analysis.names import Arm
+from analysis.names import Arm, arm_mask
 
 POWER_CAVEAT = (
     "With only {J} folds the corrected t-test has {df} degree(s) of freedom and very little power: "
@@ -105,7 +105,7 @@ def pairwise_tests(per_fold_overall: pd.DataFrame, trials: pd.DataFrame | None, 
 
     diff = arm_a - arm_b, so t > 0 means arm_a scored higher.
     """
-    have = [arm for arm in arms if ((per_fold_overall["model"] == arm[0]) & (per_fold_overall["pretrained"] == arm[1])).any()]
+    have = [arm for arm in arms if arm_mask(per_fold_overall, arm).any()]
     rows = []
     for a, b in itertools.combinations(have, 2):
         sa = _fold_series(per_fold_overall, a, metric)
@@ -127,7 +127,7 @@ def pairwise_tests(per_fold_overall: pd.DataFrame, trials: pd.DataFrame | None, 
 
 
 def _fold_series(per_fold_overall: pd.DataFrame, arm: Arm, metric: str) -> pd.Series:
-    sel = per_fold_overall[(per_fold_overall["model"] == arm[0]) & (per_fold_overall["pretrained"] == arm[1])]
+    sel = per_fold_overall[arm_mask(per_fold_overall, arm)]
     return sel.set_index("fold")[metric].astype(float)
 
 

@@ -13,7 +13,7 @@ from sklearn.metrics import accuracy_score, f1_score
 
 from analysis.load import HYPERPARAMETERS, Experiment
 from analysis.metrics import ArmMetrics
-from analysis.names import Arm, arm_sort_key, display_name
+from analysis.names import Arm, arm_frames, arm_mask, arm_sort_key, display_name
 from analysis.paper import is_paper_task, published, table_for
 from analysis.partial import PartialResults, failed_folds
 
@@ -50,10 +50,6 @@ def fmt_p(p) -> str:
 
 def mark(text: str, winner: bool) -> str:
     return f"**{text}** {STAR}" if winner and text else text
-
-
-def arm_mask(frame: pd.DataFrame, arm: Arm, model_col: str = "model", pre_col: str = "pretrained") -> pd.Series:
-    return (frame[model_col] == arm[0]) & (frame[pre_col] == arm[1])
 
 
 # ----------------------------------------------------------------------------- paper comparison
@@ -146,11 +142,16 @@ def _is_max(frame: pd.DataFrame, column: str) -> pd.Series:
 
 
 # ----------------------------------------------------------------------------- display tables
+def arm_cells(model: str, pretrained: bool) -> dict[str, str]:
+    """The Model and Pre-trained cells that open every per-arm display table, so all tables name an arm alike."""
+    return {"Model": display_name(model), "Pre-trained": "yes" if pretrained else "no"}
+
+
 def _arm_cols(arm: Arm, partial: PartialResults, baseline: bool = False) -> dict[str, str]:
     """Model, pre-training and folds; a baseline is set in italics and says so instead of a pre-training."""
     if baseline:
         return {"Model": f"*{display_name(arm[0])}*", "Pre-trained": "baseline", "Folds": partial.folds_label(arm)}
-    return {"Model": display_name(arm[0]), "Pre-trained": "yes" if arm[1] else "no", "Folds": partial.folds_label(arm)}
+    return {**arm_cells(*arm), "Folds": partial.folds_label(arm)}
 
 
 def class_f1_display(comp: pd.DataFrame, cls: str, arms: list[Arm], partial: PartialResults) -> pd.DataFrame:
@@ -231,11 +232,8 @@ def pairwise_display(tests: pd.DataFrame) -> pd.DataFrame:
 
 def bootstrap_display(boot: pd.DataFrame, arms: list[Arm], classes: list[str]) -> pd.DataFrame:
     rows = []
-    for arm in arms:
-        sel = boot[arm_mask(boot, arm)]
-        if sel.empty:
-            continue
-        row = {"Model": display_name(arm[0]), "Pre-trained": "yes" if arm[1] else "no"}
+    for arm, sel in arm_frames(boot, arms):
+        row = arm_cells(*arm)
         for metric, cls, title in [("macro_f1", "", "Macro F1")] + [("f1", c, f"F1 {c}") for c in classes]:
             r = sel[(sel["metric"] == metric) & (sel["class"] == cls)].iloc[0]
             row[title] = f"{fmt(r['pooled'])} [{fmt(r['low'])}, {fmt(r['high'])}]"
@@ -245,11 +243,8 @@ def bootstrap_display(boot: pd.DataFrame, arms: list[Arm], classes: list[str]) -
 
 def auc_display(auc: pd.DataFrame, arms: list[Arm], classes: list[str]) -> pd.DataFrame:
     rows = []
-    for arm in arms:
-        sel = auc[arm_mask(auc, arm)]
-        if sel.empty:
-            continue
-        row = {"Model": display_name(arm[0]), "Pre-trained": "yes" if arm[1] else "no"}
+    for arm, sel in arm_frames(auc, arms):
+        row = arm_cells(*arm)
         for cls in classes:
             r = sel[sel["class"] == cls]
             row[f"AUC {cls}: pooled (fold mean ± std)"] = (
@@ -289,10 +284,7 @@ def best_configs(exp: Experiment) -> pd.DataFrame:
     search = _with_grid_default(trials, search, arms, exp.paper_config_id)
     done = search[(search["status"] == "TERMINATED") & search["best_val_macro_f1"].notna()]
     rows = []
-    for arm in arms:
-        arm_done = done[arm_mask(done, arm)]
-        if arm_done.empty:
-            continue
+    for arm, arm_done in arm_frames(done, arms):
         broken = {cid for cid in set(arm_done["config_id"]) if failed_folds(search, arm, cid)}
         agg = arm_done.groupby("config_id").agg(mean=("best_val_macro_f1", "mean"), n=("fold", "nunique")).reset_index()
         agg = agg[~agg["config_id"].isin(broken)]
@@ -363,7 +355,7 @@ def best_configs_display(best: pd.DataFrame, paper_defaults: dict, default_label
     for r in best.to_dict("records"):
         chosen = r["role"] == "best"
         mark_ = BIASED if chosen else ""
-        row = {"Model": display_name(r["model"]), "Pre-trained": "yes" if r["pretrained"] else "no",
+        row = {**arm_cells(r["model"], r["pretrained"]),
                "Config": ("chosen by mean over folds" if chosen else default_label) + f" `{r['config_id']}`",
                **hp_cells(r, paper_defaults, show_default=chosen)}
         failed = _failed_note(r.get("failed_folds"))

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.document import Document
-from analysis.names import Arm, arm_label
+from analysis.names import Arm, arm_frames, arm_label, arm_mask
 
 LOSS_TAIL = 3  # epochs averaged at the end: one epoch's training loss jumps with its batches and augmentation
 LOSS_FALL = 0.9  # "fell" means by more than 10 % of the first epoch's loss
@@ -37,14 +37,12 @@ ARM_COLUMNS = ["model", "pretrained", "folds", "folds_not_learned", "macro_f1_po
 def fold_learning(epochs: pd.DataFrame | None, preds: pd.DataFrame, arms: list[Arm]) -> pd.DataFrame:
     """One row per (arm, fold) with test predictions: the numbers behind the verdict and the verdict."""
     rows = []
-    for model, pretrained in arms:
-        arm_preds = preds[(preds["model"] == model) & (preds["pretrained"] == pretrained)]
+    for arm, arm_preds in arm_frames(preds, arms):
         for fold, fold_preds in arm_preds.groupby("fold", sort=True):
             history = None
             if epochs is not None:
-                history = epochs[(epochs["model"] == model) & (epochs["pretrained"] == pretrained)
-                                 & (epochs["fold"] == fold)].sort_values("epoch")
-            rows.append({"model": model, "pretrained": pretrained, "fold": int(fold),
+                history = epochs[arm_mask(epochs, arm) & (epochs["fold"] == fold)].sort_values("epoch")
+            rows.append({"model": arm[0], "pretrained": arm[1], "fold": int(fold),
                          **_judge(history, fold_preds["pred"].nunique())})
     return pd.DataFrame(rows, columns=FOLD_COLUMNS)
 
@@ -74,13 +72,10 @@ def arm_learning(folds: pd.DataFrame, boot: pd.DataFrame, arms: list[Arm], n_cla
     """One row per arm with results: folds flagged, and the pooled macro F1 interval against chance (1 / K)."""
     chance = 1.0 / n_classes
     rows = []
-    for model, pretrained in arms:
-        arm_folds = folds[(folds["model"] == model) & (folds["pretrained"] == pretrained)]
-        if arm_folds.empty:
-            continue
-        ci = boot[(boot["model"] == model) & (boot["pretrained"] == pretrained) & (boot["metric"] == "macro_f1")]
+    for arm, arm_folds in arm_frames(folds, arms):
+        ci = boot[arm_mask(boot, arm) & (boot["metric"] == "macro_f1")]
         pooled, low, high = (ci.iloc[0][["pooled", "low", "high"]].astype(float) if len(ci) else (np.nan,) * 3)
-        rows.append({"model": model, "pretrained": pretrained, "folds": len(arm_folds),
+        rows.append({"model": arm[0], "pretrained": arm[1], "folds": len(arm_folds),
                      "folds_not_learned": int((~arm_folds["learned"]).sum()), "macro_f1_pooled": pooled,
                      "macro_f1_low": low, "macro_f1_high": high, "chance": chance,
                      "above_chance": bool(low > chance) if np.isfinite(low) else None})

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from analysis.metrics import arm_metrics, class_metrics, confusion_counts, overall_metrics, roc_per_class
+from analysis.names import arm_frames, arm_mask
 from analysis.paper import published
 
 CLASSES = ["HGG", "LGG", "Healthy"]
@@ -101,6 +102,14 @@ def test_arm_without_predictions_gets_no_rows():
     m = arm_metrics(_frame([[[3, 1, 0], [1, 1, 0], [0, 0, 4]]]), CLASSES, [("m", True), ("other", False)])
     assert set(m.per_class["model"]) == {"m"}
     assert set(m.overall["model"]) == {"m"}
+
+
+def test_arm_frames_select_by_model_and_pretrained_in_the_order_asked():
+    # The same model in both pre-training arms must not mix; an arm without rows is skipped, not yielded empty.
+    frame = pd.DataFrame({"model": ["a", "a", "b", "a"], "pretrained": [True, False, True, True], "row": [0, 1, 2, 3]})
+    assert arm_mask(frame, ("a", True)).tolist() == [True, False, False, True]
+    got = [(arm, rows["row"].tolist()) for arm, rows in arm_frames(frame, [("b", True), ("c", True), ("a", True)])]
+    assert got == [(("b", True), [2]), (("a", True), [0, 3])]
 
 
 def test_confusion_counts_summed_and_row_normalised():
