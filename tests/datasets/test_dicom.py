@@ -1,8 +1,13 @@
 """DICOM series -> cached NIfTI: values and world coordinates survive, the cache follows the files, and every
 unusable series is named with its reason."""
+import collections
+import ctypes
+import ctypes.util
 import locale
 import os
 import shutil
+import struct
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -164,3 +169,94 @@ def test_dicom_reading_and_writing_leave_the_process_locale_as_it_was(tmp_path):
     assert locale.setlocale(locale.LC_ALL) == before
     (tmp_path / "plus-minus.txt").write_text("0.5 ± 0.1", encoding="utf-8")
     assert (tmp_path / "plus-minus.txt").read_text() == "0.5 ± 0.1"
+
+
+# --- how often the slice files are read ---------------------------------------------------------------------
+
+
+def _slice_opens(folder, action) -> collections.Counter:
+    """How many times each ``.dcm`` file in ``folder`` is opened while ``action()`` runs, by any code in any library:
+    the kernel's inotify IN_OPEN events (an IN_CLOSE_NOWRITE between two opens keeps them from being merged)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    if not sys.platform.startswith("linux") or not hasattr(libc, "inotify_init1"):
+        pytest.skip("counting file opens needs Linux inotify")
+    in_open, in_close_nowrite, in_q_overflow, in_nonblock = 0x20, 0x10, 0x4000, os.O_NONBLOCK
+    fd = libc.inotify_init1(in_nonblock)
+    if fd < 0:
+        pytest.skip(f"inotify unavailable (errno {ctypes.get_errno()})")
+    try:
+        assert libc.inotify_add_watch(fd, os.fsencode(folder), in_open | in_close_nowrite) >= 0
+        action()
+        opens = collections.Counter()
+        while True:
+            try:
+                events = os.read(fd, 1 << 20)
+            except BlockingIOError:
+                return opens
+            offset = 0
+            while offset < len(events):
+                _, mask, _, length = struct.unpack_from("iIII", events, offset)
+                assert not mask & in_q_overflow, "inotify queue overflowed: counts would be low"
+                name = events[offset + 16:offset + 16 + length].rstrip(b"\0").decode()
+                if mask & in_open and name.endswith(".dcm"):
+                    opens[name] += 1
+                offset += 16 + length
+    finally:
+        os.close(fd)
+
+
+def _read_as_gdcm_sorts_it(folder) -> sitk.Image:
+    """The series read with GDCM's order for its SeriesInstanceUID, as read_series read it before it scanned once."""
+    (uid,) = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
+    reader.MetaDataDictionaryArrayUpdateOn()
+    return reader.Execute()
+
+
+def _same_image(a: sitk.Image, b: sitk.Image) -> bool:
+    return (np.array_equal(sitk.GetArrayViewFromImage(a), sitk.GetArrayViewFromImage(b))
+            and (a.GetSpacing(), a.GetOrigin(), a.GetDirection(), a.GetPixelID())
+            == (b.GetSpacing(), b.GetOrigin(), b.GetDirection(), b.GetPixelID()))
+
+
+@pytest.mark.parametrize("plane", ["axial", "sagittal"])
+def test_a_series_headers_are_parsed_once_before_it_is_read(tmp_path, plane):
+    """Finding and sorting the series costs one pass over its files (GDCM parses each header once); reading it costs
+    what SimpleITK's series reader costs on its own. It used to be two passes: the series ids, then the files of
+    the id found. The image is the same as with GDCM's order for the series' SeriesInstanceUID."""
+    image = _volume(seed=3)
+    folder = tmp_path / "FLAIR"
+    files = _write(as_sagittal(image) if plane == "sagittal" else image, folder)
+    expected = _read_as_gdcm_sorts_it(folder)
+    names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder))
+
+    def read_alone():
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(names)
+        reader.MetaDataDictionaryArrayUpdateOn()
+        reader.Execute()
+
+    read = []
+    opened = _slice_opens(folder, lambda: read.append(read_series(folder)))
+    reading = _slice_opens(folder, read_alone)
+    assert sorted(opened) == sorted(path.name for path in files)
+    assert {name: opened[name] - reading[name] for name in opened} == {path.name: 1 for path in files}
+    assert _same_image(read[0], expected)
+
+
+@pytest.mark.parametrize("other_uid", ["1.2.826.0.1.1", "1.2.826.0.1.3"])  # GDCM lists it before / after ours
+def test_another_series_in_files_not_named_dcm_is_not_read(tmp_path, other_uid):
+    """Only ``.dcm`` files are the series (the conversion key names them); a copy of another series under other
+    names is no mixed series, whichever of the two GDCM finds first."""
+    image = _volume(seed=4)
+    folder = tmp_path / "T2w"
+    write_dicom_series(image, folder, patient_id="00001", study_uid="1.2.826.0.1", series_uid="1.2.826.0.1.2",
+                       series_number=2, description="ours")
+    for path in write_dicom_series(_volume(shape=(16, 12, 11), seed=5), tmp_path / "elsewhere", patient_id="00001",
+                                   study_uid="1.2.826.0.1", series_uid=other_uid, series_number=1, description="other"):
+        shutil.move(path, folder / f"{path.stem}.bak")
+    assert sorted(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))) == sorted(["1.2.826.0.1.2", other_uid])
+    read = read_series(folder)
+    assert np.array_equal(sitk.GetArrayFromImage(read), sitk.GetArrayFromImage(image))
+    assert np.allclose(read.GetSpacing(), image.GetSpacing()) and np.allclose(read.GetOrigin(), image.GetOrigin())

@@ -2,6 +2,7 @@
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -15,7 +16,7 @@ from datasets.records import SubjectRecord
 from datasets.sources import class_order, discover_brats_ixi, read_manifest
 from datasets.splits import check_class_counts, fewest_inner_subjects, plan_splits
 from datasets import validation
-from datasets.validation import check_volume, validate_records
+from datasets.validation import InvalidDataError, check_volume, validate_records
 from tests.conftest import write_brats_tree, write_ellipsoid
 
 AFFINE_FIX = "fix the header's qform/sform, e.g. with nibabel or fslorient"
@@ -128,7 +129,7 @@ def test_results_cached_by_an_older_check_are_not_trusted(tmp_path):
     record = SubjectRecord("bad", "HGG", (str(path),), "bad")
     report = validate_records([record], ("HGG",), cache)
     assert [p.reason for p in report.problems] == [f"affine is singular (voxel sizes 0, 1, 1): {AFFINE_FIX}"]
-    assert json.loads(cache.read_text())["version"] == validation.CHECK_VERSION == 3
+    assert json.loads(cache.read_text())["version"] == validation.CHECK_VERSION == 4
 
 
 def test_a_single_slice_an_rgb_volume_and_a_zero_voxel_size_are_named_with_the_fix(tmp_path):
@@ -156,6 +157,76 @@ def test_a_single_slice_an_rgb_volume_and_a_zero_voxel_size_are_named_with_the_f
     placed = tmp_path / "placed.nii"
     placed.write_bytes(bytes(raw))
     assert check_volume(good) is None and check_volume(placed) is None
+
+
+
+# --- voxel size -----------------------------------------------------------------------------------------------
+
+VOXEL_FIX = ("rewrite the header with the voxel size in mm, e.g. with nibabel: nib.save(nib.Nifti1Image("
+             "np.asanyarray(img.dataobj), {to_mm}, img.header), path), which sets pixdim, qform and sform "
+             "(img.header.set_zooms alone leaves the qform/sform in the old unit)")
+
+
+@pytest.mark.parametrize("zooms, found, guess, to_mm", [
+    ((0.004, 0.004, 0.004), "0.004, 0.004, 0.004", "written in metres?", "np.diag([1000, 1000, 1000, 1]) @ img.affine"),
+    ((4000.0, 4000.0, 4000.0), "4000, 4000, 4000", "written in micrometres?",
+     "np.diag([0.001, 0.001, 0.001, 1]) @ img.affine"),
+    ((4.0, 4.0, 30.0), "4, 4, 30", "a broken converter?", "the affine in mm"),
+    ((0.05, 1.0, 1.0), "0.05, 1, 1", "a broken converter?", "the affine in mm"),
+])
+def test_an_implausible_voxel_size_is_named_with_the_range_and_the_fix(tmp_path, zooms, found, guess, to_mm):
+    path = write_ellipsoid(tmp_path / "odd.nii.gz", zooms=zooms)
+    assert check_volume(path) == (f"voxel size {found} mm in the header, outside the plausible 0.1-20 mm for MRI "
+                                  f"({guess}); " + VOXEL_FIX.format(to_mm=to_mm))
+    assert validation.VOXEL_SIZE_RANGE_MM == (0.1, 20.0)
+
+
+def test_the_fix_the_message_gives_makes_the_file_valid_with_its_voxels_in_mm(tmp_path):
+    for zooms, scale in (((0.004, 0.004, 0.004), 1000), ((4000.0, 4000.0, 4000.0), 0.001)):
+        path = write_ellipsoid(tmp_path / "odd.nii.gz", zooms=zooms)
+        assert check_volume(path).startswith(f"voxel size {zooms[0]:g}, ")
+        img = nib.load(path)
+        fixed = nib.Nifti1Image(np.asanyarray(img.dataobj), np.diag([scale, scale, scale, 1]) @ img.affine, img.header)
+        nib.save(fixed, path)
+        reason, profile = validation.inspect_volume(path)
+        assert reason is None and (profile["voxel_x"], profile["voxel_y"], profile["voxel_z"]) == (4.0, 4.0, 4.0)
+        assert np.allclose(nib.load(path).affine, np.diag([-4.0, -4.0, 4.0, 1.0]))
+
+
+def test_the_range_is_inclusive_and_only_pixdim_out_of_it_is_named_as_such(tmp_path):
+    assert check_volume(write_ellipsoid(tmp_path / "fine.nii.gz", zooms=(0.1, 0.1, 20.0))) is None
+    # A qform/sform in mm but pixdim in metres, declared so: the acquisition profile would report pixdim.
+    data = np.random.default_rng(0).random((6, 6, 6)).astype(np.float32)
+    header = nib.Nifti1Header()
+    header.set_data_shape(data.shape)
+    header.set_zooms((0.004, 0.004, 0.004))
+    header.set_xyzt_units("meter")
+    header.set_sform(np.diag([4.0, 4.0, 4.0, 1.0]), code=1)
+    pixdim_only = tmp_path / "pixdim.nii.gz"
+    nib.save(nib.Nifti1Image(data, None, header=header), str(pixdim_only))
+    assert check_volume(pixdim_only) == (
+        "voxel size 0.004, 0.004, 0.004 mm in the header's pixdim (its qform/sform says 4, 4, 4 mm), outside the "
+        "plausible 0.1-20 mm for MRI; its units field says meter; rewrite the header with the voxel size in mm, e.g. "
+        "with nibabel: img.header.set_zooms((4, 4, 4)), then nib.save")
+
+
+def test_an_implausible_voxel_size_stops_a_run_before_preprocessing_unless_skipped(small_tree, tmp_path, capsys):
+    write_ellipsoid(small_tree / "LGG/LGG4/LGG4_t1ce.nii.gz", seed=4)
+    metres = write_ellipsoid(small_tree / "HGG/M/M_t1ce.nii.gz", zooms=(0.004, 0.004, 0.004))
+    assert main(["check", "--data-root", str(small_tree)]) == 1
+    out = capsys.readouterr().out
+    assert (f"  {metres}: voxel size 0.004, 0.004, 0.004 mm in the header, outside the plausible 0.1-20 mm for MRI "
+            f"(written in metres?); ") in out and out.count("(subject M)") == 1
+    cache = tmp_path / "cache"
+    spec = DataSpec(data_root=str(small_tree))
+    with pytest.raises(InvalidDataError, match=rf"pass --skip-invalid to leave them out:\n.*\n.*\n  "
+                                               rf"{re.escape(str(metres))}: voxel size 0\.004, 0\.004, 0\.004 mm"):
+        prepare_data(spec, PreprocessConfig(spacing=8.0), SplitSpec(n_splits=2, val_fraction=0.5), cache)
+    assert sorted(p.name for p in cache.iterdir()) == ["validation.json"]  # nothing preprocessed
+    data = prepare_data(DataSpec(data_root=str(small_tree), skip_invalid=True), PreprocessConfig(spacing=8.0),
+                        SplitSpec(n_splits=2, val_fraction=0.5), cache, num_workers=1)
+    assert data.excluded == ("M",) and "M" not in set(data.cached.table["subject_id"])
+    assert len(data.cached.table) == 9
 
 
 def test_manifest_rows_with_an_extra_field_or_no_id_are_named_by_line(tmp_path):

@@ -1,5 +1,6 @@
 """``python -m datasets check`` on a tree with planted bad files: each is named with its reason."""
 import gzip
+import logging
 
 import nibabel as nib
 import numpy as np
@@ -66,15 +67,21 @@ def test_skip_invalid_lists_and_exits_zero(planted_tree, capsys):
     assert "7 subject(s) will be left out" in capsys.readouterr().out
 
 
-def test_duplicate_ids_and_unknown_labels_from_a_manifest(tmp_path, capsys):
+def test_duplicate_ids_and_unknown_labels_from_a_manifest(tmp_path, capsys, caplog):
     a, b = write_ellipsoid(tmp_path / "a.nii.gz"), write_ellipsoid(tmp_path / "b.nii.gz", seed=1)
     pd.DataFrame({"subject_id": ["s1", "s1", "s2", "s3"], "label": ["yes", "yes", "maybe", "no"],
                   "path": [a.name, a.name, a.name, b.name]}).to_csv(tmp_path / "m.csv", index=False)
-    assert main(["check", "--manifest", str(tmp_path / "m.csv"), "--classes", "yes,no"]) == 1
+    with caplog.at_level(logging.WARNING, logger="datasets.prepare"):
+        assert main(["check", "--manifest", str(tmp_path / "m.csv"), "--classes", "yes,no"]) == 1
     out = capsys.readouterr().out
     assert out.count("duplicate subject id (2 entries) (subject s1)") == 2
-    assert "unknown label 'maybe' (expected one of yes, no) (subject s2)" in out
+    # --classes selects: the subject of another label is left out with a count, not reported as a problem
+    assert "--classes yes,no: leaving out 1 subject(s) with another label: maybe (1)" in caplog.text
+    assert "maybe" not in out
     assert "1 valid subjects: yes 0, no 1" in out
+    # A label outside the classes given to validation itself is still a problem of that subject.
+    report = validate_records([SubjectRecord("s2", "maybe", (str(a),), "s2")], ("yes", "no"))
+    assert report.problems[0].reason == "unknown label 'maybe' (expected one of yes, no)"
 
 
 def test_training_refuses_invalid_data_unless_told(planted_tree):
