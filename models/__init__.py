@@ -1,6 +1,7 @@
 """The classifiers: the paper's video ResNets (slice axis as time) and an opt-in 2-D slice baseline."""
 from models.kinetics import KineticsWeightsNotFound, load_kinetics_weights
 from models.pretrained_weights import (
+    PretrainedWeightsInvalid,
     PretrainedWeightsNotFound,
     TransferReport,
     pretraining_dataset,
@@ -20,7 +21,7 @@ from models.video_resnets import PAPER_TRAINABLE_PARAMETERS
 
 __all__ = [
     "ARCHITECTURES", "DISPLAY_NAMES", "MODEL_NAMES", "PAPER_MODEL_NAMES", "PAPER_TRAINABLE_PARAMETERS",
-    "PRETRAINING_DATASETS", "KineticsWeightsNotFound", "PretrainedWeightsNotFound", "TransferReport", "build_model",
-    "count_trainable_parameters", "load_kinetics_weights", "pretraining_dataset", "resolve_weights_path",
-    "weights_filename",
+    "PRETRAINING_DATASETS", "KineticsWeightsNotFound", "PretrainedWeightsInvalid", "PretrainedWeightsNotFound",
+    "TransferReport", "build_model", "count_trainable_parameters", "load_kinetics_weights", "pretraining_dataset",
+    "resolve_weights_path", "weights_filename",
 ]

@@ -13,6 +13,7 @@ from torch import nn
 
 from models.pretrained_weights import (
     PRETRAINED_WEIGHTS,
+    PretrainedWeightsInvalid,
     PretrainedWeightsNotFound,
     TransferReport,
     candidate_paths,
@@ -31,10 +32,16 @@ SKIPPED_PREFIXES = ("stem.", "fc.")
 KineticsWeightsNotFound = PretrainedWeightsNotFound
 
 
-def load_kinetics_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "state dict") -> TransferReport:
-    """Copy every matching tensor except the stem and the FC into ``model``; report what happened."""
-    return transfer_weights(model, state_dict, source, dataset="Kinetics-400", skipped_prefixes=SKIPPED_PREFIXES)
+def load_kinetics_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "state dict",
+                          model_name: str | None = None) -> TransferReport:
+    """Copy every tensor except the stem and the FC into ``model``; report what happened.
+
+    A file that lacks one of those tensors or does not fit raises PretrainedWeightsInvalid (naming torchvision's
+    file for ``model_name`` when given)."""
+    return transfer_weights(model, state_dict, source, dataset="Kinetics-400", skipped_prefixes=SKIPPED_PREFIXES,
+                            model_name=model_name)
 
 
-__all__ = ["KINETICS_WEIGHTS", "KineticsWeightsNotFound", "SKIPPED_PREFIXES", "TransferReport", "candidate_paths",
-           "how_to_obtain", "load_kinetics_weights", "resolve_weights_path", "weights_filename"]
+__all__ = ["KINETICS_WEIGHTS", "KineticsWeightsNotFound", "PretrainedWeightsInvalid", "SKIPPED_PREFIXES",
+           "TransferReport", "candidate_paths", "how_to_obtain", "load_kinetics_weights", "resolve_weights_path",
+           "weights_filename"]

@@ -8,11 +8,16 @@ keeps meaning "the model's standard pre-training" for every model.
 """
 from __future__ import annotations
 
+import hashlib
+import importlib
 import logging
 import os
+import pickle
+import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 from urllib.parse import urlparse
 
 import torch
@@ -21,6 +26,7 @@ from torchvision.models import ResNet18_Weights, WeightsEnum
 from torchvision.models.video import MC3_18_Weights, R2Plus1D_18_Weights, R3D_18_Weights
 
 log = logging.getLogger(__name__)
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,12 @@ DATASET_KEYWORDS = {"imagenet": "ImageNet"}
 
 class PretrainedWeightsNotFound(FileNotFoundError):
     """Raised before any training when a model's pre-trained state dict is not on this machine."""
+
+
+class PretrainedWeightsInvalid(ValueError):
+    """The weights file is there but is not the model's torchvision state dict: unreadable (truncated, not a
+    PyTorch file), another kind of object (a training checkpoint, a whole pickled model), another architecture's
+    weights, or a state dict lacking tensors. A ValueError, so a trial meeting it fails at once without retries."""
 
 
 @dataclass
@@ -109,6 +121,112 @@ def how_to_obtain(model_name: str) -> str:
     )
 
 
+def sha256_prefix(model_name: str) -> str:
+    """The hash prefix in torchvision's file name (``a90a0ba3`` of ``mc3_18-a90a0ba3.pth``): its sha256 starts so."""
+    return Path(weights_filename(model_name)).stem.rsplit("-", 1)[-1]
+
+
+def _file_sha256(path: Path) -> str | None:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+def replacement_text(model_name: str | None, path: str | os.PathLike | None = None) -> str:
+    """The fix for a wrong weights file: torchvision's own file for ``model_name``, checkable by its sha256."""
+    if model_name is None or model_name not in PRETRAINED_WEIGHTS:
+        return "Fix: give the torchvision state dict of this model's architecture."
+    expected = sha256_prefix(model_name)
+    checked = ""
+    if path is not None and Path(path).is_file():
+        actual = _file_sha256(Path(path))
+        if actual is not None and not actual.startswith(expected):
+            checked = f" (this file's sha256 starts with {actual[:len(expected)]}, torchvision's with {expected})"
+    return (f"Fix: replace it with torchvision's {weights_filename(model_name)}{checked}.\n{how_to_obtain(model_name)}")
+
+
+@lru_cache(maxsize=None)
+def _reference_layout(model_name: str) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of torchvision's own state dict for ``model_name`` (RGB stem, original head), built without memory."""
+    source = pretrained_source(model_name)
+    builder = getattr(importlib.import_module(source.builder_module), source.builder)
+    with torch.device("meta"):
+        state = builder(weights=None).state_dict()
+    return {key: tuple(tensor.shape) for key, tensor in state.items()}
+
+
+def _optional(key: str) -> bool:
+    """BatchNorm's step counter: absent from state dicts saved before PyTorch 0.4.1, never used by a forward pass."""
+    return key.endswith("num_batches_tracked")
+
+
+def identify_weights(state_dict: Mapping[str, Any]) -> str | None:
+    """The model of ``PRETRAINED_WEIGHTS`` whose torchvision state dict has exactly this layout, else None."""
+    shapes = {k: tuple(v.shape) for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    for name in PRETRAINED_WEIGHTS:
+        reference = _reference_layout(name)
+        if (all(reference.get(k) == shape for k, shape in shapes.items())
+                and all(k in shapes for k in reference if not _optional(k))):
+            return name
+    return None
+
+
+def _looks_like(state_dict: Mapping[str, Any], model_name: str | None) -> str:
+    """`` (they are r3d_18's: ...)`` when the tensors are exactly another known model's, else ""."""
+    other = identify_weights(state_dict)
+    if other is None or other == model_name:
+        return ""
+    return f" (they are {other}'s {pretrained_source(other).dataset} weights, torchvision's {weights_filename(other)})"
+
+
+def check_state_dict(loaded: Any, source: str, dataset: str, model_name: str | None = None) -> dict[str, torch.Tensor]:
+    """``loaded`` as a state dict (names to tensors), or PretrainedWeightsInvalid saying what it is and the fix."""
+    if isinstance(loaded, Mapping) and loaded and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                      for k, v in loaded.items()):
+        return dict(loaded)
+    if isinstance(loaded, Mapping) and not loaded:
+        what = "an empty state dict"
+    elif isinstance(loaded, Mapping):
+        nested = [k for k, v in loaded.items() if isinstance(v, Mapping)
+                  and any(isinstance(t, torch.Tensor) for t in v.values())]
+        what = (f"a checkpoint holding a state dict under {nested[0]!r}, not a state dict itself (if that entry is the "
+                f"torchvision weights, save it alone: torch.save(torch.load(FILE)[{nested[0]!r}], NEW_FILE))"
+                if nested else
+                f"a dictionary of {', '.join(sorted({type(v).__name__ for v in loaded.values()}))} values, not a state "
+                "dict (a dictionary of tensors)")
+    else:
+        what = f"a {type(loaded).__name__}, not a state dict (a dictionary of tensors)"
+    target = f"{dataset} weights file {source}" + (f" for {model_name}" if model_name else "")
+    raise PretrainedWeightsInvalid(f"{target} is {what}. {replacement_text(model_name, source)}")
+
+
+def read_state_dict(path: str | os.PathLike, model_name: str) -> dict[str, torch.Tensor]:
+    """The state dict in ``path`` (CPU tensors), or PretrainedWeightsInvalid naming the file, what is wrong and the fix.
+
+    ``weights_only``: a state dict needs no code to unpickle, and a file that does is not torchvision's.
+    """
+    dataset = pretraining_dataset(model_name)
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise  # unreadable for the operating system (permissions, ...): its own message names the file
+    except pickle.UnpicklingError:  # needs code to unpickle: a pickled nn.Module or other object, or no pickle at all
+        raise PretrainedWeightsInvalid(
+            f"{dataset} weights file {path} for {model_name} is not a state dict of tensors (a whole pickled model, "
+            f"another object, or not a PyTorch file at all). {replacement_text(model_name, path)}") from None
+    except Exception as error:  # torch.load's other ways to say "not a (complete) PyTorch file"
+        first = _ANSI.sub("", str(error).strip()).split(". ")[0].splitlines()[0][:120] if str(error).strip() else ""
+        raise PretrainedWeightsInvalid(
+            f"{dataset} weights file {path} for {model_name} cannot be read (a truncated or corrupt download? "
+            f"{type(error).__name__}{': ' + first if first else ''}). {replacement_text(model_name, path)}") from None
+    return check_state_dict(loaded, str(path), dataset, model_name)
+
+
 def _is_keyword(model_name: str, pretrained: str | os.PathLike) -> bool:
     """True when ``pretrained`` names the model's standard pre-training rather than a file."""
     word = str(pretrained).lower()
@@ -156,14 +274,18 @@ def transfer_weights(
     skipped_prefixes: tuple[str, ...] = ("stem.", "fc."),
     key_prefix: str = "",
     adapters: Mapping[str, Adapter] | None = None,
+    model_name: str | None = None,
 ) -> TransferReport:
     """Copy every tensor of a torchvision state dict into ``model``, except ``skipped_prefixes``; report what happened.
 
     ``key_prefix`` is where torchvision's modules sit inside ``model``; ``adapters`` reshape named tensors
     (file key) instead of skipping them, and raise ValueError for a tensor they cannot adapt. Any key or shape
-    that does not fit is a wrong file, refused: skipping it quietly would train from a half-loaded network.
+    that does not fit is a wrong file, refused: skipping it quietly would train from a half-loaded network; so is
+    a file lacking any tensor that should come from it (only BatchNorm's ``num_batches_tracked`` may be absent).
+    ``model_name`` (the registry's name) lets the refusal name torchvision's right file and how to get it.
     """
     adapters = adapters or {}
+    state_dict = check_state_dict(state_dict, source, dataset, model_name)
     report = TransferReport(source=source, dataset=dataset,
                             skipped_what="/".join(p.rstrip(".") for p in skipped_prefixes))
     own = model.state_dict()
@@ -186,11 +308,22 @@ def transfer_weights(
             report.loaded.append(target)
         else:
             # A key of a different architecture is a wrong file, not something to skip quietly.
-            raise ValueError(
-                f"{dataset} weights from {source} do not fit this model at {key!r} "
-                f"(file shape {tuple(tensor.shape)}, model {tuple(own[target].shape) if target in own else 'absent'}); "
-                "is this the state dict of the same torchvision architecture?"
+            this = f"this model ({model_name})" if model_name else "this model"
+            raise PretrainedWeightsInvalid(
+                f"{dataset} weights from {source} do not fit {this}{_looks_like(state_dict, model_name)}: at {key!r} "
+                f"the file has shape {tuple(tensor.shape)}, the model "
+                f"{tuple(own[target].shape) if target in own else 'has no such tensor'}. "
+                f"{replacement_text(model_name, source)}"
             )
+    expected = [k for k in own if k.startswith(key_prefix) and not k[len(key_prefix):].startswith(skipped_prefixes)]
+    absent = [k for k in expected if k not in to_load and not _optional(k)]
+    if absent:
+        shown = ", ".join(k[len(key_prefix):] for k in absent[:3]) + (", ..." if len(absent) > 3 else "")
+        raise PretrainedWeightsInvalid(
+            f"{dataset} weights from {source} lack {len(absent)} of the {len(expected)} tensors this model takes from "
+            f"them ({shown}){_looks_like(state_dict, model_name)}: a partial state dict would leave those layers "
+            f"untrained. {replacement_text(model_name, source)}"
+        )
     model.load_state_dict(to_load, strict=False)
     report.missing = [k for k in own if k not in to_load]
     log.info(report.summary())

@@ -8,23 +8,23 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Mapping
+from typing import Callable
 
-import torch
 from torch import nn
 
 from models.kinetics import load_kinetics_weights
-from models.pretrained_weights import PRETRAINED_WEIGHTS, TransferReport, resolve_weights_path
+from models.pretrained_weights import PRETRAINED_WEIGHTS, TransferReport, read_state_dict, resolve_weights_path
 from models.slice_resnet import build_slice_resnet, load_imagenet_weights
 from models.video_resnets import VIDEO_ARCHITECTURES, VIDEO_DISPLAY_NAMES, build_video_resnet
 
 
 @dataclass(frozen=True)
 class Architecture:
-    """A model family member: ``build(num_classes, in_channels, dropout)`` and its weight transfer."""
+    """A model family member: ``build(num_classes, in_channels, dropout)`` and its weight transfer
+    ``load_weights(model, state_dict, source, model_name=name)``."""
 
     build: Callable[[int, int, float], nn.Module]
-    load_weights: Callable[[nn.Module, Mapping[str, torch.Tensor], str], TransferReport]
+    load_weights: Callable[..., TransferReport]
     display_name: str
 
 
@@ -54,6 +54,8 @@ def build_model(
     ``pretrained`` is None (from scratch), ``"kinetics"`` (the model's standard pre-training: Kinetics-400,
     or ImageNet for ``resnet18_2d``; looked up in ``weights_dir`` then torch's hub cache) or a path to
     a torchvision state dict. The transfer report is attached to the model as ``model.transfer_report``.
+    A missing file raises PretrainedWeightsNotFound, a file that is not this model's torchvision state dict
+    (unreadable, another object, another architecture, tensors missing) PretrainedWeightsInvalid: both say the fix.
     """
     if name not in ARCHITECTURES:
         raise ValueError(f"Unknown model {name!r}; choose one of {sorted(ARCHITECTURES)}")
@@ -70,8 +72,8 @@ def build_model(
     model = architecture.build(num_classes, in_channels, dropout)
     model.transfer_report = None
     if weights_path is not None:
-        state_dict = torch.load(weights_path, map_location="cpu", weights_only=True)
-        model.transfer_report = architecture.load_weights(model, state_dict, str(weights_path))
+        state_dict = read_state_dict(weights_path, name)
+        model.transfer_report = architecture.load_weights(model, state_dict, str(weights_path), model_name=name)
     return model
 
 

@@ -71,10 +71,12 @@ def rgb_filters_to_channels(rgb: torch.Tensor, own: torch.Tensor) -> torch.Tenso
     return (rgb.mean(dim=1, keepdim=True) * (3 / channels)).expand(-1, channels, -1, -1).contiguous()
 
 
-def load_imagenet_weights(model: SliceResNet, state_dict: Mapping[str, torch.Tensor], source: str = "state dict") -> TransferReport:
+def load_imagenet_weights(model: SliceResNet, state_dict: Mapping[str, torch.Tensor], source: str = "state dict",
+                          model_name: str | None = "resnet18_2d") -> TransferReport:
     """Copy a torchvision ResNet18 ImageNet state dict into ``model.encoder``: conv1 adapted, fc skipped (1000 classes)."""
     return transfer_weights(model, state_dict, source, dataset="ImageNet", skipped_prefixes=("fc.",),
-                            key_prefix="encoder.", adapters={"conv1.weight": rgb_filters_to_channels})
+                            key_prefix="encoder.", adapters={"conv1.weight": rgb_filters_to_channels},
+                            model_name=model_name)
 
 
 def build_slice_resnet(num_classes: int, in_channels: int, dropout: float) -> SliceResNet:

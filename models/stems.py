@@ -1,8 +1,10 @@
 """Single-channel stems for torchvision's video ResNets.
 
 The MRI volume enters as (batch, channels, slices, height, width): the slice axis plays the
-role of video time. Only the first convolution differs from torchvision's RGB stems, so the
-rest of each network (and its Kinetics-400 weights) is reused unchanged.
+role of video time. Only the first convolution's input channels differ from torchvision's RGB
+stems; everything after the stem reuses its Kinetics-400 weights unchanged. The stem itself
+(convolutions and BatchNorms alike) starts fresh: its 3-channel filters are not carried over,
+and the tensors behind them were trained on those filters' outputs (see models/kinetics.py).
 """
 from __future__ import annotations
 

@@ -326,7 +326,17 @@ def read_checkpoint_file(checkpoint: str, name: str, trial: str, run_dir: Path) 
     except (FileNotFoundError, OSError) as error:
         raise PredictError(f"Trial {trial}'s checkpoint has no readable {name} at {checkpoint} ({error}). If the run "
                            f"or its --storage moved, run `{resume_hint(run_dir)}` where they are now, which rewrites "
-                           "trials.csv with the checkpoints' new places") from None
+                           "trials.csv with the checkpoints' new places; if the checkpoint or the file was deleted, "
+                           "the same command trains that fold again") from None
+
+
+def damaged_checkpoint(checkpoint: str, name: str, trial: str, run_dir: Path, error: BaseException) -> PredictError:
+    """A checkpoint file that is there but cannot be read (truncated copy, disk error): the file and the fix."""
+    detail = (str(error).strip().splitlines() or [""])[0].split(". ")[0][:160]
+    return PredictError(f"Trial {trial}'s {checkpoint.rstrip('/')}/{name} is damaged and cannot be read "
+                        f"({type(error).__name__}{': ' + detail if detail else ''}). If the run was copied, copy that "
+                        f"file again; otherwise delete the folder {checkpoint} and run `{resume_hint(run_dir)}`, which "
+                        "trains that fold again")
 
 
 @dataclass
@@ -341,14 +351,23 @@ def load_fold_model(weights: FoldWeights, arm: Arm, classes: Sequence[str], chan
                     run_dir: Path) -> FoldModel:
     """The fold's network on the CPU in eval mode with its best weights; built as the trial built it, from scratch
     (the saved weights replace every tensor, so Kinetics weights are not needed here)."""
-    summary = json.loads(read_checkpoint_file(weights.checkpoint, SUMMARY_FILE, weights.trial_name, run_dir))
-    config = summary["config"]
+    summary = read_checkpoint_file(weights.checkpoint, SUMMARY_FILE, weights.trial_name, run_dir)
+    try:
+        config = json.loads(summary)["config"]
+    except (ValueError, KeyError, TypeError) as error:  # cut short or overwritten
+        raise damaged_checkpoint(weights.checkpoint, SUMMARY_FILE, weights.trial_name, run_dir, error) from None
     if (config["model"], bool(config["pretrained"])) != arm or int(config["fold"]) != weights.fold:
         raise PredictError(f"{weights.checkpoint}/{SUMMARY_FILE} is trial {config['model']} fold {config['fold']}, "
                            f"not {arm_text(arm)} fold {weights.fold} as {weights.trial_name}: trials.csv does not "
                            f"match the checkpoints; run `{resume_hint(run_dir)}` to rewrite it")
     raw = read_checkpoint_file(weights.checkpoint, FINAL_WEIGHTS_FILE, weights.trial_name, run_dir)
-    state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load's ways to say "not a complete PyTorch file": truncated, overwritten
+        raise damaged_checkpoint(weights.checkpoint, FINAL_WEIGHTS_FILE, weights.trial_name, run_dir, error) from None
+    if not isinstance(state, dict):
+        raise damaged_checkpoint(weights.checkpoint, FINAL_WEIGHTS_FILE, weights.trial_name, run_dir,
+                                 TypeError(f"a {type(state).__name__}, not a state dict"))
     model = build_model(config["model"], num_classes=len(classes), in_channels=channels, dropout=config["dropout"])
     try:
         model.load_state_dict(state)  # float32 (runs before 2026-11-24 stored float16: copied into float32)
@@ -388,12 +407,31 @@ def input_records(args: argparse.Namespace, exp: Experiment, channels: int) -> l
         if len(contrasts) != channels:
             raise PredictError(f"{named} name {len(contrasts)} contrast(s), but {exp.out_dir} was trained on "
                                f"{channel_text(exp, channels)}; pass --contrasts with that many, in the run's order")
+        warning = contrast_warning(contrasts, exp)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
         records = load_records(DataSpec(data_root=args.data_root, contrasts=contrasts))
         given = f"--data-root {args.data_root} gives {len(records[0].paths)} file(s) per subject"
     if records and len(records[0].paths) != channels:
         raise PredictError(f"{given}, but {exp.out_dir} was trained on {channel_text(exp, channels)}; give one file "
                            "per channel, in the run's order")
     return records
+
+
+def contrast_warning(contrasts: Sequence[str], exp: Experiment) -> str | None:
+    """--contrasts naming other contrasts than the run's (BraTS and RSNA spellings of one contrast count as one): the
+    channel count fits, so the models would read them, but each channel was trained on another contrast."""
+    from datasets.rsna import SEQUENCE_ALIASES
+
+    recorded = exp.meta.get("contrasts")
+    if exp.meta.get("manifest") or not recorded:
+        return None  # a manifest run's channels have no contrast names to compare with
+    same = lambda name: SEQUENCE_ALIASES.get(name.strip().casefold(), name.strip().casefold())
+    if [same(c) for c in contrasts] == [same(c) for c in recorded]:
+        return None
+    return (f"--contrasts {','.join(contrasts)} are not the contrasts {exp.out_dir} was trained on "
+            f"({','.join(recorded)}, in that order): each channel goes to weights trained on another contrast, so "
+            "the predictions are out of the training distribution")
 
 
 def check_labels(records: Sequence[SubjectRecord], classes: Sequence[str]) -> None:

@@ -11,8 +11,8 @@ from torchvision.models import resnet18
 from torchvision.models.video import r3d_18
 
 from models import (
-    DISPLAY_NAMES, MODEL_NAMES, PAPER_MODEL_NAMES, KineticsWeightsNotFound, PretrainedWeightsNotFound, build_model,
-    weights_filename,
+    DISPLAY_NAMES, MODEL_NAMES, PAPER_MODEL_NAMES, KineticsWeightsNotFound, PretrainedWeightsInvalid,
+    PretrainedWeightsNotFound, build_model, weights_filename,
 )
 
 IMAGENET_FILE = "resnet18-f37072fd.pth"
@@ -101,7 +101,7 @@ def test_imagenet_weights_load_with_conv1_averaged_over_rgb(imagenet_dir, imagen
     assert report.summary().startswith(f"ImageNet weights from {imagenet_dir / IMAGENET_FILE}: 119 tensors loaded, 1 adapted")
 
 
-@pytest.mark.parametrize("channels", [1, 2])
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
 def test_conv1_responds_to_an_mri_slice_as_imagenet_conv1_to_the_same_grey_image(imagenet_dir, imagenet_state, channels):
     model = build_model("resnet18_2d", in_channels=channels, pretrained="imagenet", weights_dir=imagenet_dir)
     grey = torch.rand(1, 1, 40, 32)
@@ -142,12 +142,30 @@ def test_imagenet_keyword_is_refused_for_a_kinetics_model():
 def test_weights_of_the_other_family_are_refused(tmp_path, imagenet_state):
     kinetics = tmp_path / "r3d.pth"
     torch.save(r3d_18(weights=None, num_classes=400).state_dict(), kinetics)
-    with pytest.raises(ValueError, match=r"ImageNet weights from .*r3d.pth do not fit this model at 'stem.0.weight'"):
+    with pytest.raises(PretrainedWeightsInvalid, match=r"ImageNet weights from .*r3d.pth do not fit this model \(resnet18_2d\) "
+                       r"\(they are r3d_18's Kinetics-400 weights, torchvision's r3d_18-b3b3357e.pth\): at 'stem.0.weight'"):
         build_model("resnet18_2d", pretrained=kinetics)
     imagenet = tmp_path / "resnet18.pth"
     torch.save(imagenet_state, imagenet)
-    with pytest.raises(ValueError, match=r"Kinetics-400 weights from .*resnet18.pth do not fit this model at 'conv1.weight'"):
+    with pytest.raises(PretrainedWeightsInvalid, match=r"Kinetics-400 weights from .*resnet18.pth do not fit this model \(r3d_18\) "
+                       r"\(they are resnet18_2d's ImageNet weights, torchvision's resnet18-f37072fd.pth\): at 'conv1.weight'"):
         build_model("r3d_18", pretrained=imagenet)
+
+
+def test_a_partial_or_unreadable_imagenet_file_is_refused_naming_the_file_and_the_fix(tmp_path, imagenet_state):
+    partial = tmp_path / "partial.pth"
+    torch.save({k: v for k, v in imagenet_state.items() if not k.startswith("layer4.")}, partial)
+    full = tmp_path / "full.pth"
+    torch.save(imagenet_state, full)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(full.read_bytes()[:100_000])
+    for path, what in ((partial, r"lack \d+ of the 120 tensors this model takes from them \(layer4\."),
+                       (truncated, "cannot be read")):
+        with pytest.raises(PretrainedWeightsInvalid, match=what) as error:
+            build_model("resnet18_2d", pretrained=path)
+        message = str(error.value)
+        assert str(path) in message and "Fix: replace it with torchvision's resnet18-f37072fd.pth" in message
+        assert "ResNet18_Weights.IMAGENET1K_V1" in message
 
 
 def test_a_trial_without_the_file_names_imagenet(tmp_path, monkeypatch):

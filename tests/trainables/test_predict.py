@@ -258,6 +258,65 @@ def test_a_run_folder_moved_elsewhere_finds_its_recorded_paths_under_its_new_pla
     assert outputs(csv)[2]["preprocessing"]["cache_entry"] == str(moved / "cache" / entry.name)
 
 
+def broken_copy(run_dir: Path, to: Path, arm_model: str, fold: int) -> tuple[Path, Path]:
+    """The run's tables in ``to`` with ``arm_model``'s fold ``fold`` pointing at a copy of its checkpoint folder, which
+    the caller may damage: (the run copy, the checkpoint copy). The run's own files stay untouched."""
+    copy = copy_tables(run_dir, to)
+    trials = pd.read_csv(copy / "trials.csv")
+    row = (trials["model"] == arm_model) & (trials["fold"] == fold)
+    checkpoint = to / "checkpoint"
+    shutil.copytree(trials.loc[row, "checkpoint"].item(), checkpoint)
+    trials.loc[row, "checkpoint"] = str(checkpoint)
+    trials.to_csv(copy / "trials.csv", index=False)
+    return copy, checkpoint
+
+
+def test_damaged_or_deleted_fold_files_are_refused_before_any_volume_is_read(run_dir, phantom_root, tmp_path,
+                                                                             monkeypatch):
+    def no_preprocessing(*args, **kwargs):
+        raise AssertionError("volumes were preprocessed before the fold weights were checked")
+
+    monkeypatch.setattr(predict, "prepare_volumes", no_preprocessing)
+    csv = str(tmp_path / "p.csv")
+    # A copy cut short (an interrupted transfer of the run): torch.load's RuntimeError became a traceback.
+    copy, checkpoint = broken_copy(run_dir, tmp_path / "truncated", "mc3_18", 1)
+    weights = checkpoint / "best_weights.pt"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    code, _, err = run_cli([str(copy), "--arm", "mc3_18:scratch", "--data-root", str(phantom_root), "--output", csv])
+    assert code == 2, err
+    assert f"{weights} is damaged and cannot be read (RuntimeError: PytorchStreamReader failed" in err
+    assert f"delete the folder {checkpoint} and run `python tune_main.py --resume --output {copy}`" in err
+    # A summary cut short: its JSON error alone would not say which file.
+    copy, checkpoint = broken_copy(run_dir, tmp_path / "summary", "mc3_18", 0)
+    (checkpoint / "result.json").write_text('{"config": {"mod')
+    code, _, err = run_cli([str(copy), "--arm", "mc3_18:scratch", "--data-root", str(phantom_root), "--output", csv])
+    assert code == 2 and f"{checkpoint / 'result.json'} is damaged and cannot be read (JSONDecodeError" in err
+    # A deleted file: the fix is the same --resume, which trains the fold again.
+    copy, checkpoint = broken_copy(run_dir, tmp_path / "deleted", "mc3_18", 1)
+    (checkpoint / "best_weights.pt").unlink()
+    code, _, err = run_cli([str(copy), "--arm", "mc3_18:scratch", "--data-root", str(phantom_root), "--output", csv])
+    assert code == 2 and "checkpoint has no readable best_weights.pt" in err
+    assert "if the checkpoint or the file was deleted, the same command trains that fold again" in err
+    assert not Path(csv).exists()
+
+
+def test_contrasts_other_than_the_runs_are_predicted_with_a_warning(run_dir, phantom_root, tmp_path):
+    # BraTS subjects whose only file is a FLAIR: one channel as the run, but not the contrast its weights learnt.
+    root = tmp_path / "flair"
+    for volume in sorted(phantom_root.rglob("*_t1ce.nii.gz"))[:2]:
+        folder = root / volume.relative_to(phantom_root).parent
+        folder.mkdir(parents=True)
+        shutil.copy(volume, folder / volume.name.replace("_t1ce", "_flair"))
+    code, _, err = run_cli([str(run_dir), "--data-root", str(root), "--contrasts", "flair", "--output",
+                            str(tmp_path / "p.csv"), "--workers", "1"])
+    assert code == 0, err
+    assert (f"warning: --contrasts flair are not the contrasts {run_dir} was trained on (t1ce, in that order)") in err
+    # The RSNA spelling of the run's contrast is the same contrast: no warning.
+    exp = load_experiment(run_dir)
+    assert predict.contrast_warning(["T1wCE"], exp) is None and predict.contrast_warning(["t1ce"], exp) is None
+    assert "are not the contrasts" in predict.contrast_warning(["t2"], exp)
+
+
 # ---------------------------------------------------------------------------------------------- 4. inputs
 def test_inputs_that_do_not_match_the_run_are_refused_with_the_file_and_the_fix(run_dir, phantom_root, tmp_path,
                                                                                   other_arm_on_an_old_run):
