@@ -15,7 +15,9 @@ OUT/trials.csv: experiment, trial_name, model, pretrained, fold, config_id, stat
 
 Statuses: TERMINATED (finished, outputs collected), FAILED (a permanent error: missing input, bad value,
 full disk; not retried), ERROR (a crash that Tune's retries, --max-failures, did not get past), INCOMPLETE
-(stopped before its end, e.g. Ctrl-C), MISSING (planned, never started). ``error`` is one line: the
+(stopped before its end, e.g. Ctrl-C; or finished, but its final checkpoint lost files since, which ``error``
+then names with the fix: ``trainables.tuning`` trains such a trial again on the next run), MISSING (planned,
+never started). ``error`` is one line: the
 exception's type, message and where it was raised (trainables.errors), not Ray's header. ``node_id`` and
 ``hostname``: the Ray node of the trial's last report.
 """
@@ -30,11 +32,13 @@ from ray import tune
 
 from datasets.atomic import write_csv_atomic
 from trainables.errors import error_text, is_permanent_result_error, one_line
-from trainables.fold_training import read_checkpoint_file
+from trainables.fold_training import FINAL_WEIGHTS_FILE, OPTIONAL_OUTPUT_FILES, OUTPUT_FILES, read_checkpoint_file
 from trainables.ray_trainable import config_id, fold_of, trial_name
 
 KEY_COLUMNS = ["experiment", "model", "pretrained", "fold", "config_id", "trial_name"]
 HYPERPARAMETERS = ["lr", "weight_decay", "dropout", "augmentation", "aug_strength"]
+# What a finished fold's final checkpoint must hold: collect reads the outputs, ``trainables.predict`` the weights.
+FINAL_CHECKPOINT_FILES = (FINAL_WEIGHTS_FILE, *(name for name in OUTPUT_FILES if name not in OPTIONAL_OUTPUT_FILES))
 TRIAL_COLUMNS = ["experiment", "trial_name", "model", "pretrained", "fold", "config_id", "status", "error",
                  "node_id", "hostname", *HYPERPARAMETERS, "epochs_run", "best_epoch", "best_val_macro_f1", "n_train",
                  "n_val", "n_test", "checkpoint"]
@@ -62,6 +66,46 @@ def trial_status(result: tune.Result, finished: bool) -> tuple[str, str]:
     if finished:
         return "TERMINATED", ""
     return ("FAILED", reported) if reported else ("INCOMPLETE", "")
+
+
+def missing_final_files(result: tune.Result) -> list[str]:
+    """The files a finished trial's final checkpoint lacks ([] for a sound one, or a trial not reported finished).
+
+    A trial counts as finished here when its last report says ``fold_finished`` and it has no error. Its final
+    checkpoint (the only one kept) holds the outputs and the best weights; if that folder or a file in it was
+    deleted since, Tune still records the trial as finished and never runs it again.
+    """
+    import pyarrow.fs
+
+    metrics = result.metrics or {}
+    if result.error is not None or not metrics.get("fold_finished"):
+        return []
+    checkpoint = result.checkpoint
+    if checkpoint is None:
+        return list(FINAL_CHECKPOINT_FILES)
+    folder = str(checkpoint.path).rstrip("/")
+    return [name for name in FINAL_CHECKPOINT_FILES
+            if checkpoint.filesystem.get_file_info(f"{folder}/{name}").type != pyarrow.fs.FileType.File]
+
+
+def lost_checkpoint_problem(result: tune.Result, missing: list[str]) -> str:
+    """Which finished trial lost what: ``<trial> finished, but its final checkpoint <path> is gone (deleted?)``."""
+    import pyarrow.fs
+
+    checkpoint = result.checkpoint
+    gone = checkpoint is None or checkpoint.filesystem.get_file_info(
+        str(checkpoint.path)).type != pyarrow.fs.FileType.Directory
+    what = "is gone" if gone else f"lacks {', '.join(missing)}"
+    return (f"{trial_name(result.config)} finished, but its final checkpoint "
+            f"{checkpoint_location(checkpoint) or '(none recorded)'} {what} (deleted?)")
+
+
+def lost_checkpoint_text(result: tune.Result, missing: list[str]) -> str:
+    """trials.csv's one-line error for such a trial: the problem and what brings the fold back."""
+    return (f"LostFinalCheckpoint: {lost_checkpoint_problem(result, missing)}, so its outputs and best weights cannot "
+            "be read. Fix: rerun the same command with the same --output (or python tune_main.py --resume --output "
+            "OUT): Ray Tune never runs a finished trial again, so the rerun trains this fold again from the start in "
+            "a Tune run of its own beside the original (<run>-retrain-<n>)")
 
 
 def checkpoint_location(checkpoint: tune.Checkpoint | None) -> str:
@@ -92,12 +136,15 @@ def _read_outputs(result: tune.Result) -> dict[str, Any]:
     summary = read("result.json")
     if summary is None:
         return {}
+    predictions, epochs = read("predictions.csv"), read("epochs.csv")
+    if predictions is None or epochs is None:  # a finished checkpoint that lost files: see missing_final_files
+        return {}
     val_predictions = read("val_predictions.csv")
     return {"summary": json.loads(summary),
-            "predictions": pd.read_csv(io.BytesIO(read("predictions.csv")), dtype={"subject_id": str}),
+            "predictions": pd.read_csv(io.BytesIO(predictions), dtype={"subject_id": str}),
             "val_predictions": (None if val_predictions is None
                                 else pd.read_csv(io.BytesIO(val_predictions), dtype={"subject_id": str})),
-            "epochs": pd.read_csv(io.BytesIO(read("epochs.csv")))}
+            "epochs": pd.read_csv(io.BytesIO(epochs))}
 
 
 def _with_origin(predictions: pd.DataFrame, subjects: pd.DataFrame | None) -> pd.DataFrame:
@@ -122,6 +169,10 @@ def collect(result_grids: Iterable[tune.ResultGrid], planned: Iterable[str] = ()
             outputs = _read_outputs(result)
             summary = outputs.get("summary", {})
             status, error = trial_status(result, finished=bool(summary))
+            if status == "INCOMPLETE":
+                missing = missing_final_files(result)
+                if missing:
+                    error = lost_checkpoint_text(result, missing)
             metrics = result.metrics or {}
             row = {**keys, **{k: result.config.get(k) for k in HYPERPARAMETERS}, "status": status, "error": error,
                    "node_id": metrics.get("node_id", ""), "hostname": metrics.get("hostname", ""),

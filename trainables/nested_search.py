@@ -23,16 +23,24 @@ therefore gets its next trial only when its previous one has finished (Tune is t
 every open study is busy), so each study's sequence of configurations depends on the seed and the
 scores alone. Parallelism comes from running many studies at once (arms x folds); with fewer studies
 than trial slots, slots wait.
+
+A driver that dies (SIGKILL, a reboot) can leave an Optuna trial RUNNING for ever: ``OptunaSearch.suggest``
+writes it to the SQLite study at once, while Tune saves its own state (trials and this searcher) only every
+few seconds. ``FoldStudies.restore`` closes such trials as FAIL (see ``close_abandoned_trials``).
 """
 from __future__ import annotations
 
+import logging
 import pickle
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from optuna.trial import TrialState
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -114,3 +122,56 @@ class FoldStudies(Searcher):
         # (saved apart from this searcher), and a study waiting for it would wait for ever. A trial Tune does
         # resume runs beside its study's next one: a restored search keeps its studies, not its timing.
         self._running = {}
+        close_abandoned_trials(self._studies)
+
+
+def awaited_trials(searcher: OptunaSearch) -> set[int]:
+    """Numbers of the study's trials that ``searcher`` handed to Tune and has not been told the end of.
+
+    Read from ``OptunaSearch``'s own map of Tune trial ids to Optuna trials (``_ot_trials``, minus
+    ``_completed_trials``; Ray 2.60), which it pickles with its state and uses on ``on_trial_complete``.
+    """
+    done = getattr(searcher, "_completed_trials", set())
+    return {trial.number for trial_id, trial in getattr(searcher, "_ot_trials", {}).items() if trial_id not in done}
+
+
+def close_abandoned_trials(studies: dict[StudyKey, OptunaSearch]) -> list[tuple[str, int]]:
+    """Mark FAIL every RUNNING Optuna trial that no restored searcher is waiting for; returns (study, number) pairs.
+
+    Called on restore. Tune restores its trials and this searcher from one save (the experiment state, then the
+    searcher state, written together), and resumes every trial that was unfinished there (PENDING, RUNNING,
+    PAUSED) under its old trial id. For each of those the restored ``OptunaSearch`` still maps the trial id to
+    its Optuna trial, and ``on_trial_complete`` will tell the study the result once the trial ends. Such trials
+    are left RUNNING: closing them now would make that later ``tell`` fail and lose a real score. (A trial that
+    ended in ERROR was told FAIL then, so it is not RUNNING here, even if ``resume_errored`` runs it again.)
+
+    A RUNNING trial that the restored searcher does not know was asked for after that save by a driver that
+    then died: Tune has no trial for it, nobody will ever report it, and the restored searcher suggests a
+    replacement (its counters are those of the save). It is closed as FAIL, so the study's counts and the
+    report are right (TPE only learns from COMPLETE and PRUNED trials; RUNNING and FAIL ones it ignores). If it
+    was an enqueued point (the grid's configuration, each study's first trial), that point is enqueued again so
+    the study still starts from it.
+
+    The trial ids Tune will resume are not visible to a searcher, so "the searcher awaits it" stands in for
+    "Tune resumes it": the two come from the same save. If the driver died between writing the two files, the
+    searcher state is one save older; a trial suggested in between is then closed here, and its result when
+    Tune resumes it reaches trials.csv but not the study.
+    """
+    closed = []
+    for key, searcher in studies.items():
+        study = getattr(searcher, "_ot_study", None)
+        if study is None:
+            continue
+        awaited = awaited_trials(searcher)
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if trial.number in awaited:
+                continue
+            study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+            requeued = trial.system_attrs.get("fixed_params")
+            if requeued:
+                study.enqueue_trial(requeued)
+            log.warning("Optuna study %s: trial %d was left RUNNING by a driver that stopped before Ray Tune saved "
+                        "it (no Tune trial will report it); marked FAIL%s", key.name, trial.number,
+                        f", and its enqueued configuration {requeued} queued again" if requeued else "")
+            closed.append((key.name, trial.number))
+    return closed

@@ -5,16 +5,20 @@ a GPU runs trials on CPUs instead of leaving them pending for ever.
 """
 from __future__ import annotations
 
+import copy
 import logging
+import pickle
 from typing import Any, Callable
 
 import optuna
 import ray
 from ray import tune
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from datasets import PreparedData
 from search_spaces import SEARCH_SPACE, TPE_STARTUP_TRIALS, optuna_distributions
+from trainables.collect import lost_checkpoint_problem, missing_final_files
 from trainables.experiment import ExperimentConfig
 from trainables.nested_search import FoldStudies, StudyKey
 from trainables.ray_trainable import TUNE_METRIC, fold_trial, trial_name
@@ -27,6 +31,7 @@ METRIC, MODE = TUNE_METRIC, "max"  # the trial reports it, NaN in a permanent fa
 PROGRESS_METRICS = {"epoch": "epoch", "train_loss": "train loss", "val_loss": "val loss",
                     "val_macro_f1": "val F1", "val_macro_f1_best": "best val F1"}
 GRID_RUN, SEARCH_RUN = "paper", "search"  # kinds of Tune run; their names carry the experiment's run id
+RETRAIN_SUFFIX = "-retrain-"  # <run>-retrain-<n>: finished trials of <run> that lost their final checkpoint, trained again
 
 
 def trial_resources(config: ExperimentConfig) -> dict[str, float]:
@@ -77,14 +82,124 @@ def run_path(config: ExperimentConfig, kind: str) -> str:
     return experiment_path(config, config.tune_run_name(kind))
 
 
-def _fit_or_restore(path: str, trainable, make_tuner: Callable[[], tune.Tuner]) -> tune.ResultGrid:
-    """Restore an interrupted run (only unfinished trials run again), else start it."""
+def _fit_or_restore(config: ExperimentConfig, name: str, trainable, make_tuner: Callable[[], tune.Tuner],
+                    parameter_columns: list[str]) -> tune.ResultGrid:
+    """Restore an interrupted run (only unfinished trials run again), else start it; then retrain lost trials.
+
+    See ``_retrain_lost`` for finished trials whose final checkpoint was deleted since.
+    """
+    path = experiment_path(config, name)
     if tune.Tuner.can_restore(path):
         log.info("Restoring %s: finished trials are kept, unfinished and errored ones resume", path)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         tuner = make_tuner()
-    return tuner.fit()
+    return _retrain_lost(config, name, trainable, tuner.fit(), parameter_columns)
+
+
+class TrialConfigs(Searcher):
+    """Hands Tune each of the given trial configurations once, in order: the trials of a retrain run."""
+
+    def __init__(self, configs: list[dict[str, Any]]) -> None:
+        super().__init__(metric=METRIC, mode=MODE)
+        self._configs = [dict(c) for c in configs]
+        self._given = 0
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
+        return True  # the configurations are complete; Tune's param_space is empty
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        if self._given >= len(self._configs):
+            return Searcher.FINISHED
+        self._given += 1
+        return dict(self._configs[self._given - 1])
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        return None
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as handle:
+            pickle.dump(self.__dict__.copy(), handle)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as handle:
+            self.__dict__.update(pickle.load(handle))
+
+
+def _finished_in_tune(grid: tune.ResultGrid) -> list[bool]:
+    """Per result of ``grid``, in its order: whether Tune records the trial as TERMINATED (it will not run again).
+
+    Read from the grid's ``ExperimentAnalysis`` (``ResultGrid._experiment_analysis``, whose trials are the grid's
+    results in the same order; Ray 2.60): a Result does not carry its trial's status.
+    """
+    return [trial.status == "TERMINATED" for trial in grid._experiment_analysis.trials]
+
+
+def _unfinished(grid) -> bool:
+    """A trial stopped before its end without an error (Ctrl-C): the caller stops and a rerun resumes it."""
+    return any(result.error is None and not (result.metrics or {}).get("fold_finished")
+               and not (result.metrics or {}).get("fold_failed") for result in grid)
+
+
+def _retrain_lost(config: ExperimentConfig, name: str, trainable, grid: tune.ResultGrid,
+                  parameter_columns: list[str]) -> tune.ResultGrid:
+    """Train again, from the start, the finished trials whose final checkpoint lost files since (deleted by hand).
+
+    Tune records such a trial as TERMINATED; its ``Tuner.restore`` runs unfinished and errored trials again
+    (``resume_unfinished``, ``resume_errored``/``restart_errored``), never a finished one, and its state cannot be
+    told otherwise through its API. So the lost trials' configurations run in a Tune run of their own,
+    ``<name>-retrain-<n>``, beside the original: each earlier retrain run is restored (an interrupted one
+    resumes; a finished one runs nothing), then one new run is started for trials lost and not yet retrained.
+    The returned grid holds the original's results with each retrained trial's result in place of the lost one
+    (same trial name and configuration), so the tables and predictions come from it; iteration, ``len`` and
+    indexing see that list, the grid's other methods (``get_dataframe``...) the original run only. A search
+    trial is retrained outside its Optuna study, which keeps the score it was told the first time (the same
+    configuration, seed and folds). Nothing is retrained while a trial is unfinished (a Ctrl-C): the caller
+    stops first, and the rerun comes back here.
+    """
+    if _unfinished(grid):
+        return grid
+    # (result, whether Tune records its trial as TERMINATED), in the grid's order; retrained trials replace theirs.
+    results = list(zip(grid, _finished_in_tune(grid)))
+    replaced = started_new = False
+    number = 1
+    while True:
+        lost = [(r, missing) for r, done in results if done and (missing := missing_final_files(r))]
+        retrain_name = f"{name}{RETRAIN_SUFFIX}{number}"
+        retrain_path = experiment_path(config, retrain_name)
+        if tune.Tuner.can_restore(retrain_path):
+            log.info("Restoring %s (finished trials trained again after their final checkpoint was lost)",
+                     retrain_path)
+            retrained = tune.Tuner.restore(retrain_path, trainable=trainable, resume_unfinished=True,
+                                           resume_errored=True).fit()
+        elif lost and not started_new:  # one new retrain run per invocation at most
+            for result, missing in lost:
+                log.warning("%s. Ray Tune never runs a finished trial again: training it again from the start, in "
+                            "%s", lost_checkpoint_problem(result, missing), retrain_path)
+            retrained = tune.Tuner(
+                trainable, param_space={},
+                tune_config=_tune_config(search_alg=TrialConfigs([r.config for r, _ in lost]), num_samples=len(lost),
+                                         max_concurrent_trials=config.max_concurrent),
+                run_config=_run_config(config, retrain_name, parameter_columns)).fit()
+            started_new = True
+        else:
+            break
+        position = {trial_name(r.config): i for i, (r, _) in enumerate(results)}
+        for pair in zip(retrained, _finished_in_tune(retrained)):
+            where = position.get(trial_name(pair[0].config))
+            if where is None:
+                results.append(pair)
+            else:
+                results[where] = pair
+            replaced = True
+        if _unfinished(retrained):
+            break  # interrupted: the caller stops, and the rerun restores this retrain run
+        number += 1
+    if not replaced:
+        return grid
+    merged = copy.copy(grid)
+    merged._results = [r for r, _ in results]
+    return merged
 
 
 def run_grid(config: ExperimentConfig, data: PreparedData, resources: dict[str, float]) -> tune.ResultGrid:
@@ -98,12 +213,13 @@ def run_grid(config: ExperimentConfig, data: PreparedData, resources: dict[str, 
         "pretrained": tune.grid_search(sorted({p for _, p in arms})),
         "fold": tune.grid_search(list(range(len(data.plan.folds)))),
     }
+    columns = ["model", "pretrained", "fold"]
     return _fit_or_restore(
-        run_path(config, GRID_RUN), trainable,
+        config, config.tune_run_name(GRID_RUN), trainable,
         lambda: tune.Tuner(trainable, param_space=param_space,
                            tune_config=_tune_config(max_concurrent_trials=config.max_concurrent),
-                           run_config=_run_config(config, config.tune_run_name(GRID_RUN),
-                                                  ["model", "pretrained", "fold"])),
+                           run_config=_run_config(config, config.tune_run_name(GRID_RUN), columns)),
+        columns,
     )
 
 
@@ -162,6 +278,8 @@ def run_search(config: ExperimentConfig, data: PreparedData, resources: dict[str
     url = study_storage(config)
     default_point = {key: constants[key] for key in searched}
 
+    columns = ["model", "pretrained", "fold", *searched]
+
     def new_tuner() -> tune.Tuner:
         # Built only for a fresh run: constructing OptunaSearch enqueues points_to_evaluate in the
         # persistent study, which on a restore would evaluate the paper's point a second time.
@@ -180,7 +298,7 @@ def run_search(config: ExperimentConfig, data: PreparedData, resources: dict[str
             trainable, param_space={},
             tune_config=_tune_config(search_alg=searcher, num_samples=sum(max(q, 0) for q in quota.values()),
                                      max_concurrent_trials=config.max_concurrent),
-            run_config=_run_config(config, config.tune_run_name(SEARCH_RUN), ["model", "pretrained", "fold", *searched]),
+            run_config=_run_config(config, config.tune_run_name(SEARCH_RUN), columns),
         )
 
-    return _fit_or_restore(run_path(config, SEARCH_RUN), trainable, new_tuner)
+    return _fit_or_restore(config, config.tune_run_name(SEARCH_RUN), trainable, new_tuner, columns)

@@ -63,3 +63,20 @@ def test_a_run_whose_trials_saved_no_validation_predictions_writes_a_header_only
     write_tables(tables, tmp_path)
     assert (tmp_path / "val_predictions.csv").read_text().strip() == ",".join(KEY_COLUMNS)
     assert len(pd.read_csv(tmp_path / "predictions.csv")) == 2
+
+
+def test_a_finished_trial_whose_final_checkpoint_lost_a_file_is_named_with_the_file_and_the_fix(tmp_path):
+    """Its last report says the fold finished, but a file of its final checkpoint was deleted since."""
+    trial = finished_trial(tmp_path / "ckpt", fold=0, with_validation=True)
+    trial.metrics["fold_finished"] = True
+    (tmp_path / "ckpt" / "best_weights.pt").write_bytes(b"weights")
+    assert list(collect([[trial]])["trials"]["status"]) == ["TERMINATED"]
+    (tmp_path / "ckpt" / "predictions.csv").unlink()
+    (row,) = collect([[trial]])["trials"].to_dict("records")
+    assert row["status"] == "INCOMPLETE" and row["checkpoint"] == ""
+    assert row["error"].startswith(f"LostFinalCheckpoint: {trial_name(trial.config)} finished, but its final "
+                                   f"checkpoint {tmp_path / 'ckpt'} lacks predictions.csv (deleted?)")
+    assert "Fix: rerun the same command with the same --output" in row["error"]
+    # Not reported finished (stopped by Ctrl-C before its end): INCOMPLETE without an error, as before.
+    trial.metrics["fold_finished"] = False
+    assert collect([[trial]])["trials"]["error"].tolist() == [""]

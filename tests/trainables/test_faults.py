@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -343,3 +344,94 @@ def test_a_killed_driver_is_resumed_by_the_same_command_without_retraining_finis
         assert (folder / "progress.csv").read_text() == progress  # the finished trial did not run again
     epochs = pd.read_csv(out / "epochs.csv")
     assert epochs.groupby("trial_name")["epoch"].apply(list).tolist() == [[1, 2, 3, 4]] * 2
+
+
+# ------------------------------------------------------------------------------------------ lost files, dead searches
+def experiment(tmp_path: Path, kind: str, **options) -> "ExperimentConfig":
+    """tune_main's options for the tiny runs above (the `data` fixture: 2 folds at 16 mm), without the CLI."""
+    from trainables.experiment import ExperimentConfig
+
+    return ExperimentConfig(experiment=kind, output=str(tmp_path / "out"), models=("mc3_18",), pretrained="none",
+                            folds=2, spacing=16.0, epochs=1, overrides={"batch_size": 4}, **options)
+
+
+def by_trial(tables: dict[str, pd.DataFrame]) -> dict[str, pd.Series]:
+    return {row["trial_name"]: row for _, row in tables["trials"].iterrows()}
+
+
+def test_a_finished_trial_whose_final_checkpoint_was_deleted_is_trained_again_by_the_rerun(data, tmp_path, ray_here,
+                                                                                          caplog):
+    """Tune records the trial as finished and never runs it again; the rerun (tuning's restore) trains it in a Tune
+    run of its own, names the trial and the path, and the tables come from the retrained trial."""
+    from trainables.tuning import _trainable, run_grid
+
+    config = experiment(tmp_path, "paper")
+    first = collect([run_grid(config, data, {"cpu": 1})])
+    names = sorted(first["trials"]["trial_name"])
+    assert list(first["trials"]["status"]) == ["TERMINATED"] * 2
+    lost_name = names[0]
+    lost_checkpoint = Path(by_trial(first)[lost_name]["checkpoint"])
+    assert (lost_checkpoint / "best_weights.pt").is_file()
+    shutil.rmtree(lost_checkpoint)  # the user deletes the final checkpoint of a finished trial
+
+    # What a rerun collected before: the trial INCOMPLETE for ever, with no word why. Now it is named with the fix.
+    run = tmp_path / "out" / "ray" / "paper"
+    stale = by_trial(collect([tune.Tuner.restore(str(run), trainable=_trainable(data, {"cpu": 1})).get_results()]))
+    assert stale[lost_name]["status"] == "INCOMPLETE"
+    assert stale[lost_name]["error"].startswith(f"LostFinalCheckpoint: {lost_name} finished, but its final checkpoint "
+                                                f"{lost_checkpoint} is gone (deleted?)")
+    assert "Fix: rerun the same command with the same --output" in stale[lost_name]["error"]
+
+    with caplog.at_level("WARNING", logger="trainables.tuning"):
+        second = collect([run_grid(config, data, {"cpu": 1})])
+    assert (f"{lost_name} finished, but its final checkpoint {lost_checkpoint} is gone (deleted?). Ray Tune never runs "
+            f"a finished trial again: training it again from the start, in {run}-retrain-1") in caplog.text
+    rows = by_trial(second)
+    assert sorted(rows) == names and {row["status"] for row in rows.values()} == {"TERMINATED"}
+    retrained = Path(rows[lost_name]["checkpoint"])
+    assert retrained.parent.parent == Path(f"{run}-retrain-1") and (retrained / "best_weights.pt").is_file()
+    assert rows[names[1]]["checkpoint"] == by_trial(first)[names[1]]["checkpoint"]  # the other is kept as it was
+    assert_each_subject_predicted_once_per_arm(second["predictions"], data)
+    # Trained again from the same seed, configuration and fold on the CPU: the same test predictions.
+    pd.testing.assert_frame_equal(second["predictions"].reset_index(drop=True),
+                                  first["predictions"].reset_index(drop=True))
+
+    # A third run trains nothing; then a lost file of the other trial (its weights only) is retrained the same way.
+    progress = (retrained.parent / "progress.csv").read_text()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="trainables.tuning"):
+        third = collect([run_grid(config, data, {"cpu": 1})])
+    assert "finished, but" not in caplog.text and (retrained.parent / "progress.csv").read_text() == progress
+    assert by_trial(third)[lost_name]["checkpoint"] == str(retrained)
+    kept = Path(by_trial(third)[names[1]]["checkpoint"])
+    (kept / "best_weights.pt").unlink()
+    with caplog.at_level("WARNING", logger="trainables.tuning"):
+        fourth = collect([run_grid(config, data, {"cpu": 1})])
+    assert (f"{names[1]} finished, but its final checkpoint {kept} lacks best_weights.pt (deleted?)" in caplog.text)
+    rows = by_trial(fourth)
+    assert Path(rows[names[1]]["checkpoint"]).parent.parent == Path(f"{run}-retrain-2")
+    assert rows[lost_name]["checkpoint"] == str(retrained) and set(fourth["trials"]["status"]) == {"TERMINATED"}
+    assert sorted(p.name for p in run.parent.iterdir()) == ["paper", "paper-retrain-1", "paper-retrain-2"]
+
+
+def test_a_restored_search_fails_the_optuna_trial_its_killed_driver_left_running(data, tmp_path, ray_here, caplog):
+    """A driver killed right after its searcher asked Optuna for a trial, before Tune saved its state: the study
+    holds a RUNNING trial that no Tune trial will ever report. The rerun's restore closes it as FAIL."""
+    import optuna
+
+    from trainables.tuning import run_search, study_storage
+
+    config = experiment(tmp_path, "search", num_samples=1)
+    run_search(config, data, {"cpu": 1}, [("mc3_18", False)])
+    study = optuna.load_study(study_name="mc3_18-scratch-fold0", storage=study_storage(config))
+    assert [t.state.name for t in study.trials] == ["COMPLETE"]
+    study.ask()  # as OptunaSearch.suggest asks: recorded in the study at once, in Tune's state only at its next save
+
+    with caplog.at_level("WARNING", logger="trainables.nested_search"):
+        grid = run_search(config, data, {"cpu": 1}, [("mc3_18", False)])  # the rerun: Tuner.restore
+    assert len(grid) == 2 and {result.error for result in grid} == {None}
+    for fold, states in ((0, ["COMPLETE", "FAIL"]), (1, ["COMPLETE"])):
+        study = optuna.load_study(study_name=f"mc3_18-scratch-fold{fold}", storage=study_storage(config))
+        assert [t.state.name for t in study.trials] == states
+    assert ("Optuna study mc3_18-scratch-fold0: trial 1 was left RUNNING by a driver that stopped before Ray Tune "
+            "saved it (no Tune trial will report it); marked FAIL") in caplog.text

@@ -79,3 +79,63 @@ def test_a_restored_router_does_not_wait_for_a_trial_it_saved_as_running(tmp_pat
     restored.restore(str(tmp_path / "searcher.pkl"))
     # Tune may already count the saved trials as finished and never report them again: the studies go on.
     assert restored.suggest("trial3")["fold"] == 0
+
+
+def states(database, key: StudyKey) -> list[str]:
+    study = optuna.load_study(study_name=key.name, storage=f"sqlite:///{database}")
+    return [trial.state.name for trial in study.trials]
+
+
+def test_a_restore_fails_the_trial_a_dead_driver_asked_for_after_its_last_save_and_keeps_the_resumed_ones(
+        tmp_path, caplog):
+    """The driver is SIGKILLed after Optuna recorded a trial but before Tune saved its state (trials + searcher).
+
+    Tune resumes the trials of its last save, under their old ids, and reports them to the restored searcher;
+    the later one is known to nobody and must not stay RUNNING for ever.
+    """
+    database = tmp_path / "a.db"
+    searcher = router(database)
+    first = [searcher.suggest(f"trial{i}") for i in range(3)]  # one per fold study
+    assert [config["fold"] for config in first] == [0, 1, 2]
+    searcher.on_trial_complete("trial0", {METRIC: score(first[0])})
+    searcher.save(str(tmp_path / "searcher.pkl"))  # Tune's periodic save: trial1 and trial2 are in flight
+    lost = searcher.suggest("trial3")  # asked after the save: Optuna has it, Tune's saved state does not
+    assert lost["fold"] == 0 and states(database, KEYS[0]) == ["COMPLETE", "RUNNING"]
+    # The driver dies here. The rerun restores Tune's state and the searcher state of the same save.
+    restored = router(tmp_path / "blank.db")
+    with caplog.at_level("WARNING", logger="trainables.nested_search"):
+        restored.restore(str(tmp_path / "searcher.pkl"))
+    assert states(database, KEYS[0]) == ["COMPLETE", "FAIL"]
+    assert ("Optuna study mc3_18-scratch-fold0: trial 1 was left RUNNING by a driver that stopped before Ray Tune "
+            "saved it (no Tune trial will report it); marked FAIL") in caplog.text
+    assert "fold1" not in caplog.text and "fold2" not in caplog.text
+    # trial1 and trial2 were saved in flight: Tune resumes them and reports their scores to the restored searcher.
+    assert states(database, KEYS[1]) == states(database, KEYS[2]) == ["RUNNING"]
+    restored.on_trial_complete("trial1", {METRIC: score(first[1])})
+    restored.on_trial_complete("trial2", {METRIC: score(first[2])})
+    assert states(database, KEYS[1]) == states(database, KEYS[2]) == ["COMPLETE"]
+    fold1 = optuna.load_study(study_name=KEYS[1].name, storage=f"sqlite:///{database}")
+    assert fold1.trials[0].value == pytest.approx(score(first[1]))
+    # The lost trial's place is taken by a new one (the restored counters are the save's), as the quota says.
+    replacement = restored.suggest("trial4")
+    assert replacement["fold"] == 0 and states(database, KEYS[0]) == ["COMPLETE", "FAIL", "RUNNING"]
+    assert (replacement["lr"], replacement["dropout"]) == (lost["lr"], lost["dropout"])  # the sampler's saved state
+
+
+def test_a_lost_first_trial_is_failed_and_the_grid_configuration_is_queued_again(tmp_path, caplog):
+    """Each study starts from the grid's (enqueued) configuration: losing that trial must not lose the point."""
+    database = tmp_path / "a.db"
+    searcher = router(database)
+    searcher.save(str(tmp_path / "searcher.pkl"))  # saved before any suggestion
+    assert (searcher.suggest("trial0")["lr"], searcher.suggest("trial1")["fold"]) == (PAPER_DEFAULTS["lr"], 1)
+    restored = router(tmp_path / "blank.db")
+    with caplog.at_level("WARNING", logger="trainables.nested_search"):
+        restored.restore(str(tmp_path / "searcher.pkl"))
+    assert states(database, KEYS[0]) == states(database, KEYS[1]) == ["FAIL", "WAITING"]
+    assert "Optuna study mc3_18-scratch-fold1: trial 0 was left RUNNING" in caplog.text
+    assert "its enqueued configuration" in caplog.text and "queued again" in caplog.text
+    again = restored.suggest("trial2")
+    assert again["fold"] == 0
+    assert {k: again[k] for k in ("lr", "weight_decay", "dropout", "aug_strength")} == \
+        {k: PAPER_DEFAULTS[k] for k in ("lr", "weight_decay", "dropout", "aug_strength")}
+    assert states(database, KEYS[0]) == ["FAIL", "RUNNING"]
