@@ -27,7 +27,7 @@ from datasets.disk_space import DiskFullError
 from datasets.cohort import parse_max_per_class
 from models import KineticsWeightsNotFound, resolve_weights_path
 from search_spaces import deviations_from_paper, space_table
-from trainables.experiment import ExperimentConfig, field_names, new_run_id, parse_overrides
+from trainables.experiment import PATH_OPTIONS, ExperimentConfig, field_names, new_run_id, parse_overrides
 from trainables.ray_trainable import trial_name
 
 log = logging.getLogger("tune_main")
@@ -120,6 +120,15 @@ def check_writable(folder: Path, option: str) -> None:
                          "folder you can write to")
 
 
+def check_local_cpus(config: ExperimentConfig) -> None:
+    """Without --address Ray runs on this machine's CPUs: a trial asking for more would wait forever, silently."""
+    cpus = os.cpu_count() or 1
+    if not config.address and config.cpus_per_trial > cpus:
+        raise ValueError(f"--cpus-per-trial {config.cpus_per_trial:g}: this machine has {cpus} CPU(s), so no trial could "
+                         f"start (Ray would wait for the CPUs forever); give at most {cpus}, or run on a cluster with "
+                         "--address")
+
+
 def saved_options(output: Path) -> dict:
     """The options an experiment folder was started with, for ``--resume``."""
     record = output / "experiment.json"
@@ -128,7 +137,14 @@ def saved_options(output: Path) -> dict:
                          "start it without --resume, or give the --output of an existing run")
     saved = read_experiment_record(record).get("options", {})
     names = set(field_names())
-    return {k: v for k, v in saved.items() if k in names}
+    options = {k: v for k, v in saved.items() if k in names}
+    # A renamed or copied folder: paths that were inside it (the demo's data, a cache under OUT) move with it.
+    first = Path(saved.get("output") or output)
+    for key in PATH_OPTIONS:
+        value = options.get(key)
+        if isinstance(value, str) and "://" not in value and (Path(value) == first or first in Path(value).parents):
+            options[key] = str(output / Path(value).relative_to(first))
+    return options
 
 
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
@@ -151,21 +167,30 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
         elif not (args.data_root or args.manifest):
             raise ValueError(f"--experiment {experiment} needs --data-root DIR or --manifest CSV "
                              "(or run --experiment demo on the built-in synthetic data)")
-    split_list = lambda text: tuple(x.strip() for x in text.split(",") if x.strip())
+    def split_list(text: str | None, option: str, example: str) -> tuple[str, ...] | None:
+        if text is None:
+            return None
+        items = tuple(x.strip() for x in text.split(",") if x.strip())
+        if not items:  # "" or ",": the default would run instead of what was meant
+            raise ValueError(f"{option} {text!r} names nothing; give a comma list, e.g. {option} {example}")
+        return items
+
     given = {
         "data_root": args.data_root and str(Path(args.data_root).resolve()),
         "manifest": args.manifest and str(Path(args.manifest).resolve()),
-        "contrasts": split_list(args.contrasts) if args.contrasts else None, "classes": split_list(args.classes) if args.classes else None,
+        "contrasts": split_list(args.contrasts, "--contrasts", "t1ce"),
+        "classes": split_list(args.classes, "--classes", "LGG,HGG"),
         "skip_invalid": args.skip_invalid or None, "allow_unstripped": args.allow_unstripped or None,
         "register": args.register, "max_per_class": parse_max_per_class(args.max_per_class) or None,
         "cache_dir": args.cache_dir and str(Path(args.cache_dir).resolve()),
-        "spacing": args.spacing, "models": split_list(args.models) if args.models else None,
+        "spacing": args.spacing, "models": split_list(args.models, "--models", "mc3_18"),
         "pretrained": args.pretrained, "weights_dir": args.weights_dir and str(Path(args.weights_dir).resolve()),
         "folds": args.folds, "split": args.split, "epochs": args.epochs, "patience": args.patience,
         "seed": args.seed, "num_samples": args.num_samples, "gpus_per_trial": args.gpus_per_trial,
         "cpus_per_trial": args.cpus_per_trial, "max_concurrent": args.max_concurrent, "address": args.address,
         "storage": args.storage and (args.storage if "://" in args.storage else str(Path(args.storage).resolve())),
         "max_failures": args.max_failures,
+        "demo_task": args.demo_task,  # with --resume: compared with the saved one, not ignored
     }
     options.update({k: v for k, v in given.items() if v is not None})
     if args.set:
@@ -295,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
         check_writable(config.output_path, "--output")
         check_writable(config.cache_path, "--cache-dir")
+        if config.storage and "://" not in config.storage:
+            check_writable(Path(config.storage), "--storage")
+        check_local_cpus(config)
         assign_run_id(config)
         if config.experiment == "demo":
             ensure_demo_data(config)
@@ -363,7 +391,13 @@ def run_experiment(config: ExperimentConfig) -> int:
     note = ignored_ray_address(config)
     if note:
         print(note, flush=True)
-    ray.init(**init_options(config))  # with --address: the code reaches every node through the runtime_env
+    try:
+        ray.init(**init_options(config))  # with --address: the code reaches every node through the runtime_env
+    except ConnectionError as error:  # a wrong --address, or a cluster that is not running
+        print(f"error: --address {config.address}: {str(error).rstrip('.')}. Start the cluster first (`ray start "
+              "--head` on its head node) or check the address; the prepared data is cached, so a rerun does not "
+              "preprocess again", file=sys.stderr)
+        return 2
     try:
         if config.address:
             try:

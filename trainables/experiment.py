@@ -9,6 +9,7 @@ from typing import Any
 
 from datasets import PreprocessConfig, SplitSpec
 from datasets.cohort import check_max_per_class
+from datasets.rsna import SEQUENCE_ALIASES
 from models import MODEL_NAMES, PAPER_MODEL_NAMES
 from trainables.fold_training import DEFAULT_CONFIG, PAPER_DEFAULTS, resolve_config
 from trainables.ray_trainable import config_id
@@ -25,8 +26,16 @@ EXECUTION_ONLY_OVERRIDES = {"checkpoint_every"}
 # --storage would silently start every trial again beside an Optuna study that already holds them.
 EXECUTION_ONLY = {"address", "gpus_per_trial", "cpus_per_trial", "max_failures", "preprocess_workers",
                   "max_concurrent", "report"}
-# Not an option: the experiment's identity, set once (see ``run_id`` below) and never compared.
-NOT_COMPARED = EXECUTION_ONLY | {"run_id"}
+# Not options: the experiment's identity, set once (see ``run_id`` below), and its folder, which holds the saved
+# record being compared (a renamed or copied folder is the same experiment).
+NOT_COMPARED = EXECUTION_ONLY | {"run_id", "output"}
+# Options naming a file or folder: one inside the experiment folder (the demo's data, a cache under OUT) is
+# compared relative to it, so that a renamed or copied experiment folder still resumes.
+PATH_OPTIONS = ("data_root", "manifest", "cache_dir", "weights_dir", "storage")
+# --contrasts under --data-root: BraTS 2019's file suffixes, or RSNA-MICCAI's series (and their BraTS aliases).
+BRATS_CONTRASTS = ("t1", "t1ce", "t2", "flair")
+# The command-line option behind a training constant that is not given with --set.
+TRAINING_OPTIONS = {"epochs": "--epochs", "patience": "--patience", "seed": "--seed", "weights_dir": "--weights-dir"}
 
 
 @dataclass
@@ -108,13 +117,35 @@ class ExperimentConfig:
         # A missing --weights-dir is left to the Kinetics check, whose message says where it looked and how to fix it.
         for option, path, kind in (("--data-root", self.data_root, "folder"), ("--manifest", self.manifest, "file")):
             if path is not None and not (Path(path).is_dir() if kind == "folder" else Path(path).is_file()):
-                raise ValueError(f"{option} {path}: no such {kind}")
-        self.training_constants()
+                other = "file" if kind == "folder" else "folder"
+                found = f"is a {other}, not a {kind}" if Path(path).exists() else f"no such {kind}"
+                raise ValueError(f"{option} {path}: {found}")
+        unknown = [c for c in self.contrasts if c.casefold() not in {*BRATS_CONTRASTS, *SEQUENCE_ALIASES}]
+        if self.data_root is not None and unknown:  # else every subject's <id>_<contrast> file is "not found"
+            raise ValueError(f"--contrasts: unknown {', '.join(unknown)}; BraTS has {', '.join(BRATS_CONTRASTS)}, "
+                             f"RSNA-MICCAI {', '.join(s.lower() for s in dict.fromkeys(SEQUENCE_ALIASES.values()))}")
+        try:
+            training_seed = self.training_constants()["seed"]
+        except ValueError as error:  # resolve_config names the key; say which option set it
+            key = str(error).split(" ", 1)[0]
+            option = f"--set {key}" if key in self.overrides else TRAINING_OPTIONS.get(key)
+            raise ValueError(f"{option}: {error}" if option else str(error)) from None
+        self._check_seeds(training_seed)
         if self.address and not self.storage:
             raise ValueError(
                 f"--address {self.address} needs --storage: trials on other hosts write their results and checkpoints "
                 "to Ray Tune's storage, and the default (OUT/ray) is on this machine only. Give a folder that every "
                 "node mounts at the same path (e.g. --storage /shared/runs) or a URI (s3://bucket/runs).")
+
+    def _check_seeds(self, training_seed: int) -> None:
+        """numpy takes seeds in [0, 2**32): training seeds it with seed * 1000 + fold, the inner splits with
+        seed + 1000 + fold. Out of range, the splits would fail after preprocessing, or every trial in its worker."""
+        training_max, split_max = (2**32 - self.folds) // 1000, 2**32 - 1000 - self.folds
+        checks = [("--seed", self.seed, split_max), ("--set seed", training_seed, training_max)] \
+            if "seed" in self.overrides else [("--seed", self.seed, min(split_max, training_max))]
+        for option, seed, largest in checks:
+            if not 0 <= seed <= largest:
+                raise ValueError(f"{option} must be a whole number from 0 to {largest}, got {seed}")
 
     @property
     def output_path(self) -> Path:
@@ -161,16 +192,21 @@ class ExperimentConfig:
     def differences(self, saved: dict[str, Any]) -> list[str]:
         """Options that differ from a saved run's, ignoring those that only affect execution."""
         mine = self.to_dict()
+        saved_output = Path(saved.get("output") or self.output_path)
 
-        def computed(key: str, value: Any) -> Any:
+        def computed(key: str, value: Any, output: Path) -> Any:
             if key == "overrides" and isinstance(value, dict):
                 return {k: v for k, v in value.items() if k not in EXECUTION_ONLY_OVERRIDES}
             if key == "storage":  # no --storage is OUT/ray: giving that folder explicitly changes nothing
-                return (value or str(self.output_path / "ray")).rstrip("/")
+                value = (value or str(output / "ray")).rstrip("/")
+            if key in PATH_OPTIONS and isinstance(value, str) and "://" not in value:
+                path = Path(value)
+                if path == output or output in path.parents:
+                    return ("OUT", path.relative_to(output).as_posix())
             return value
 
         return sorted(k for k in mine if k not in NOT_COMPARED and k in saved
-                      and computed(k, saved[k]) != computed(k, mine[k]))
+                      and computed(k, saved[k], saved_output) != computed(k, mine[k], self.output_path))
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

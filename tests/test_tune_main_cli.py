@@ -1,0 +1,143 @@
+"""The command line as a new user meets it: bad values are refused at once, naming the option and the fix.
+
+Every case here stops before any data is read or Ray starts (seconds, no training).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+import tune_main
+from trainables.experiment import ExperimentConfig
+
+
+@pytest.fixture
+def paper_argv(tmp_path) -> list[str]:
+    data = tmp_path / "data"
+    data.mkdir()  # discovery happens after the checks below: an empty folder is enough
+    return ["--experiment", "paper", "--data-root", str(data), "--output", str(tmp_path / "out"),
+            "--models", "mc3_18", "--pretrained", "none"]
+
+
+def refused(argv: list[str], capsys) -> str:
+    assert tune_main.main(argv) == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options, message", [
+    # Out of numpy's seed range: the splits failed after preprocessing, or every trial in its worker (FAILED).
+    (["--seed", "-1"], "--seed must be a whole number from 0 to 4294967, got -1"),
+    (["--seed", "4294967296"], "--seed must be a whole number from 0 to 4294967, got 4294967296"),
+    (["--seed", "4294968"], "--seed must be a whole number from 0 to 4294967, got 4294968"),
+    (["--set", "seed=-1"], "--set seed must be a whole number from 0 to 4294967, got -1"),
+    # resolve_config's messages name the key only: the option that set it is named too.
+    (["--epochs", "0"], "--epochs: epochs must be positive, got 0"),
+    (["--patience", "0"], "--patience: patience must be at least 1"),
+    (["--set", "lr=-1"], "--set lr: lr must be positive, got -1"),
+    (["--set", "dropout=1.5"], "--set dropout: dropout must be in [0, 1), got 1.5"),
+    (["--set", "batch_size=0"], "--set batch_size: batch_size must be positive, got 0"),
+    # An empty comma list ran the default classes instead of refusing (--classes ,), or said "unknown []".
+    (["--classes", ","], "--classes ',' names nothing; give a comma list, e.g. --classes LGG,HGG"),
+    (["--models", ","], "--models ',' names nothing; give a comma list, e.g. --models mc3_18"),
+    (["--contrasts", ""], "--contrasts '' names nothing; give a comma list, e.g. --contrasts t1ce"),
+    # An unknown contrast listed every subject's missing <id>_t9.nii.gz (or blamed IXI for "T9 tumours").
+    (["--contrasts", "t9"], "--contrasts: unknown t9; BraTS has t1, t1ce, t2, flair, RSNA-MICCAI flair, t1w, t1wce, t2w"),
+])
+def test_bad_values_are_refused_before_anything_is_written(paper_argv, tmp_path, capsys, options, message):
+    assert message in refused([*paper_argv, *options], capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_seed_within_range_for_the_splits_only_is_accepted_with_a_training_seed_of_its_own(paper_argv):
+    tune_main.config_from_args(tune_main.build_parser().parse_args([*paper_argv, "--seed", "5000000", "--set", "seed=3"]))
+    with pytest.raises(ValueError, match="--seed must be a whole number from 0 to 4294967"):
+        tune_main.config_from_args(tune_main.build_parser().parse_args([*paper_argv, "--seed", "5000000"]))
+
+
+def test_a_file_or_folder_of_the_wrong_kind_is_named_as_such(tmp_path, capsys):
+    a_file = tmp_path / "afile"
+    a_file.write_text("")
+    argv = ["--experiment", "paper", "--output", str(tmp_path / "out"), "--pretrained", "none"]
+    assert f"--data-root {a_file}: is a file, not a folder" in refused([*argv, "--data-root", str(a_file)], capsys)
+    assert f"--manifest {tmp_path}: is a folder, not a file" in refused([*argv, "--manifest", str(tmp_path)], capsys)
+    assert f"--data-root {tmp_path / 'no'}: no such folder" in refused([*argv, "--data-root", str(tmp_path / "no")], capsys)
+
+
+def test_a_storage_that_is_a_file_is_refused_before_the_data_is_read(paper_argv, tmp_path, capsys):
+    # It used to end in a pyarrow NotADirectoryError traceback (exit 1) after preprocessing.
+    a_file = tmp_path / "afile"
+    a_file.write_text("")
+    err = refused([*paper_argv, "--storage", str(a_file)], capsys)
+    assert f"--storage {a_file}: {a_file} is a file, not a folder" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_more_cpus_per_trial_than_this_machine_has_is_refused(paper_argv, tmp_path, capsys, monkeypatch):
+    # Without --address, Ray left every trial PENDING forever ("No available node types can fulfill ...").
+    monkeypatch.setattr(tune_main.os, "cpu_count", lambda: 2)
+    err = refused([*paper_argv, "--cpus-per-trial", "100"], capsys)
+    assert "--cpus-per-trial 100: this machine has 2 CPU(s), so no trial could start" in err
+    assert not (tmp_path / "out").exists()
+    config = tune_main.config_from_args(tune_main.build_parser().parse_args(
+        [*paper_argv, "--cpus-per-trial", "100", "--address", "auto", "--storage", str(tmp_path / "st")]))
+    tune_main.check_local_cpus(config)  # a cluster's nodes may have more
+
+
+def test_an_unreachable_address_is_an_error_not_a_traceback(tmp_path, capsys, monkeypatch):
+    import ray
+
+    config = ExperimentConfig(experiment="paper", output=str(tmp_path / "out"), data_root=str(tmp_path),
+                              models=("mc3_18",), pretrained="none", address="10.9.9.9:6379",
+                              storage=str(tmp_path / "st"))
+    data = SimpleNamespace(cached=SimpleNamespace(table=[]), classes=("a", "b"), cache_dir=str(tmp_path),
+                           plan=SimpleNamespace(folds=[0, 1, 2]), subjects=None)
+    monkeypatch.setattr(tune_main, "prepare_data", lambda *a, **k: data)
+    monkeypatch.setattr(tune_main, "write_csv_atomic", lambda *a, **k: None)
+    monkeypatch.setattr(tune_main, "fit_baselines", lambda *a, **k: None)
+    monkeypatch.setattr(tune_main, "save_experiment_record", lambda *a, **k: None)
+
+    def unreachable(**kwargs):
+        raise ConnectionError("Failed to connect to Ray cluster at 10.9.9.9:6379.")
+
+    monkeypatch.setattr(ray, "init", unreachable)
+    assert tune_main.run_experiment(config) == 2
+    err = capsys.readouterr().err
+    assert "error: --address 10.9.9.9:6379: Failed to connect to Ray cluster at 10.9.9.9:6379. Start the cluster" in err
+
+
+def saved_run(folder: Path, **options) -> ExperimentConfig:
+    """An experiment.json as a finished run leaves it (only its options matter here)."""
+    config = ExperimentConfig(experiment="paper", output=str(folder), models=("mc3_18",), pretrained="none",
+                              run_id="ab12cd34", **options)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "experiment.json").write_text(json.dumps({"options": config.to_dict()}))
+    return config
+
+
+def test_resume_with_another_demo_task_is_refused_not_ignored(tmp_path, capsys):
+    out = tmp_path / "run"
+    saved_run(out, data_root=str(tmp_path))
+    err = refused(["--resume", "--output", str(out), "--demo-task", "mgmt"], capsys)
+    assert "other options (demo_task)" in err
+
+
+def test_a_renamed_experiment_folder_still_resumes(tmp_path, capsys):
+    # A renamed or copied run was refused as "other options (data_root, output)": the demo's data lives inside it.
+    first = tmp_path / "first"
+    (first / "cache" / "demo-data").mkdir(parents=True)
+    saved_run(first, data_root=str(first / "cache" / "demo-data"))
+    moved = tmp_path / "moved"
+    first.rename(moved)  # the saved data_root is gone with it: --resume looks for it inside the new folder
+    config = tune_main.config_from_args(tune_main.build_parser().parse_args(["--resume", "--output", str(moved)]))
+    assert config.data_root == str(moved / "cache" / "demo-data")
+    tune_main.refuse_changed_options(config)
+    assert tune_main.main(["--experiment", "paper", "--data-root", str(moved / "cache" / "demo-data"), "--models",
+                           "mc3_18", "--pretrained", "none", "--output", str(moved), "--seed", "1"]) == 2
+    assert "other options (seed)" in capsys.readouterr().err  # the same command, but for the seed, reaches the check
+    # Data outside the folder is still compared: another --data-root is another experiment.
+    config.data_root = str(tmp_path)
+    with pytest.raises(ValueError, match=r"other options \(data_root\)"):
+        tune_main.refuse_changed_options(config)
