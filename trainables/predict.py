@@ -23,12 +23,13 @@ as it can: the run, the arm and every fold's weights are checked before any inpu
 Outputs (OUT = ``--output``, a .csv):
 - OUT: ``subject_id``, ``label`` (when labels were given), ``prob_<class>`` (mean over folds), ``pred``,
   ``prob_<class>_sd`` (sample standard deviation over folds, ddof=1 as the report's fold std; empty with one fold),
-  ``n_folds``, ``fold<k>_pred`` per fold k (k = the run's fold index), ``in_run_cohort`` (the subject id is in the
-  run's subjects.csv: it was training data for every fold but its own test fold, so its prediction is no
-  independent test).
+  ``n_folds``, ``fold<k>_pred`` per fold k (k = the run's fold index), ``in_run_cohort`` (the subject is one of the
+  run's subjects.csv, by id, by the content of its volume or by its file name: see ``run_cohort_matches``; it was
+  training data for every fold but its own test fold, so its prediction is no independent test).
 - ``<OUT stem>_folds.csv``: one row per (subject, fold): ``subject_id, fold, trial_name, pred, prob_<class>``.
 - ``<OUT stem>.json``: how it was obtained: run, arm and why, folds with checkpoints and weight checksums,
-  preprocessing, device, versions, and the score when labels were given.
+  preprocessing, device, versions, the score when labels were given, and ``inputs.in_run_cohort_matches``: for each
+  subject flagged in_run_cohort, the run subject id(s) it matches and how (``id``, ``content`` or ``name``).
 """
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ from datasets.dicom import convert_records, dicom_cache_dir
 from datasets.preprocessing import CachedDataset, PreprocessConfig, preprocess_volumes
 from datasets.prepare import DataSpec, load_records
 from datasets.records import SubjectRecord
-from datasets.sources import NIFTI_SUFFIXES, read_manifest
+from datasets.sources import IXI_PATTERN, NIFTI_SUFFIXES, read_manifest
 from datasets.validation import Problem, validate_records
 from datasets.volume_dataset import batch_to_video_layout
 from models import build_model
@@ -488,9 +489,126 @@ def stripping_warning(records: Sequence[SubjectRecord], profiles: dict[str, dict
             f"{' ...' if len(odd) > COHORT_IDS_SHOWN else ''}).{fix}")
 
 
-def in_run_cohort(records: Sequence[SubjectRecord], exp: Experiment) -> list[bool]:
-    cohort = set(exp.subjects["subject_id"]) if exp.subjects is not None else set()
-    return [r.subject_id in cohort for r in records]
+# The run's cohort (run_cohort_matches). The acquisition-profile fields that pin down a volume's content whatever its
+# file is called, where it lies and how it is stored (dtype is left out: the same intensities saved as int16 or
+# float32 are the same volume to the models).
+CONTENT_NUMERIC = ("shape_x", "shape_y", "shape_z", "voxel_x", "voxel_y", "voxel_z", "fg_volume_ml", "fg_median",
+                   "fg_p99", "zero_fraction", "border_zero_fraction")
+CONTENT_TEXT = ("orientation",)
+CONTENT_RTOL = 1e-9  # the same measurement read back from subjects.csv: equal up to float text round-trips
+# File-name endings that name a scan of a subject rather than the subject: BraTS's <id>_<contrast>.nii.gz (and its
+# segmentation), the RSNA sequence names; IXI's <id>-T1[_brain] is datasets.sources.IXI_PATTERN.
+SCAN_SUFFIXES = frozenset({"t1", "t1ce", "t2", "flair", "seg", "t1w", "t1wce", "t2w"})
+MATCH_KINDS = {"id": "same id", "content": "the same volume, by content",
+               "name": "another scan of that subject, by file name"}
+
+
+@dataclass(frozen=True)
+class CohortMatch:
+    """Why a new subject counts as one of the run's: ``by`` "id", "content" or "name" (see ``run_cohort_matches``)."""
+
+    run_subjects: tuple[str, ...]  # the run's subject id(s) it matches
+    by: str
+
+    def describe(self, subject_id: str) -> str:
+        if self.by == "id":
+            return subject_id
+        return f"{subject_id} = run subject {' / '.join(self.run_subjects)} ({MATCH_KINDS[self.by]})"
+
+
+def scan_names(record: SubjectRecord) -> set[str]:
+    """The subject ids the run's layouts would give the record's files: a BraTS ``<id>_<contrast>`` file is subject
+    ``<id>``, an IXI ``<id>-T1[_brain]`` file is subject ``<id>``; and each file's own stem."""
+    names = set()
+    for path in record.paths:
+        name = Path(path).name
+        stem = next((name[:-len(s)] for s in NIFTI_SUFFIXES if name.endswith(s)), Path(path).stem)
+        names.add(stem)
+        head, _, tail = stem.rpartition("_")
+        if head and tail.casefold() in SCAN_SUFFIXES:
+            names.add(head)
+        if (ixi := IXI_PATTERN.match(name)) is not None:
+            names.add(ixi.group(1))
+    return names
+
+
+def cohort_profiles(subjects: pd.DataFrame | None) -> pd.DataFrame | None:
+    """The run's subjects with every content field of their profile, or None (no subjects.csv, or one written
+    before profiles were recorded)."""
+    if subjects is None or not set(CONTENT_NUMERIC + CONTENT_TEXT) <= set(subjects.columns):
+        return None
+    known = subjects[subjects[list(CONTENT_NUMERIC)].notna().all(axis=1)]
+    return known[["subject_id", *CONTENT_NUMERIC, *CONTENT_TEXT]].reset_index(drop=True)
+
+
+def same_content(profile: dict | None, cohort: pd.DataFrame | None) -> list[str]:
+    """The run subjects whose recorded profile equals ``profile`` in every content field (sorted ids)."""
+    if profile is None or cohort is None or cohort.empty:
+        return []
+    try:
+        mine = np.array([float(profile[c]) for c in CONTENT_NUMERIC])
+    except (KeyError, TypeError, ValueError):
+        return []
+    equal = np.isclose(cohort[list(CONTENT_NUMERIC)].to_numpy(dtype=float), mine, rtol=CONTENT_RTOL,
+                       atol=0).all(axis=1)
+    for column in CONTENT_TEXT:
+        equal &= (cohort[column].astype(str) == str(profile.get(column))).to_numpy()
+    return sorted(str(s) for s in cohort.loc[equal, "subject_id"])
+
+
+def run_cohort_matches(records: Sequence[SubjectRecord], profiles: dict[str, dict | None],
+                       exp: Experiment) -> list[CohortMatch | None]:
+    """For each record, the run subject(s) it is (None: none found); ``profiles``: subject id -> the acquisition
+    profile validation measured for the record's first file (the file subjects.csv profiled for the run's subjects).
+
+    Matched, in this order: 1. **id**: the subject id is in subjects.csv. 2. **content**: the first file's
+    acquisition profile (matrix, voxel size, orientation, foreground volume, foreground median and 99th percentile,
+    zero and border-zero fractions) equals a cohort subject's in subjects.csv. 3. **name**: a file is named as the
+    run's layouts name a scan of a cohort subject (``<id>_flair.nii.gz``, ``<id>-T1_brain.nii``): another contrast
+    of that subject, so the same anatomy and tumour.
+
+    Why these: bare FILES get their id from the file name, so a cohort volume copied or renamed (or BraTS's
+    ``<id>_t1ce.nii.gz``, id ``<id>_t1ce``) passes the id check. The run keeps no path or checksum of its cohort's
+    files: the cache key hashes path, size and mtime into one digest that cannot be taken apart; the cache entry's
+    meta.json checksums only its own volumes.npy and subjects.csv; the validation cache beside the entry lists every
+    file ever checked under that cache folder, not the cohort, and does not travel with the run. Re-finding the
+    cohort's files from experiment.json's --data-root/--manifest needs the data where it was (often not on the
+    machine that predicts), and a checksum of raw bytes misses the same volume recompressed or re-saved. Comparing
+    preprocessed volumes with the cache's volumes.npy reads the whole entry (GBs) and is not bit-reproducible after
+    ANTs registration. The profile costs nothing: validation measured it for every input already, and subjects.csv
+    (kept with the run) holds the cohort's. It is invariant to file name, place, compression and stored dtype, and
+    its intensity statistics (medians and percentiles of a million-voxel foreground, the exact foreground voxel
+    count) make two different scans agreeing in every field implausible. What it cannot see: a cohort volume
+    changed in content (resampled, reoriented, rescaled, cropped) is a different volume to it, and to the models.
+    """
+    subjects = exp.subjects
+    if subjects is None:
+        return [None] * len(records)
+    ids = set(subjects["subject_id"])
+    cohort = cohort_profiles(subjects)
+    matches: list[CohortMatch | None] = []
+    for record in records:
+        if record.subject_id in ids:
+            matches.append(CohortMatch((record.subject_id,), "id"))
+        elif same := same_content(profiles.get(record.subject_id), cohort):
+            matches.append(CohortMatch(tuple(same), "content"))
+        elif named := sorted(ids & scan_names(record)):
+            matches.append(CohortMatch(tuple(named), "name"))
+        else:
+            matches.append(None)
+    return matches
+
+
+def cohort_warning(records: Sequence[SubjectRecord], matches: Sequence[CohortMatch | None]) -> str | None:
+    """The subjects that are the run's own, each with the run subject it matches when its id differs."""
+    found = [match.describe(r.subject_id) for r, match in zip(records, matches) if match is not None]
+    if not found:
+        return None
+    return (f"{len(found)} of {len(records)} subject(s) are in the run's own subjects.csv "
+            f"({', '.join(found[:COHORT_IDS_SHOWN])}{' ...' if len(found) > COHORT_IDS_SHOWN else ''}): they were "
+            "training data of the run (of every fold but their own test fold), so their predictions are not an "
+            "independent test (column in_run_cohort; which run subject each matches: in_run_cohort_matches in "
+            "the .json)")
 
 
 # ---------------------------------------------------------------------------------------------- prediction
@@ -628,16 +746,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def prepare_volumes(args: argparse.Namespace, exp: Experiment, records: list[SubjectRecord],
                     config: PreprocessConfig, output: Path
-                    ) -> tuple[list[SubjectRecord], np.ndarray, Path | None, list[bool]]:
-    """(the subjects kept, their volumes as the models expect them, the registration cache or None, whether each
-    subject is in the run's cohort): converted from DICOM and validated as training does, registered when the run
-    was, and preprocessed; warns about volumes unlike the run's and subjects from its cohort."""
+                    ) -> tuple[list[SubjectRecord], np.ndarray, Path | None, list[CohortMatch | None]]:
+    """(the subjects kept, their volumes as the models expect them, the registration cache or None, the run subject
+    each one is, if any: ``run_cohort_matches``): converted from DICOM and validated as training does, registered
+    when the run was, and preprocessed; warns about volumes unlike the run's and subjects from its cohort."""
     work_dir = Path(args.cache_dir).resolve() if args.cache_dir else output.with_name(f"{output.stem}_cache")
     converted, failed = convert_records(records, dicom_cache_dir(work_dir))  # DICOM series (RSNA layout) only
     records = survivors(records, converted, failed, "DICOM conversion", args.skip_invalid)
     # Labels were checked before; the per-file verdicts are cached like training's, so a rerun does not reopen files.
     report = validate_records(records, tuple(sorted({r.label for r in records})), work_dir / "validation.json")
     records = keep_or_refuse(records, report.problems, "validation", args.skip_invalid)
+    # The raw first file's profile, as subjects.csv holds the run's (before registration gives records new paths).
+    profiles = {r.subject_id: report.profiles.get(r.paths[0]) for r in records}
     warning = stripping_warning(records, report.profiles, exp)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
@@ -651,14 +771,18 @@ def prepare_volumes(args: argparse.Namespace, exp: Experiment, records: list[Sub
         records = survivors(records, registered, failed, "registration to MNI152", args.skip_invalid)
     volumes, failed = preprocess_volumes(records, config, num_workers=args.workers)
     records = keep_or_refuse(records, failed, "preprocessing", args.skip_invalid)
-    cohort = in_run_cohort(records, exp)
-    if any(cohort):
-        ids = [r.subject_id for r, seen in zip(records, cohort) if seen]
-        print(f"warning: {len(ids)} of {len(records)} subject(s) are in the run's own subjects.csv "
-              f"({', '.join(ids[:COHORT_IDS_SHOWN])}{' ...' if len(ids) > COHORT_IDS_SHOWN else ''}): they were "
-              "training data of the run (of every fold but their own test fold), so their predictions are not an "
-              "independent test (column in_run_cohort)", file=sys.stderr)
-    return records, volumes, registration_cache, cohort
+    matches = run_cohort_matches(records, profiles, exp)
+    warning = cohort_warning(records, matches)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    if exp.subjects is None:
+        print(f"note: {exp.out_dir} has no subjects.csv, so whether these subjects were its training data cannot be "
+              "checked (column in_run_cohort is False for all)", file=sys.stderr)
+    elif cohort_profiles(exp.subjects) is None:
+        print(f"note: {exp.out_dir}/subjects.csv records no acquisition profiles (a run made before it did), so "
+              "subjects are matched to its cohort by id and file name only: a cohort volume copied under another "
+              "name is not recognised", file=sys.stderr)
+    return records, volumes, registration_cache, matches
 
 
 def predict(args: argparse.Namespace) -> int:
@@ -675,7 +799,7 @@ def predict(args: argparse.Namespace) -> int:
     # Every fold's weights are read now, on the CPU: a missing or foreign file is refused before the inputs are
     # opened, registered and preprocessed (minutes for a large cohort), not after.
     models = [load_fold_model(weights, estimate.arm, exp.classes, channels, run_dir) for weights in folds]
-    records, volumes, registration_cache, cohort = prepare_volumes(args, exp, records, config, output)
+    records, volumes, registration_cache, matches = prepare_volumes(args, exp, records, config, output)
 
     probabilities = []
     for number, fold_model in enumerate(models, start=1):
@@ -684,14 +808,14 @@ def predict(args: argparse.Namespace) -> int:
         probabilities.append(predict_volumes(fold_model.model.to(device), volumes, args.batch_size, device,
                                              progress_printer(label, len(volumes), args.batch_size)))
         fold_model.model.cpu()  # one fold on the device at a time
-    table, per_fold = ensemble_tables(records, exp.classes, models, probabilities, cohort)
+    table, per_fold = ensemble_tables(records, exp.classes, models, probabilities, [m is not None for m in matches])
     result = score(table, exp.classes)
     paths = {"predictions": output, "folds": output.with_name(f"{output.stem}_folds.csv"),
              "provenance": output.with_suffix(".json")}
     write_csv_atomic(per_fold, paths["folds"])
     write_text_atomic(paths["provenance"], json.dumps(
         provenance(args, exp, estimate, reason, models, config, channels, cache_entry, registration_cache, device,
-                   table, result, paths), indent=2))
+                   table, result, paths, dict(zip(table["subject_id"], matches))), indent=2))
     write_csv_atomic(table, paths["predictions"])  # last: the predictions exist only with their companions
     print(f"{len(table)} subject(s) predicted by {len(models)} fold(s) of {arm_text(estimate.arm)}: "
           f"{paths['predictions']} (per fold: {paths['folds']}; how: {paths['provenance']})")
@@ -708,7 +832,8 @@ def predict(args: argparse.Namespace) -> int:
 def provenance(args: argparse.Namespace, exp: Experiment, estimate: ArmEstimate, reason: str,
                models: Sequence[FoldModel], config: PreprocessConfig, channels: int, cache_entry: Path,
                registration_cache: Path | None, device: torch.device, table: pd.DataFrame,
-               result: dict[str, Any] | None, paths: dict[str, Path]) -> dict[str, Any]:
+               result: dict[str, Any] | None, paths: dict[str, Path],
+               matches: dict[str, CohortMatch | None]) -> dict[str, Any]:
     """<stem>.json: everything needed to say how the predictions were obtained, and to obtain them again."""
     import torchvision
 
@@ -726,7 +851,9 @@ def provenance(args: argparse.Namespace, exp: Experiment, estimate: ArmEstimate,
         "classes": list(exp.classes),
         "inputs": {**source, "contrasts": args.contrasts.split(",") if args.contrasts else exp.meta.get("contrasts"),
                    "n_subjects": len(table),
-                   "in_run_cohort": [str(s) for s in table.loc[table["in_run_cohort"], "subject_id"]]},
+                   "in_run_cohort": [str(s) for s in table.loc[table["in_run_cohort"], "subject_id"]],
+                   "in_run_cohort_matches": {str(s): {"run_subject_ids": list(m.run_subjects), "by": m.by}
+                                             for s, m in matches.items() if m is not None}},
         "preprocessing": {**dataclasses.asdict(config), "channels": channels, "cache_entry": str(cache_entry),
                           "registration_cache": str(registration_cache) if registration_cache else None},
         "inference": {"device": str(device), "batch_size": args.batch_size, "dtype": "float32",

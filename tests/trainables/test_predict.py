@@ -395,6 +395,56 @@ def test_given_labels_are_scored_with_sklearn_and_training_subjects_are_flagged(
     assert list(unlabelled["table"]["in_run_cohort"]) == [True, True, False]
 
 
+def test_a_run_volume_under_another_file_name_is_flagged_with_the_run_subject_it_is(run_dir, phantom_root, tmp_path):
+    """Bare FILES take their id from the file name, so the id check alone misses the run's own volumes passed as
+    files: BraTS's <id>_t1ce.nii.gz as it lies (id <id>_t1ce), a copy under another name, the same volume re-saved
+    uncompressed (other bytes), another scan of a cohort subject named as BraTS names it. A volume the run never saw
+    (a phantom of another seed) stays unflagged."""
+    from datasets.synthetic import write_synthetic_dataset
+
+    cohort = {r.subject_id: Path(r.paths[0]) for r in load_records(DataSpec(data_root=str(phantom_root)))}
+    as_is, copied, resaved, other_scan = sorted(s for s in cohort if s.startswith("BraTS"))[:4]
+    copy = shutil.copy(cohort[copied], tmp_path / "new_scan_07.nii.gz")
+    uncompressed = tmp_path / "patient_b.nii"
+    nib.save(nib.load(cohort[resaved]), str(uncompressed))
+    assert uncompressed.read_bytes() != cohort[resaved].read_bytes()
+    image = nib.load(cohort[other_scan])  # not the run's volume: other intensities, same subject by its name
+    flair = tmp_path / "flair" / f"{other_scan}_flair.nii.gz"
+    flair.parent.mkdir()
+    nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj) * 2, image.affine), str(flair))
+    unseen = next(write_synthetic_dataset(tmp_path / "unseen", n_hgg=1, n_lgg=0, n_healthy=0, seed=11,
+                                          downsample=4).rglob("*_t1ce.nii.gz"))
+    unrelated = shutil.copy(unseen, tmp_path / "unrelated.nii.gz")  # its phantom id is reused across seeds
+    files = [str(cohort[as_is]), str(copy), str(uncompressed), str(flair), str(unrelated)]
+    csv = tmp_path / "p.csv"
+    code, _, err = run_cli([str(run_dir), *files, "--output", str(csv), "--workers", "1"])
+    assert code == 0, err
+    table, _, record = outputs(csv)
+    ids = [f"{as_is}_t1ce", "new_scan_07", "patient_b", f"{other_scan}_flair", "unrelated"]
+    assert list(table["subject_id"]) == ids and list(table["in_run_cohort"]) == [True, True, True, True, False]
+    assert record["inputs"]["in_run_cohort"] == ids[:4]
+    assert record["inputs"]["in_run_cohort_matches"] == {
+        f"{as_is}_t1ce": {"run_subject_ids": [as_is], "by": "content"},
+        "new_scan_07": {"run_subject_ids": [copied], "by": "content"},
+        "patient_b": {"run_subject_ids": [resaved], "by": "content"},
+        f"{other_scan}_flair": {"run_subject_ids": [other_scan], "by": "name"}}
+    assert (f"warning: 4 of 5 subject(s) are in the run's own subjects.csv ({as_is}_t1ce = run subject {as_is} (the "
+            f"same volume, by content), new_scan_07 = run subject {copied} (the same volume, by content), patient_b = "
+            f"run subject {resaved} (the same volume, by content), {other_scan}_flair = run subject {other_scan} "
+            "(another scan of that subject, by file name)): they were training data of the run") in err
+    assert "unrelated" not in err.split("subjects.csv (")[1].split("):")[0]
+
+    # A run whose subjects.csv predates the profiles: only ids and names can be matched, and the output says so.
+    old = copy_tables(run_dir, tmp_path / "old")
+    subjects = pd.read_csv(old / "subjects.csv", dtype=str, keep_default_na=False)
+    subjects[["subject_id", "label", "group", "source", "site", "stripped"]].to_csv(old / "subjects.csv", index=False)
+    code, _, err = run_cli([str(old), str(copy), str(flair), "--output", str(tmp_path / "old.csv"), "--workers", "1"])
+    assert code == 0, err
+    assert list(outputs(tmp_path / "old.csv")[0]["in_run_cohort"]) == [False, True]
+    assert f"{old}/subjects.csv records no acquisition profiles" in err
+    assert "a cohort volume copied under another name is not recognised" in err
+
+
 def test_prediction_asks_cudnn_for_full_float32_and_gives_the_setting_back():
     """TF32 is cuDNN's default for float32 convolutions on recent GPUs; inside prediction it is off, after it as before."""
     conv = torch.backends.cudnn.conv
