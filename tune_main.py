@@ -240,9 +240,20 @@ def planned_trials(config: ExperimentConfig, folds: int) -> list[str]:
 
 
 def tune_runs(config: ExperimentConfig, searched: bool) -> dict[str, str]:
-    """Where this experiment's Tune runs live (the grid and/or the search), for experiment.json and the user."""
+    """Where this experiment's Tune runs live, for experiment.json and the user: the grid and/or the search, each
+    followed by its retrain runs found in the storage now (``paper-retrain-1``: ``<run>-retrain-<n>``, made when a
+    finished trial's final checkpoint was lost), oldest first, so that a reader taking the last run holding a trial
+    gets the retrained one."""
+    from trainables.tuning import retrain_runs  # imports Ray: only once an experiment runs
+
     kinds = [kind for kind, used in (("paper", config.experiment in ("paper", "demo")), ("search", searched)) if used]
-    return {kind: f"{config.storage_root}/{config.tune_run_name(kind)}" for kind in kinds}
+    runs = {}
+    for kind in kinds:
+        name = config.tune_run_name(kind)
+        runs[kind] = f"{config.storage_root}/{name}"
+        runs.update({kind + retrain[len(name):]: f"{config.storage_root}/{retrain}"
+                     for retrain in retrain_runs(config, name)})
+    return runs
 
 
 def save_experiment_record(config: ExperimentConfig, data, studies: list[dict]) -> None:
@@ -410,19 +421,24 @@ def run_experiment(config: ExperimentConfig) -> int:
         print(f"Each trial gets {resources} (cluster: {ray.cluster_resources()})", flush=True)
         grids = []
         grid_values: dict = {}
+        stopped = False
         if config.experiment in ("paper", "demo"):
             grids.append(run_grid(config, data, resources))
-            if interrupted(grids[-1]):
-                return stop_interrupted(config)
-            grid_values = grid_fold_values(grids[-1])
-        if search_arms:
+            stopped = interrupted(grids[-1])
+            if not stopped:
+                grid_values = grid_fold_values(grids[-1])
+        if search_arms and not stopped:
             # Which grid trial each fold study was seeded with is known only now: record it before searching.
             save_experiment_record(config, data, search_studies(config, search_arms, folds, grid_values))
             grid = run_search(config, data, resources, search_arms, grid_values)
             if grid is not None:
                 grids.append(grid)
-                if interrupted(grid):
-                    return stop_interrupted(config)
+                stopped = interrupted(grid)
+        # Written again, interrupted or not: a run may have made a retrain run (<run>-retrain-<n>), which tune_runs
+        # lists from the storage.
+        save_experiment_record(config, data, search_studies(config, search_arms, folds, grid_values))
+        if stopped:
+            return stop_interrupted(config)
     finally:
         ray.shutdown()
     # Tune's SIGINT handler outlives Tuner.fit; without the default one back, Ctrl-C in the report would be ignored.

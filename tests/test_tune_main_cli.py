@@ -141,3 +141,30 @@ def test_a_renamed_experiment_folder_still_resumes(tmp_path, capsys):
     config.data_root = str(tmp_path)
     with pytest.raises(ValueError, match=r"other options \(data_root\)"):
         tune_main.refuse_changed_options(config)
+
+
+@pytest.mark.parametrize("uri", [False, True])
+def test_tune_runs_and_tensorboard_name_this_experiments_retrain_runs_in_a_shared_storage(tmp_path, uri):
+    """<run>-retrain-<n> runs (a finished trial trained again after its final checkpoint was lost) are listed after
+    their run, by n; other experiments' runs and stray names in the shared --storage are not. A URI storage is listed
+    through pyarrow (file:// stands in for s3:// here)."""
+    storage = tmp_path / "shared"
+    for name in ["paper-ab12cd34", "paper-ab12cd34-retrain-10", "paper-ab12cd34-retrain-2", "paper-ab12cd34-retrain-1",
+                 "search-ab12cd34", "search-ab12cd34-retrain-1", "paper-ff00ff00-retrain-1",
+                 "paper-ab12cd34-retrain-x", "paper-ab12cd34-retrain-1-old", "paper-ab12cd34-retrain-01"]:
+        (storage / name).mkdir(parents=True)
+    (storage / "paper-ab12cd34-retrain-3").write_text("")  # a file, not a run
+    root = f"file://{storage}" if uri else str(storage)
+    config = ExperimentConfig(experiment="demo", output=str(tmp_path / "out"), models=("mc3_18",), pretrained="none",
+                              run_id="ab12cd34", storage=root)
+    runs = tune_main.tune_runs(config, searched=True)
+    assert runs == {"paper": f"{root}/paper-ab12cd34", "paper-retrain-1": f"{root}/paper-ab12cd34-retrain-1",
+                    "paper-retrain-2": f"{root}/paper-ab12cd34-retrain-2",
+                    "paper-retrain-10": f"{root}/paper-ab12cd34-retrain-10",
+                    "search": f"{root}/search-ab12cd34", "search-retrain-1": f"{root}/search-ab12cd34-retrain-1"}
+    assert tune_main.tensorboard_command(config, searched=True) == \
+        "tensorboard --logdir_spec " + ",".join(f"{kind}:{path}" for kind, path in runs.items())
+    assert tune_main.tune_runs(config, searched=False) == {k: v for k, v in runs.items() if k.startswith("paper")}
+    empty = ExperimentConfig(experiment="paper", output=str(tmp_path / "out"), models=("mc3_18",), pretrained="none",
+                             run_id="ab12cd34", storage=f"{root}/none-yet")  # before Tune made the folder
+    assert tune_main.tune_runs(empty, searched=False) == {"paper": f"{root}/none-yet/paper-ab12cd34"}

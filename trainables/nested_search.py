@@ -27,20 +27,37 @@ than trial slots, slots wait.
 A driver that dies (SIGKILL, a reboot) can leave an Optuna trial RUNNING for ever: ``OptunaSearch.suggest``
 writes it to the SQLite study at once, while Tune saves its own state (trials and this searcher) only every
 few seconds. ``FoldStudies.restore`` closes such trials as FAIL (see ``close_abandoned_trials``).
+
+A trial that ends in ERROR (crashes past ``--max-failures``, or a permanent error) is told FAIL to its study by
+``OptunaSearch`` at once. ``Tuner.restore(..., resume_errored=True)`` runs it again under the same Tune trial id,
+but Ray 2.60 never gives its study the score when it then finishes: ``OptunaSearch.on_trial_complete`` only warns
+("additional completion") for a trial it has already told, and with ``max_concurrent_trials`` Tune's
+``ConcurrencyLimiter`` does not even pass that completion on (it forgot the trial at its error); an Optuna trial
+that has finished cannot be told again either. So every Optuna trial is tagged with its Tune trial id when it is
+asked for (user attribute ``tune_trial_id``), and after each run ``tell_resumed_results`` adds, for each FAIL
+trial whose Tune trial has now finished, a COMPLETE trial with the same parameters and that score (the FAIL one
+stays: Optuna cannot change a finished trial). TPE learns from it from then on, not during the run that
+resumed the trial (whose other suggestions are made while it trains anyway).
 """
 from __future__ import annotations
 
 import logging
+import math
 import pickle
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
+import optuna
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 log = logging.getLogger(__name__)
+
+# Optuna user attribute: the Tune trial id each Optuna trial was asked for, so that a finished Tune result can be
+# matched to its study's trial after a restore (``tell_resumed_results``).
+TUNE_TRIAL_ATTR = "tune_trial_id"
 
 
 @dataclass(frozen=True)
@@ -57,7 +74,19 @@ class StudyKey:
         return f"{self.model}-{'kinetics' if self.pretrained else 'scratch'}-fold{self.fold}"
 
 
-class FoldStudies(Searcher):
+class PickledSearcher(Searcher):
+    """A searcher whose whole state is its attributes: Tune's ``save``/``restore`` pickle them (as OptunaSearch does)."""
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as handle:
+            pickle.dump(self.__dict__.copy(), handle)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as handle:
+            self.__dict__.update(pickle.load(handle))
+
+
+class FoldStudies(PickledSearcher):
     """Routes each Tune trial to one (arm, fold) study and each result back to it.
 
     ``studies`` maps a key to its ``OptunaSearch`` (already given its space, metric, mode and
@@ -91,6 +120,11 @@ class FoldStudies(Searcher):
         params = self._studies[key].suggest(trial_id)
         if params is None or params == Searcher.FINISHED:
             return params
+        # Trial.set_user_attr is Optuna's public API; the Trial object is read from OptunaSearch's private map of
+        # Tune trial ids to Optuna trials (``_ot_trials``, Ray 2.60), the only place that holds it.
+        asked = getattr(self._studies[key], "_ot_trials", {}).get(trial_id)
+        if asked is not None:
+            asked.set_user_attr(TUNE_TRIAL_ATTR, trial_id)
         self._started[key] += 1
         self._study_of[trial_id] = key
         self._running[key] = trial_id
@@ -104,20 +138,19 @@ class FoldStudies(Searcher):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         key = self._study_of.get(trial_id)
         if key is not None:
-            self._studies[key].on_trial_complete(trial_id, result=result, error=error)
+            searcher = self._studies[key]
+            # A trial Tune ran again after an ERROR was told FAIL then (OptunaSearch's private ``_completed_trials``,
+            # Ray 2.60): OptunaSearch would only warn. Its score reaches the study by tell_resumed_results.
+            if trial_id not in getattr(searcher, "_completed_trials", set()):
+                searcher.on_trial_complete(trial_id, result=result, error=error)
             if self._running.get(key) == trial_id:
                 del self._running[key]
 
     def study_of(self, trial_id: str) -> StudyKey | None:
         return self._study_of.get(trial_id)
 
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as handle:
-            pickle.dump(self.__dict__.copy(), handle)
-
     def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as handle:
-            self.__dict__.update(pickle.load(handle))
+        super().restore(checkpoint_path)
         # Forget what was in flight: Tune's restored trial states may already count such a trial as finished
         # (saved apart from this searcher), and a study waiting for it would wait for ever. A trial Tune does
         # resume runs beside its study's next one: a restored search keeps its studies, not its timing.
@@ -143,7 +176,8 @@ def close_abandoned_trials(studies: dict[StudyKey, OptunaSearch]) -> list[tuple[
     PAUSED) under its old trial id. For each of those the restored ``OptunaSearch`` still maps the trial id to
     its Optuna trial, and ``on_trial_complete`` will tell the study the result once the trial ends. Such trials
     are left RUNNING: closing them now would make that later ``tell`` fail and lose a real score. (A trial that
-    ended in ERROR was told FAIL then, so it is not RUNNING here, even if ``resume_errored`` runs it again.)
+    ended in ERROR was told FAIL then, so it is not RUNNING here; if ``resume_errored`` runs it again to its end,
+    ``tell_resumed_results`` gives its study the score.)
 
     A RUNNING trial that the restored searcher does not know was asked for after that save by a driver that
     then died: Tune has no trial for it, nobody will ever report it, and the restored searcher suggests a
@@ -155,7 +189,8 @@ def close_abandoned_trials(studies: dict[StudyKey, OptunaSearch]) -> list[tuple[
     The trial ids Tune will resume are not visible to a searcher, so "the searcher awaits it" stands in for
     "Tune resumes it": the two come from the same save. If the driver died between writing the two files, the
     searcher state is one save older; a trial suggested in between is then closed here, and its result when
-    Tune resumes it reaches trials.csv but not the study.
+    Tune resumes it reaches the study through ``tell_resumed_results`` (if it was the enqueued point, that point is
+    then evaluated twice).
     """
     closed = []
     for key, searcher in studies.items():
@@ -175,3 +210,39 @@ def close_abandoned_trials(studies: dict[StudyKey, OptunaSearch]) -> list[tuple[
                         f", and its enqueued configuration {requeued} queued again" if requeued else "")
             closed.append((key.name, trial.number))
     return closed
+
+
+def tell_resumed_results(storage: optuna.storages.BaseStorage | str, study_names: Iterable[str],
+                         scores: dict[str, float]) -> list[tuple[str, int]]:
+    """Give each study the score of every trial it holds as FAIL whose Tune trial has since finished.
+
+    ``scores`` maps a Tune trial id to the final score of its finished trial (trials Tune ran again with
+    ``resume_errored`` among them). For each FAIL Optuna trial tagged with such an id (``TUNE_TRIAL_ATTR``) and a
+    finite score, a COMPLETE trial with the same parameters, distributions and tag and that score is added
+    (``Study.add_trial``, public): a finished Optuna trial cannot be told again. A study that already holds a
+    COMPLETE trial with the tag is left alone, so calling this after every run adds each score once. A NaN score
+    (a permanent failure's report) is not told: the trial stays FAIL. Returns (study name, FAIL trial number) per
+    score added.
+    """
+    added = []
+    for name in study_names:
+        try:
+            study = optuna.load_study(study_name=name, storage=storage)
+        except KeyError:  # never created (no trial of it was ever asked for)
+            continue
+        trials = study.get_trials(deepcopy=False)
+        told = {t.user_attrs.get(TUNE_TRIAL_ATTR) for t in trials if t.state == TrialState.COMPLETE}
+        for trial in trials:
+            tune_id = trial.user_attrs.get(TUNE_TRIAL_ATTR)
+            score = scores.get(tune_id, math.nan) if tune_id is not None else math.nan
+            if trial.state != TrialState.FAIL or tune_id in told or not math.isfinite(score):
+                continue
+            study.add_trial(optuna.trial.create_trial(
+                state=TrialState.COMPLETE, value=score, params=trial.params, distributions=trial.distributions,
+                user_attrs={**trial.user_attrs, "resumed_from_trial": trial.number}))
+            told.add(tune_id)
+            log.info("Optuna study %s: trial %d was told FAIL when Tune trial %s ended in ERROR; Tune ran it again and "
+                     "it finished: its score %.4f is added as a new trial with the same parameters", name, trial.number,
+                     tune_id, score)
+            added.append((name, trial.number))
+    return added

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import copy
 import logging
-import pickle
+import re
 from typing import Any, Callable
 
 import optuna
+import pyarrow.fs
 import ray
 from ray import tune
 from ray.tune.search import Searcher
@@ -20,7 +21,7 @@ from datasets import PreparedData
 from search_spaces import SEARCH_SPACE, TPE_STARTUP_TRIALS, optuna_distributions
 from trainables.collect import lost_checkpoint_problem, missing_final_files
 from trainables.experiment import ExperimentConfig
-from trainables.nested_search import FoldStudies, StudyKey
+from trainables.nested_search import FoldStudies, PickledSearcher, StudyKey, tell_resumed_results
 from trainables.ray_trainable import TUNE_METRIC, fold_trial, trial_name
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,25 @@ def experiment_path(config: ExperimentConfig, name: str) -> str:
     return f"{config.storage_root}/{name}"
 
 
+def retrain_runs(config: ExperimentConfig, name: str) -> list[str]:
+    """Names of the retrain runs of run ``name`` (``<name>-retrain-<n>``, see ``_retrain_lost``) in the storage, by n.
+
+    Listed, not probed one number after another, so that every such folder is named (for experiment.json and
+    TensorBoard); through pyarrow's filesystem for ``storage_root``, as Tune reaches it, so a URI (s3://) works too.
+    ``name`` carries the experiment's run id: another experiment's runs in a shared --storage do not match.
+    """
+    root = config.storage_root
+    filesystem, folder = (pyarrow.fs.FileSystem.from_uri(root) if "://" in root
+                          else (pyarrow.fs.LocalFileSystem(), root))
+    pattern = re.compile(re.escape(name + RETRAIN_SUFFIX) + r"([1-9][0-9]*)")
+    found = {}
+    for info in filesystem.get_file_info(pyarrow.fs.FileSelector(folder, allow_not_found=True)):
+        match = pattern.fullmatch(info.base_name)
+        if match and info.type == pyarrow.fs.FileType.Directory:
+            found[int(match.group(1))] = info.base_name
+    return [found[number] for number in sorted(found)]
+
+
 def run_path(config: ExperimentConfig, kind: str) -> str:
     """Where this experiment's run of ``kind`` (grid or search) lives: its own name, never another experiment's."""
     return experiment_path(config, config.tune_run_name(kind))
@@ -97,7 +117,7 @@ def _fit_or_restore(config: ExperimentConfig, name: str, trainable, make_tuner: 
     return _retrain_lost(config, name, trainable, tuner.fit(), parameter_columns)
 
 
-class TrialConfigs(Searcher):
+class TrialConfigs(PickledSearcher):
     """Hands Tune each of the given trial configurations once, in order: the trials of a retrain run."""
 
     def __init__(self, configs: list[dict[str, Any]]) -> None:
@@ -116,14 +136,6 @@ class TrialConfigs(Searcher):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         return None
-
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as handle:
-            pickle.dump(self.__dict__.copy(), handle)
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as handle:
-            self.__dict__.update(pickle.load(handle))
 
 
 def _finished_in_tune(grid: tune.ResultGrid) -> list[bool]:
@@ -155,7 +167,7 @@ def _retrain_lost(config: ExperimentConfig, name: str, trainable, grid: tune.Res
     indexing see that list, the grid's other methods (``get_dataframe``...) the original run only. A search
     trial is retrained outside its Optuna study, which keeps the score it was told the first time (the same
     configuration, seed and folds). Nothing is retrained while a trial is unfinished (a Ctrl-C): the caller
-    stops first, and the rerun comes back here.
+    stops first, and the rerun comes back here. ``retrain_runs`` lists these runs (experiment.json, TensorBoard).
     """
     if _unfinished(grid):
         return grid
@@ -301,4 +313,14 @@ def run_search(config: ExperimentConfig, data: PreparedData, resources: dict[str
             run_config=_run_config(config, config.tune_run_name(SEARCH_RUN), columns),
         )
 
-    return _fit_or_restore(config, config.tune_run_name(SEARCH_RUN), trainable, new_tuner, columns)
+    grid = _fit_or_restore(config, config.tune_run_name(SEARCH_RUN), trainable, new_tuner, columns)
+    # A trial that ended in ERROR was told FAIL; if this (restored) run ran it again to its end, its score is given
+    # to its study now (Ray's OptunaSearch does not: see trainables.nested_search.tell_resumed_results).
+    tell_resumed_results(optuna.storages.RDBStorage(url), [key.name for key in keys], finished_scores(grid))
+    return grid
+
+
+def finished_scores(grid: tune.ResultGrid) -> dict[str, float]:
+    """Tune trial id -> final score (Tune's metric) of each trial of ``grid`` that finished its fold."""
+    return {result.metrics["trial_id"]: result.metrics[METRIC] for result in grid
+            if result.error is None and (result.metrics or {}).get("fold_finished")}

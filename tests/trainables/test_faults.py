@@ -351,8 +351,9 @@ def experiment(tmp_path: Path, kind: str, **options) -> "ExperimentConfig":
     """tune_main's options for the tiny runs above (the `data` fixture: 2 folds at 16 mm), without the CLI."""
     from trainables.experiment import ExperimentConfig
 
-    return ExperimentConfig(experiment=kind, output=str(tmp_path / "out"), models=("mc3_18",), pretrained="none",
-                            folds=2, spacing=16.0, epochs=1, overrides={"batch_size": 4}, **options)
+    return ExperimentConfig(**{"experiment": kind, "output": str(tmp_path / "out"), "models": ("mc3_18",),
+                               "pretrained": "none", "folds": 2, "spacing": 16.0, "epochs": 1,
+                               "overrides": {"batch_size": 4}, **options})
 
 
 def by_trial(tables: dict[str, pd.DataFrame]) -> dict[str, pd.Series]:
@@ -435,3 +436,44 @@ def test_a_restored_search_fails_the_optuna_trial_its_killed_driver_left_running
         assert [t.state.name for t in study.trials] == states
     assert ("Optuna study mc3_18-scratch-fold0: trial 1 was left RUNNING by a driver that stopped before Ray Tune "
             "saved it (no Tune trial will report it); marked FAIL") in caplog.text
+
+
+def test_a_search_trial_that_errored_gives_its_study_its_score_when_the_rerun_finishes_it(data, tmp_path, ray_here,
+                                                                                        caplog):
+    """Missing Kinetics weights: every search trial ends in ERROR and its study is told FAIL. After the fix the rerun
+    (Tuner.restore, resume_errored) trains them; Ray's OptunaSearch would leave the studies FAIL (and, with
+    --max-concurrent, Tune's ConcurrencyLimiter does not even pass the completion on): each study gets the score."""
+    import optuna
+
+    from trainables.nested_search import TUNE_TRIAL_ATTR
+    from trainables.tuning import run_search, study_storage
+
+    weights_dir = tmp_path / "kinetics"
+    weights_dir.mkdir()
+    config = experiment(tmp_path, "search", num_samples=1, pretrained="kinetics", weights_dir=str(weights_dir),
+                        max_failures=0, max_concurrent=1)
+    arms = [("mc3_18", True)]
+    first = run_search(config, data, {"cpu": 1}, arms)
+    assert len(first) == 2 and all(result.error is not None for result in first)
+    names = [f"mc3_18-kinetics-fold{fold}" for fold in (0, 1)]
+
+    def trials(name: str) -> list[optuna.trial.FrozenTrial]:
+        return optuna.load_study(study_name=name, storage=study_storage(config)).trials
+
+    assert [[t.state.name for t in trials(name)] for name in names] == [["FAIL"], ["FAIL"]]
+
+    torch.save(mc3_18(weights=None, num_classes=400).state_dict(), weights_dir / weights_filename("mc3_18"))
+    ray.shutdown()
+    start_ray(tmp_path)  # the rerun: a new driver and Ray instance
+    with caplog.at_level("INFO", logger="trainables.nested_search"):
+        second = run_search(config, data, {"cpu": 1}, arms)
+    assert {result.error for result in second} == {None}
+    final = {result.metrics["trial_id"]: result for result in second}
+    for name in names:
+        failed, told = trials(name)
+        result = final[failed.user_attrs[TUNE_TRIAL_ATTR]]  # the same Tune trial, run again to its end
+        assert (failed.state.name, told.state.name) == ("FAIL", "COMPLETE")
+        assert told.value == result.metrics[METRIC] and told.params == failed.params
+        assert {k: result.config[k] for k in told.params} == told.params
+        assert (f"Optuna study {name}: trial 0 was told FAIL when Tune trial {result.metrics['trial_id']} ended in "
+                "ERROR; Tune ran it again and it finished") in caplog.text

@@ -10,7 +10,7 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from search_spaces import PAPER_DEFAULTS, SEARCH_SPACE, optuna_distributions
-from trainables.nested_search import FoldStudies, StudyKey
+from trainables.nested_search import TUNE_TRIAL_ATTR, FoldStudies, StudyKey, tell_resumed_results
 
 METRIC = "val_macro_f1_best"
 KEYS = [StudyKey("mc3_18", False, fold) for fold in range(3)]
@@ -139,3 +139,36 @@ def test_a_lost_first_trial_is_failed_and_the_grid_configuration_is_queued_again
     assert {k: again[k] for k in ("lr", "weight_decay", "dropout", "aug_strength")} == \
         {k: PAPER_DEFAULTS[k] for k in ("lr", "weight_decay", "dropout", "aug_strength")}
     assert states(database, KEYS[0]) == ["FAIL", "RUNNING"]
+
+
+def test_a_trial_that_errored_and_finished_after_a_restore_gives_its_study_its_score_once(tmp_path, caplog):
+    """Tune tells an ERROR trial's study FAIL; resume_errored runs it again under the same id. Ray's OptunaSearch
+    then only warns ("additional completion"): the score is added as a COMPLETE copy of the FAIL trial instead."""
+    database = tmp_path / "a.db"
+    searcher = router(database)
+    configs = {f"trial{i}": searcher.suggest(f"trial{i}") for i in range(3)}  # one per fold study
+    searcher.on_trial_complete("trial0", error=True)  # crashed past --max-failures: told FAIL, as Tune does
+    searcher.on_trial_complete("trial1", error=True)  # errored too, and Tune will not run it again
+    searcher.on_trial_complete("trial2", {METRIC: score(configs["trial2"])})
+    searcher.save(str(tmp_path / "searcher.pkl"))
+    restored = router(tmp_path / "blank.db")
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    with caplog.at_level("WARNING"):
+        restored.on_trial_complete("trial0", {METRIC: 0.75})  # the resumed trial finishes
+    assert "additional completion" not in caplog.text
+    assert states(database, KEYS[0]) == ["FAIL"]  # what Ray 2.60 leaves: the score is not told
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{database}")
+    names = [key.name for key in KEYS]
+    scores = {"trial0": 0.75, "trial2": score(configs["trial2"]), "elsewhere": 0.5}
+    assert tell_resumed_results(storage, names, scores) == [(KEYS[0].name, 0)]
+    fold0 = optuna.load_study(study_name=KEYS[0].name, storage=storage)
+    failed, told = fold0.trials
+    assert (failed.state.name, told.state.name, told.value) == ("FAIL", "COMPLETE", 0.75)
+    assert told.params == failed.params == {k: configs["trial0"][k] for k in failed.params}
+    assert told.user_attrs[TUNE_TRIAL_ATTR] == "trial0"
+    assert fold0.best_value == 0.75
+    assert states(database, KEYS[1]) == ["FAIL"] and states(database, KEYS[2]) == ["COMPLETE"]
+    # Every later run calls it again: nothing is added twice, and a NaN score (a permanent failure) is not told.
+    assert tell_resumed_results(storage, names, {**scores, "trial1": math.nan}) == []
+    assert states(database, KEYS[0]) == ["FAIL", "COMPLETE"] and states(database, KEYS[1]) == ["FAIL"]

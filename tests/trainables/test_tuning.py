@@ -493,3 +493,33 @@ def test_storage_counts_as_an_option_and_no_storage_means_out_ray(tmp_path):
     assert config.differences({**saved, "storage": "/shared/runs"}) == ["storage"]
     assert ExperimentConfig(output=str(tmp_path), storage="s3://b/runs/").differences({**saved, "storage": "s3://b/runs"}) == []
     assert config.differences({**saved, "address": "auto", "gpus_per_trial": 1.0}) == []  # execution only
+
+
+def test_a_retrain_run_is_recorded_in_experiment_json_and_the_tensorboard_command(phantom_root, tmp_path, capsys):
+    """A finished trial's final checkpoint deleted: the rerun trains it again in <run>-retrain-1, and experiment.json
+    written after the runs lists that run (trainables.predict's fallback reads the checkpoints from there), as does
+    the TensorBoard command, which names each run in a shared --storage."""
+    import shutil
+
+    from trainables.predict import load_run, tune_checkpoints
+
+    out, storage = tmp_path / "out", tmp_path / "shared"
+    argv = ["--experiment", "paper", "--data-root", str(phantom_root), "--output", str(out), "--storage", str(storage),
+            "--models", "mc3_18", "--pretrained", "none", "--folds", "2", *TINY]
+    assert tune_main.main(argv) == 0
+    run_id = json.loads((out / "experiment.json").read_text())["run_id"]
+    paper = f"{storage}/paper-{run_id}"
+    assert f"TensorBoard: tensorboard --logdir_spec paper:{paper}\n" in capsys.readouterr().out
+    trials = pd.read_csv(out / "trials.csv")
+    lost_name, lost_checkpoint = trials["trial_name"].iloc[0], trials["checkpoint"].iloc[0]
+    shutil.rmtree(lost_checkpoint)
+
+    assert tune_main.main(argv) == 0
+    runs = {"paper": paper, "paper-retrain-1": f"{paper}-retrain-1"}
+    assert json.loads((out / "experiment.json").read_text())["tune_runs"] == runs
+    assert (f"TensorBoard: tensorboard --logdir_spec paper:{paper},paper-retrain-1:{paper}-retrain-1\n"
+            in capsys.readouterr().out)
+    retrained = pd.read_csv(out / "trials.csv").set_index("trial_name")["checkpoint"][lost_name]
+    assert retrained.startswith(f"{paper}-retrain-1/")
+    # Tune's own records, run by run in experiment.json's order: the retrained trial's checkpoint wins.
+    assert tune_checkpoints(load_run(out))[lost_name] == retrained
