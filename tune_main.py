@@ -24,6 +24,7 @@ os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_
 from datasets import DataSpec, InvalidDataError, prepare_data
 from datasets.atomic import write_csv_atomic, write_text_atomic
 from datasets.disk_space import DiskFullError
+from datasets.workers import Interrupted
 from datasets.cohort import parse_max_per_class
 from models import KineticsWeightsNotFound, resolve_weights_path
 from search_spaces import deviations_from_paper, space_table
@@ -382,7 +383,9 @@ def run_experiment(config: ExperimentConfig) -> int:
             config.cache_path, splits_file=out / "splits.json", num_workers=config.preprocess_workers,
             cohort_file=out / "cohort.json",
         )
-    except KeyboardInterrupt:  # the cache is written whole or not at all: a rerun preprocesses again
+    except Interrupted:  # its one line said which volumes are kept in the cache and what a rerun does
+        return 130
+    except KeyboardInterrupt:
         return stop_interrupted(config)
     except (InvalidDataError, ValueError, FileNotFoundError, DiskFullError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -10,6 +10,7 @@ from datasets.prepare import DataSpec, PreprocessConfig, SplitSpec, check_data, 
 from datasets.splits import check_class_counts, check_classes_present
 from datasets.stripping import check_stripping
 from datasets.validation import ValidationReport
+from datasets.workers import Interrupted
 
 
 def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
@@ -109,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     prepare.add_argument("--split", default="kfold", choices=["kfold", "shuffle"])
     prepare.add_argument("--seed", type=int, default=0)
     prepare.add_argument("--splits-file", default=None)
+    prepare.add_argument("--workers", type=int, default=None,
+                         help="processes that preprocess (and register) volumes (default: the CPUs, at most 8)")
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -145,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{args.unmethylated}; sequences {args.sequences}; sagittal {args.sagittal or 'none'})")
             return 0
         prepared = prepare_data(_spec(args), PreprocessConfig(spacing=args.spacing, register=args.register),
-                                SplitSpec(args.split, args.folds, seed=args.seed), args.cache_dir, args.splits_file)
+                                SplitSpec(args.split, args.folds, seed=args.seed), args.cache_dir, args.splits_file,
+                                num_workers=args.workers)
         cached = prepared.cached
         print(f"Cache: {cached.directory} shape {cached.meta['shape']} ({len(cached.table)} subjects)")
         for fold in prepared.plan.folds:
@@ -154,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Interrupted:  # Ctrl-C in preprocessing or registration: what is kept is logged already
+        return 130
+    except KeyboardInterrupt:
+        print("\nInterrupted.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

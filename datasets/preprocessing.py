@@ -5,6 +5,11 @@ preprocessing parameters, so every trial and every rerun reads the same entry an
 file or parameter makes a new one. An entry is built in a temporary folder and renamed into
 place only when complete, so a crash never leaves a half-written entry that is later trusted.
 
+Each volume is also kept as soon as it is done, in ``<cache_root>/in-progress/`` (one .npy per subject, named by a
+hash of its files' identity and the parameters, written atomically too), so a run that is interrupted (Ctrl-C) or
+stopped (files that failed, a full disk) goes on where it was when it runs again, even with some files fixed or
+left out; a subject's file is deleted once an entry holds its volume.
+
 An entry is not trusted for existing, either: meta.json records the size and sha256 of each data
 file, a found entry is verified in full before it is reused, and a damaged one is moved aside and
 rebuilt. Free space is checked before the (large) write, and a full disk during it is reported as a
@@ -23,9 +28,7 @@ import os
 import shutil
 import time
 import uuid
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -40,6 +43,7 @@ from datasets.disk_space import DiskFullError, free_bytes, is_disk_full, require
 from datasets.records import SubjectRecord
 from datasets.registration import REGISTRATION_CHOICES
 from datasets.validation import InvalidDataError, Problem
+from datasets.workers import run_in_workers, stopped
 
 log = logging.getLogger(__name__)
 
@@ -278,6 +282,9 @@ def preprocess(
     ``skip_invalid`` their subjects are left out instead and listed in ``meta["failed"]``. A failure depends
     only on the files, which the key identifies, so one entry serves both: found again without
     ``skip_invalid``, its list stops the run without preprocessing anything again.
+
+    Ctrl-C raises :class:`datasets.workers.Interrupted` (a KeyboardInterrupt) after the workers are stopped, its
+    message logged: the volumes done so far are kept in ``<cache_root>/in-progress/`` and a rerun goes on from them.
     """
     if not records:
         raise ValueError("No subjects to preprocess")
@@ -286,15 +293,91 @@ def preprocess(
     cached = _sound_entry(cache_root / key)
     if cached is None:
         records = sorted(records, key=lambda r: r.subject_id)
-        results = _preprocess_all(records, config, cache_root / key, num_workers)
+        progress = _Progress(cache_root / IN_PROGRESS_DIRNAME, config)
+        results = _preprocess_all(records, config, cache_root / key, num_workers, progress)
         problems = [Problem(r.subject_id, f.path, f.reason) for r, f in zip(records, results)
                     if isinstance(f, VolumeFailure)]
         _require_preprocessed(problems, len(records), skip_invalid)
         kept = [(r, v) for r, v in zip(records, results) if not isinstance(v, VolumeFailure)]
-        return _write_entry(cache_root, key, config, kept, problems)
+        try:
+            entry = _write_entry(cache_root, key, config, kept, problems)
+        except KeyboardInterrupt:
+            raise stopped(_interrupted_message(results, progress, writing=True), log) from None
+        progress.remove([r for r, _ in kept])
+        return entry
     failed = [Problem(**failure) for failure in cached.meta["failed"]]
     _require_preprocessed(failed, cached.meta["n_subjects"] + len(failed), skip_invalid)
     return cached
+
+
+IN_PROGRESS_DIRNAME = "in-progress"
+
+
+class _Progress:
+    """Volumes done but in no entry yet, one ``.npy`` per subject in ``<cache_root>/in-progress/``: saved
+    (atomically) as each is done and found again by the next run, so an interrupted build goes on where it stopped.
+
+    A file is named by a hash of the subject's files (path, size, modification time) and the parameters, as the
+    entry is, so it is found again whatever else changed (a file fixed or left out, --skip-invalid given).
+    ``directory=None``: nothing is kept (volumes preprocessed for prediction are not cached). Keeping is a help,
+    never a reason to stop: a volume that cannot be saved (a full disk) ends the keeping, not the run.
+    """
+
+    def __init__(self, directory: Path | None, config: PreprocessConfig | None = None) -> None:
+        self.directory = directory
+        self.config = config
+        self.saving = directory is not None
+        self.count = 0  # volumes there: found, or saved by this run
+
+    def _file(self, record: SubjectRecord) -> Path:
+        files = [[os.path.abspath(path), stat.st_size, stat.st_mtime_ns]
+                 for path, stat in ((path, os.stat(path)) for path in record.paths)]
+        payload = json.dumps({"version": CACHE_FORMAT_VERSION, "config": asdict(self.config), "files": files},
+                             sort_keys=True)
+        return self.directory / f"{hashlib.sha256(payload.encode()).hexdigest()[:16]}.npy"
+
+    def load(self, record: SubjectRecord) -> np.ndarray | None:
+        if self.directory is None or not self.directory.is_dir():
+            return None
+        try:
+            volume = np.load(self._file(record), allow_pickle=False)
+        except (OSError, ValueError, EOFError):  # not there (or a file gone): preprocessed (and reported) as usual
+            return None
+        if not _is_preprocessed(volume, len(record.paths)):
+            return None
+        self.count += 1
+        return volume
+
+    def save(self, record: SubjectRecord, volume: np.ndarray) -> None:
+        if not self.saving:
+            return
+        buffer = io.BytesIO()
+        np.save(buffer, volume, allow_pickle=False)
+        try:
+            write_bytes_atomic(self._file(record), buffer.getvalue())
+        except OSError as error:
+            self.saving = False
+            log.warning("Could not keep the preprocessed volume of subject %s in %s (%s: %s); the next ones are held "
+                        "in memory only, so an interrupted run would preprocess them again", record.subject_id,
+                        self.directory, type(error).__name__, error)
+            return
+        self.count += 1
+
+    def remove(self, records: Sequence[SubjectRecord]) -> None:
+        """Delete the files of ``records`` (now in an entry), and the folder once it is empty."""
+        if self.directory is None or not self.directory.is_dir():
+            return
+        for record in records:
+            with contextlib.suppress(OSError):
+                self._file(record).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # not empty: other subjects, or another run's volumes
+            self.directory.rmdir()
+
+
+def _is_preprocessed(volume: np.ndarray, channels: int) -> bool:
+    """What :func:`_resample_and_crop` returns: (C, X, Y, Z) float16 in [0, 1]."""
+    return (volume.dtype == np.float16 and volume.ndim == 4 and volume.shape[0] == channels and volume.size > 0
+            and bool(np.isfinite(volume).all()) and volume.min() >= 0 and volume.max() <= 1)
 
 
 def _sound_entry(directory: Path) -> CachedDataset | None:
@@ -322,15 +405,57 @@ def _move_aside(directory: Path, problems: list[str]) -> None:
 
 
 def _preprocess_all(records: list[SubjectRecord], config: PreprocessConfig, final: Path | str,
-                    num_workers: int | None) -> list[np.ndarray | VolumeFailure]:
+                    num_workers: int | None, progress: _Progress | None = None) -> list[np.ndarray | VolumeFailure]:
+    """Each record's volume or VolumeFailure, in order; the volumes ``progress`` holds are not preprocessed again.
+
+    Ctrl-C stops the workers and raises :class:`datasets.workers.Interrupted`, whose message (logged) says how many
+    volumes are done and whether they are kept.
+    """
+    progress = progress or _Progress(None)
     workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
-    log.info("Preprocessing %d subjects into %s with %d worker(s)", len(records), final, workers)
-    paths = [r.paths for r in records]
-    if workers > 1:
-        # spawn: forking a process that already holds torch/Ray threads is not safe.
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            return list(pool.map(_preprocess_subject, paths, [config] * len(paths), chunksize=4))
-    return [_preprocess_subject(p, config) for p in paths]
+    results: list[np.ndarray | VolumeFailure | None] = [progress.load(record) for record in records]
+    todo = [index for index, result in enumerate(results) if result is None]
+    if progress.count:
+        log.info("Preprocessing: %d of %d volumes were done by an earlier run that was stopped (kept in %s)",
+                 progress.count, len(records), progress.directory)
+    if todo:
+        log.info("Preprocessing %d subjects into %s with %d worker(s)", len(todo), final, workers)
+
+    def finished(index: int, result: np.ndarray | VolumeFailure) -> None:
+        results[index] = result
+        if not isinstance(result, VolumeFailure):
+            progress.save(records[index], result)
+
+    try:
+        if workers > 1 and todo:
+            run_in_workers(_preprocess_subject, [(records[i].paths, config) for i in todo], workers,
+                           lambda job, result: finished(todo[job], result))
+        else:
+            for index in todo:
+                finished(index, _preprocess_subject(records[index].paths, config))
+    except KeyboardInterrupt:
+        raise stopped(_interrupted_message(results, progress), log) from None
+    return results
+
+
+def _interrupted_message(results: list, progress: _Progress, writing: bool = False) -> str:
+    """What was interrupted, what is kept and what the same command does when run again, in one line."""
+    total, done = len(results), sum(result is not None for result in results)
+    if writing and progress.count:
+        return (f"Preprocessing interrupted while the cache entry was written (no part of it is left): "
+                f"{progress.count} of {total} volumes are kept in {progress.directory}; rerun the same command to "
+                f"finish it.")
+    if progress.directory is None:
+        return (f"Preprocessing interrupted after {done} of {total} volumes (volumes preprocessed for prediction are "
+                f"not cached); rerunning the same command preprocesses them again.")
+    if progress.count:
+        return (f"Preprocessing interrupted: {progress.count} of {total} volumes are done and kept in "
+                f"{progress.directory}; rerun the same command to preprocess the other {total - progress.count}.")
+    if done:
+        return (f"Preprocessing interrupted after {done} of {total} volumes, none of which could be kept (see the "
+                f"warning above); rerunning the same command preprocesses them again.")
+    return (f"Preprocessing interrupted before the first of {total} volumes was done; rerun the same command to "
+            f"start it again.")
 
 
 def preprocess_volumes(records: Sequence[SubjectRecord], config: PreprocessConfig,
@@ -409,7 +534,8 @@ def _write_entry(cache_root: Path, key: str, config: PreprocessConfig,
     what = f"the preprocessed cache entry {key} ({len(volumes)} x {channels} x {' x '.join(map(str, shape))} float16)"
     needed = volume_bytes + len(table_bytes) + _META_BYTES
     fix = (f"Free space on that disk (entries under {cache_root} that no run uses any more, and any *.damaged-* "
-           f"folders there, can be deleted) or pass --cache-dir on a larger disk.")
+           f"folders there, can be deleted; so can {IN_PROGRESS_DIRNAME}/ while no run is preprocessing) or pass "
+           f"--cache-dir on a larger disk.")
     cache_root.mkdir(parents=True, exist_ok=True)
     require_free_space(cache_root, what, needed, fix)
     partial = cache_root / f"{key}.partial-{uuid.uuid4().hex[:8]}"

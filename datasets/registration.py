@@ -37,8 +37,6 @@ import shutil
 import tempfile
 import time
 import zlib
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -49,6 +47,7 @@ from datasets.atomic import write_via_temp_file
 from datasets.records import SubjectRecord
 from datasets.synthetic import mni_template_path
 from datasets.validation import Problem
+from datasets.workers import run_in_workers, stopped
 
 # ``import ants`` sits inside the functions that use it: a spawned worker must set its ITK thread count
 # before ANTs first runs, and runs without --register mni never pay for loading ANTs.
@@ -184,16 +183,20 @@ def _run_jobs(jobs: list[_Job], num_workers: int | None) -> dict[_Job, Problem]:
              "in this process" if requested == 1 else f"with {workers} worker(s), one ITK thread each")
     progress = _Progress(len(jobs))
     failures: dict[_Job, Problem] = {}
-    if requested == 1:
-        for job in jobs:
-            progress.record(failures, job, _register_job(job))
-    else:
-        # spawn: forking a process that holds torch/Ray threads is not safe.
-        context = get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_one_itk_thread) as pool:
-            futures = {pool.submit(_register_job, job): job for job in jobs}
-            for future in as_completed(futures):
-                progress.record(failures, futures[future], future.result())
+    try:
+        if requested == 1:
+            for job in jobs:
+                progress.record(failures, job, _register_job(job))
+        else:
+            run_in_workers(_register_job, [(job,) for job in jobs], workers,
+                           lambda index, problem: progress.record(failures, jobs[index], problem),
+                           initializer=_one_itk_thread)
+    except KeyboardInterrupt:
+        # Each subject's outputs are renamed into place once written: the ones done are cached, the others absent.
+        registered = progress.done - len(failures)
+        raise stopped(f"Registration to MNI152 interrupted: {registered} of the {len(jobs)} subjects left to register "
+                      f"are done and kept in {Path(jobs[0].transform).parent}; rerun the same command to register the "
+                      f"other {len(jobs) - registered}.", log) from None
     progress.finish(failures)
     return failures
 

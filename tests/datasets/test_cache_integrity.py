@@ -101,10 +101,15 @@ def test_too_little_free_space_stops_before_writing_with_the_sizes_and_the_fix(t
                                              f"\\(3 x 1 x .* float16\\) needs .* KiB, 1000 B free\\. Free space on "
                                              f"that disk .* or pass --cache-dir on a larger disk\\.")):
         preprocess(subjects, CONFIG, cache, num_workers=1)
-    assert list(cache.iterdir()) == []
+    assert _left_in(cache) == ["in-progress"] and len(list((cache / "in-progress").iterdir())) == 3  # for the rerun
 
 
-def test_no_room_for_the_reservation_is_the_same_message_and_leaves_nothing(tmp_path, subjects, monkeypatch):
+def _left_in(cache) -> list[str]:
+    """What a stopped build left: no entry and no partial one, only in-progress/ (the volumes done, kept)."""
+    return sorted(p.name for p in cache.iterdir())
+
+
+def test_no_room_for_the_reservation_is_the_same_message_and_leaves_no_entry(tmp_path, subjects, monkeypatch):
     def full(fd, offset, length):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
@@ -113,7 +118,7 @@ def test_no_room_for_the_reservation_is_the_same_message_and_leaves_nothing(tmp_
     with pytest.raises(DiskFullError, match=f"Not enough disk space in {cache}: .* --cache-dir") as caught:
         preprocess(subjects, CONFIG, cache, num_workers=1)
     assert is_disk_full(caught.value.__cause__)
-    assert list(cache.iterdir()) == []  # the partial folder is gone
+    assert _left_in(cache) == ["in-progress"]  # the partial folder is gone
 
 
 def test_a_disk_that_fills_during_the_write_is_the_same_message(tmp_path, subjects, monkeypatch):
@@ -129,7 +134,7 @@ def test_a_disk_that_fills_during_the_write_is_the_same_message(tmp_path, subjec
     cache = tmp_path / "cache"
     with pytest.raises(DiskFullError, match=f"Not enough disk space in {cache}: the preprocessed cache entry"):
         preprocess(subjects, CONFIG, cache, num_workers=1)
-    assert list(cache.iterdir()) == []
+    assert _left_in(cache) == ["in-progress"]
 
 
 def _write(path, data: np.ndarray) -> str:
@@ -161,7 +166,18 @@ def test_failed_files_are_all_named_with_their_reason_and_the_fix(tmp_path, with
     assert (f"\n  {tmp_path / 'negative.nii.gz'}: ValueError: no voxel above zero after resampling, so nothing to "
             f"take as brain (an empty or all-negative volume?) (subject e_neg)") in message
     assert f"\n  {tmp_path / 'garbage.nii.gz'}: ImageFileError: " in message  # the second file of a two-file subject
-    assert not cache.exists() or list(cache.iterdir()) == []
+    assert _left_in(cache) == ["in-progress"] and len(list((cache / "in-progress").iterdir())) == 3  # a, b, c
+
+
+def test_a_build_stopped_by_bad_files_goes_on_from_the_volumes_done_once_they_are_left_out(tmp_path, with_bad_files,
+                                                                                          monkeypatch):
+    cache = tmp_path / "cache"
+    with pytest.raises(InvalidDataError):
+        preprocess(with_bad_files, CONFIG, cache, num_workers=1)
+    monkeypatch.setattr(preprocess_module, "_resample_and_crop", lambda *a: pytest.fail("preprocessed again"))
+    entry = preprocess(with_bad_files[:3], CONFIG, cache, num_workers=1)  # another subject set: another entry key
+    assert list(entry.table["subject_id"]) == ["a", "b", "c"] and entry.verify() == []
+    assert _left_in(cache) == [entry.directory.name]  # in-progress/ is gone once its volumes are in an entry
 
 
 def test_skip_invalid_leaves_them_out_records_why_and_a_later_strict_run_still_stops(tmp_path, with_bad_files,

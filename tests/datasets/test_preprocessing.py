@@ -49,12 +49,18 @@ def test_a_crash_while_writing_leaves_no_entry_that_is_trusted(tmp_path, two_sou
         raise KeyboardInterrupt("power cut")
 
     monkeypatch.setattr(preprocess_module, "_centre_to_shape", crash)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match=r"^Preprocessing interrupted while the cache entry was written \(no "
+                                                r"part of it is left\): 2 of 2 volumes are kept in .*in-progress; "
+                                                r"rerun the same command to finish it\.$"):
         preprocess(two_sources, PreprocessConfig(spacing=8.0), tmp_path / "cache", num_workers=1)
-    assert list((tmp_path / "cache").iterdir()) == []
+    # No entry, not even a partial one: only the volumes done, kept for the rerun (each .npy written atomically).
+    [kept] = (tmp_path / "cache").iterdir()
+    assert kept.name == "in-progress" and len(list(kept.iterdir())) == 2
     monkeypatch.undo()
+    monkeypatch.setattr(preprocess_module, "_resample_and_crop", lambda *a: pytest.fail("preprocessed again"))
     cached = preprocess(two_sources, PreprocessConfig(spacing=8.0), tmp_path / "cache", num_workers=1)
-    assert cached.volumes().shape[0] == 2
+    assert cached.volumes().shape[0] == 2 and cached.verify() == []
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [cached.directory.name]  # in-progress/ is gone
 
 
 def test_explicit_target_shape_and_multichannel(tmp_path):
