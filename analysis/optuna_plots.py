@@ -43,17 +43,21 @@ class StudyOutput:
 
 def resolve_storage(url: str, out_dir: Path) -> tuple[str | None, str | None]:
     """(url to open, note). Never creates a database: RDBStorage would create an empty one for a
-    missing SQLite path. An absolute path that no longer exists (OUT was moved) is looked up again
-    as OUT/optuna/<file name>."""
+    missing SQLite path. The search's studies live in OUT/optuna/: a SQLite path recorded elsewhere
+    (OUT was moved or copied since) is read from OUT/optuna/<file name> when that file exists, so a
+    copy's report shows the copy's studies, not the original folder's."""
     if not url.startswith(SQLITE_PREFIX):
         return url, None
     path = Path(url[len(SQLITE_PREFIX):])
+    here = out_dir / "optuna" / path.name
+    if here.is_file():
+        if path.is_file() and path.resolve() == here.resolve():
+            return url, None
+        state = "found" if path.is_file() else "not found"
+        return SQLITE_PREFIX + str(here.resolve()), f"storage {url} is outside this output folder ({state}); read {here}"
     if path.is_file():
         return url, None
-    moved = out_dir / "optuna" / path.name
-    if moved.is_file():
-        return SQLITE_PREFIX + str(moved.resolve()), f"storage {url} not found; read {moved} instead"
-    return None, f"storage {url} not found (nor {moved})"
+    return None, f"storage {url} not found (nor {here})"
 
 
 def study_label(study_spec: dict) -> str:

@@ -41,12 +41,14 @@ resumed the trial (whose other suggestions are made while it trains anyway).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import pickle
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterable
+from pathlib import Path
+from typing import Any, ClassVar, Iterable, Iterator
 
 import optuna
 from optuna.trial import TrialState
@@ -72,6 +74,50 @@ class StudyKey:
     def name(self) -> str:
         """``<model>-<scratch|kinetics>-fold<k>``: what optuna-dashboard lists."""
         return f"{self.model}-{'kinetics' if self.pretrained else 'scratch'}-fold{self.fold}"
+
+
+# Where the search's studies live, relative to the output folder.
+STUDY_DATABASE = Path("optuna") / "search.db"
+
+
+def study_database_url(output: str | Path) -> str:
+    """SQLite URL of the search's studies under ``output`` (every (arm, fold) study: optuna-dashboard lists them)."""
+    return f"sqlite:///{Path(output) / STUDY_DATABASE}"
+
+
+class OutputFolderStorage(optuna.storages.RDBStorage):
+    """The search's SQLite storage, reopened under the output folder a run is resumed from.
+
+    Ray pickles every ``OptunaSearch`` with its study and storage (``tuner.pkl``, the searcher state). A plain
+    ``RDBStorage`` unpickles to its absolute URL, so a search resumed from a copied ``--output`` would read and
+    write the original folder's database, and one resumed from a renamed folder would fail to open it. This
+    storage remembers its output folder; unpickled inside ``studies_under(output)`` it connects to that folder's
+    database instead (elsewhere, to the one it was made for).
+    """
+
+    resume_output: ClassVar[Path | None] = None  # set by ``studies_under`` while a search is restored and run
+
+    def __init__(self, output: str | Path, **kwargs: Any) -> None:
+        self.output = Path(output)
+        (self.output / STUDY_DATABASE).parent.mkdir(parents=True, exist_ok=True)
+        super().__init__(study_database_url(self.output), **kwargs)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        output = type(self).resume_output
+        if output is not None and Path(state["output"]) != output:
+            state = {**state, "output": output, "url": study_database_url(output)}
+        super().__setstate__(state)
+
+
+@contextlib.contextmanager
+def studies_under(output: str | Path) -> Iterator[None]:
+    """Within this block, every ``OutputFolderStorage`` that is unpickled opens ``output``'s study database."""
+    previous = OutputFolderStorage.resume_output
+    OutputFolderStorage.resume_output = Path(output)
+    try:
+        yield
+    finally:
+        OutputFolderStorage.resume_output = previous
 
 
 class PickledSearcher(Searcher):
@@ -201,15 +247,23 @@ def close_abandoned_trials(studies: dict[StudyKey, OptunaSearch]) -> list[tuple[
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if trial.number in awaited:
                 continue
-            study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+            # Queued again before the FAIL is written: a driver dying in between then leaves the point queued
+            # twice at worst (the check below keeps a second restore from adding a third), never lost.
             requeued = trial.system_attrs.get("fixed_params")
-            if requeued:
+            if requeued and requeued not in waiting_points(study):
                 study.enqueue_trial(requeued)
+            study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
             log.warning("Optuna study %s: trial %d was left RUNNING by a driver that stopped before Ray Tune saved "
                         "it (no Tune trial will report it); marked FAIL%s", key.name, trial.number,
                         f", and its enqueued configuration {requeued} queued again" if requeued else "")
             closed.append((key.name, trial.number))
     return closed
+
+
+def waiting_points(study: optuna.Study) -> list[dict[str, Any]]:
+    """The configurations queued in ``study`` (``enqueue_trial``) that no trial has taken yet."""
+    return [trial.system_attrs.get("fixed_params") for trial in
+            study.get_trials(deepcopy=False, states=(TrialState.WAITING,))]
 
 
 def tell_resumed_results(storage: optuna.storages.BaseStorage | str, study_names: Iterable[str],

@@ -21,7 +21,8 @@ from datasets import PreparedData
 from search_spaces import SEARCH_SPACE, TPE_STARTUP_TRIALS, optuna_distributions
 from trainables.collect import lost_checkpoint_problem, missing_final_files
 from trainables.experiment import ExperimentConfig
-from trainables.nested_search import FoldStudies, PickledSearcher, StudyKey, tell_resumed_results
+from trainables.nested_search import (STUDY_DATABASE, FoldStudies, OutputFolderStorage, PickledSearcher, StudyKey,
+                                      studies_under, study_database_url, tell_resumed_results)
 from trainables.ray_trainable import TUNE_METRIC, fold_trial, trial_name
 
 log = logging.getLogger(__name__)
@@ -237,9 +238,8 @@ def run_grid(config: ExperimentConfig, data: PreparedData, resources: dict[str, 
 
 def study_storage(config: ExperimentConfig) -> str:
     """SQLite URL holding every (arm, fold) study of the search: ``optuna-dashboard URL`` lists them all."""
-    folder = config.output_path / "optuna"
-    folder.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{folder / 'search.db'}"
+    (config.output_path / STUDY_DATABASE).parent.mkdir(parents=True, exist_ok=True)
+    return study_database_url(config.output_path)
 
 
 def grid_fold_values(grid: tune.ResultGrid) -> dict[tuple[str, bool, int], tuple[float, str]]:
@@ -274,7 +274,8 @@ def run_search(config: ExperimentConfig, data: PreparedData, resources: dict[str
     Each study starts from the grid's configuration (the paper's, plus any --set): it is evaluated
     first, or, when the grid ran in the same experiment, its fold score is handed to the study as an
     evaluated trial and counts as one of ``num_samples``. See ``trainables.nested_search`` for why one
-    Tuner routes to all studies. Returns None when no study has a suggestion left to run.
+    Tuner routes to all studies. Returns None when no study has a suggestion left to run and no
+    earlier search of this experiment to restore.
     """
     grid_values = grid_values or {}
     folds = len(data.plan.folds)
@@ -284,7 +285,9 @@ def run_search(config: ExperimentConfig, data: PreparedData, resources: dict[str
     keys = [StudyKey(m, p, k) for m, p in arms for k in range(folds)]
     known = {key: grid_values.get((key.model, key.pretrained, key.fold)) for key in keys}
     quota = {key: config.num_samples - (1 if known[key] else 0) for key in keys}
-    if not any(q > 0 for q in quota.values()):
+    # A search that ran before is restored even when nothing is left to start (its grid trials, failed then,
+    # finished since): its trials stay in the results.
+    if not any(q > 0 for q in quota.values()) and not tune.Tuner.can_restore(run_path(config, SEARCH_RUN)):
         return None
     trainable = _trainable(data, resources)
     url = study_storage(config)
@@ -303,7 +306,7 @@ def run_search(config: ExperimentConfig, data: PreparedData, resources: dict[str
                 # One seed for every study: their first (random) suggestions coincide across folds, so a
                 # configuration evaluated in every fold exists to compare folds and to deploy.
                 sampler=optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=TPE_STARTUP_TRIALS),
-                study_name=key.name, storage=optuna.storages.RDBStorage(url))
+                study_name=key.name, storage=OutputFolderStorage(config.output_path))
             for key in keys}
         searcher = FoldStudies(studies, quota, fixed, METRIC, MODE)
         return tune.Tuner(
@@ -313,7 +316,10 @@ def run_search(config: ExperimentConfig, data: PreparedData, resources: dict[str
             run_config=_run_config(config, config.tune_run_name(SEARCH_RUN), columns),
         )
 
-    grid = _fit_or_restore(config, config.tune_run_name(SEARCH_RUN), trainable, new_tuner, columns)
+    # A restored search's studies are unpickled from Ray's state: they must open this output folder's database,
+    # not the one of the folder the run was copied or moved from.
+    with studies_under(config.output_path):
+        grid = _fit_or_restore(config, config.tune_run_name(SEARCH_RUN), trainable, new_tuner, columns)
     # A trial that ended in ERROR was told FAIL; if this (restored) run ran it again to its end, its score is given
     # to its study now (Ray's OptunaSearch does not: see trainables.nested_search.tell_resumed_results).
     tell_resumed_results(optuna.storages.RDBStorage(url), [key.name for key in keys], finished_scores(grid))

@@ -234,7 +234,7 @@ def test_search_report_best_config_and_optuna(search_dir, tmp_path):
     assert set(imp["param"]) == {"lr", "dropout"} and imp["importance"].sum() == pytest.approx(1.0)
     md = (report / "report.md").read_text()
     assert "need at least 3 completed trials with different scores" in md
-    assert "not found; read" in md  # the moved storage was found under OUT/optuna and the report says so
+    assert "is outside this output folder (not found); read" in md  # a moved OUT's studies, found under OUT/optuna
     assert "(default 1e-05)" in md and "Grid hyperparameters (paper defaults):" in md
     assert "3 independent random 70:30" in md
     assert "played no part" not in md  # the choice by the mean over folds saw every fold's test subjects
@@ -298,3 +298,23 @@ def test_grid_trials_of_the_default_configuration_compete_in_the_search(search_d
         assert rows.loc["best", "config_id"] == PAPER_CONFIG
         assert rows.loc["paper_default", "inner_val_macro_f1_mean"] == pytest.approx(0.97)
         assert rows.loc["paper_default", "test_macro_f1_mean"] == pytest.approx(3 / 4)
+
+
+def test_the_report_reads_the_studies_of_its_own_output_folder(tmp_path):
+    """experiment.json records the absolute database path; a copied OUT's report must show the copy's studies even
+    while the original folder (whose studies may have moved on) still exists."""
+    from analysis.optuna_plots import resolve_storage
+
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    for out in (original, copy):
+        (out / "optuna").mkdir(parents=True)
+        (out / "optuna" / "search.db").write_bytes(b"")
+    recorded = f"sqlite:///{original / 'optuna' / 'search.db'}"
+    assert resolve_storage(recorded, original) == (recorded, None)
+    url, note = resolve_storage(recorded, copy)
+    assert url == f"sqlite:///{(copy / 'optuna' / 'search.db').resolve()}"
+    assert note == f"storage {recorded} is outside this output folder (found); read {copy / 'optuna' / 'search.db'}"
+    assert resolve_storage(recorded, tmp_path / "elsewhere") == (recorded, None)  # no own copy: the recorded one
+    missing = f"sqlite:///{tmp_path / 'gone' / 'search.db'}"
+    assert resolve_storage(missing, tmp_path / "elsewhere") == (
+        None, f"storage {missing} not found (nor {tmp_path / 'elsewhere' / 'optuna' / 'search.db'})")

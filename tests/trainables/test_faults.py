@@ -417,25 +417,45 @@ def test_a_finished_trial_whose_final_checkpoint_was_deleted_is_trained_again_by
 
 def test_a_restored_search_fails_the_optuna_trial_its_killed_driver_left_running(data, tmp_path, ray_here, caplog):
     """A driver killed right after its searcher asked Optuna for a trial, before Tune saved its state: the study
-    holds a RUNNING trial that no Tune trial will ever report. The rerun's restore closes it as FAIL."""
+    holds a RUNNING trial that no Tune trial will ever report. The rerun's restore closes it as FAIL.
+
+    The output folder is moved before the rerun (a copied or renamed --output resumes): Ray's pickled studies must
+    open the new folder's database, not the old path (gone: "unable to open database file")."""
     import optuna
 
     from trainables.tuning import run_search, study_storage
 
-    config = experiment(tmp_path, "search", num_samples=1)
-    run_search(config, data, {"cpu": 1}, [("mc3_18", False)])
+    first = experiment(tmp_path / "before", "search", num_samples=1)
+    run_search(first, data, {"cpu": 1}, [("mc3_18", False)])
+    config = experiment(tmp_path / "after", "search", num_samples=1)
+    shutil.move(first.output_path.parent, config.output_path.parent)
     study = optuna.load_study(study_name="mc3_18-scratch-fold0", storage=study_storage(config))
     assert [t.state.name for t in study.trials] == ["COMPLETE"]
     study.ask()  # as OptunaSearch.suggest asks: recorded in the study at once, in Tune's state only at its next save
 
     with caplog.at_level("WARNING", logger="trainables.nested_search"):
         grid = run_search(config, data, {"cpu": 1}, [("mc3_18", False)])  # the rerun: Tuner.restore
+    assert not (tmp_path / "before").exists()  # nothing written to where the run was
     assert len(grid) == 2 and {result.error for result in grid} == {None}
     for fold, states in ((0, ["COMPLETE", "FAIL"]), (1, ["COMPLETE"])):
         study = optuna.load_study(study_name=f"mc3_18-scratch-fold{fold}", storage=study_storage(config))
         assert [t.state.name for t in study.trials] == states
     assert ("Optuna study mc3_18-scratch-fold0: trial 1 was left RUNNING by a driver that stopped before Ray Tune "
             "saved it (no Tune trial will report it); marked FAIL") in caplog.text
+
+
+def test_a_search_with_nothing_left_to_start_keeps_the_trials_it_ran(data, tmp_path, ray_here):
+    """--num-samples 1: a study whose grid trial failed runs the grid's point itself. Once the grid trial is fixed,
+    no study has a trial left to start, but the search's finished trials still belong in the results."""
+    from trainables.tuning import run_search
+
+    config = experiment(tmp_path, "search", num_samples=1)
+    first = run_search(config, data, {"cpu": 1}, [("mc3_18", False)])  # no grid values: every grid trial failed
+    assert len(first) == 2 and {result.error for result in first} == {None}
+    fixed = {("mc3_18", False, fold): (0.5, f"grid-f{fold}") for fold in (0, 1)}
+    again = run_search(config, data, {"cpu": 1}, [("mc3_18", False)], fixed)
+    assert again is not None
+    assert sorted(r.metrics["trial_id"] for r in again) == sorted(r.metrics["trial_id"] for r in first)
 
 
 def test_a_search_trial_that_errored_gives_its_study_its_score_when_the_rerun_finishes_it(data, tmp_path, ray_here,

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import math
+import pickle
 import random
+import shutil
 
 import optuna
 import pytest
@@ -10,7 +12,8 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from search_spaces import PAPER_DEFAULTS, SEARCH_SPACE, optuna_distributions
-from trainables.nested_search import TUNE_TRIAL_ATTR, FoldStudies, StudyKey, tell_resumed_results
+from trainables.nested_search import (STUDY_DATABASE, TUNE_TRIAL_ATTR, FoldStudies, OutputFolderStorage, StudyKey,
+                                      studies_under, tell_resumed_results)
 
 METRIC = "val_macro_f1_best"
 KEYS = [StudyKey("mc3_18", False, fold) for fold in range(3)]
@@ -139,6 +142,50 @@ def test_a_lost_first_trial_is_failed_and_the_grid_configuration_is_queued_again
     assert {k: again[k] for k in ("lr", "weight_decay", "dropout", "aug_strength")} == \
         {k: PAPER_DEFAULTS[k] for k in ("lr", "weight_decay", "dropout", "aug_strength")}
     assert states(database, KEYS[0]) == ["FAIL", "RUNNING"]
+
+
+def test_a_driver_dying_while_a_lost_first_trial_is_failed_keeps_the_grid_configuration_queued_once(tmp_path,
+                                                                                                       monkeypatch):
+    """The point is queued again before the FAIL is written: a crash between the two writes loses nothing, and the
+    next restore (which finds the trial still RUNNING) does not queue it a second time."""
+    database = tmp_path / "a.db"
+    searcher = router(database)
+    searcher.save(str(tmp_path / "searcher.pkl"))
+    searcher.suggest("trial0")
+
+    def driver_dies(*args, **kwargs):
+        raise KeyboardInterrupt("killed while closing the lost trial")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(optuna.Study, "tell", driver_dies)
+        with pytest.raises(KeyboardInterrupt):
+            router(tmp_path / "blank.db").restore(str(tmp_path / "searcher.pkl"))
+    assert states(database, KEYS[0]) == ["RUNNING", "WAITING"]  # queued, not yet failed
+    restored = router(tmp_path / "blank.db")
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    assert states(database, KEYS[0]) == ["FAIL", "WAITING"]
+    again = restored.suggest("trial1")
+    assert again["fold"] == 0 and again["lr"] == PAPER_DEFAULTS["lr"]
+    assert states(database, KEYS[0]) == ["FAIL", "RUNNING"]
+
+
+def test_a_copied_router_restores_against_the_copys_database(tmp_path):
+    """Ray pickles the studies with their storage; restored inside ``studies_under(copy)`` (as run_search restores
+    a copied --output) they read and write the copy's database, and the original is left as it was."""
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    searcher = FoldStudies({key: OptunaSearch(optuna_distributions(PAPER_DEFAULTS), metric=METRIC, mode="max",
+                                              sampler=optuna.samplers.TPESampler(seed=0), study_name=key.name,
+                                              storage=OutputFolderStorage(original)) for key in KEYS},
+                           {key: 2 for key in KEYS}, {}, METRIC, "max")
+    searcher.suggest("trial0")
+    searcher.save(str(original / "searcher.pkl"))
+    shutil.copytree(original, copy)
+    with studies_under(copy):
+        restored = pickle.loads(pickle.dumps(searcher))  # as Tuner.restore unpickles tuner.pkl
+        restored.restore(str(copy / "searcher.pkl"))
+    restored.on_trial_complete("trial0", {METRIC: 0.9})
+    assert states(copy / STUDY_DATABASE, KEYS[0]) == ["COMPLETE"]
+    assert states(original / STUDY_DATABASE, KEYS[0]) == ["RUNNING"]
 
 
 def test_a_trial_that_errored_and_finished_after_a_restore_gives_its_study_its_score_once(tmp_path, caplog):
