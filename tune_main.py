@@ -26,7 +26,7 @@ from datasets.atomic import write_csv_atomic, write_text_atomic
 from datasets.disk_space import DiskFullError
 from datasets.workers import Interrupted
 from datasets.cohort import parse_max_per_class
-from models import KineticsWeightsNotFound, resolve_weights_path
+from models import KineticsWeightsNotFound, build_model, resolve_weights_path
 from search_spaces import deviations_from_paper, space_table
 from trainables.experiment import PATH_OPTIONS, ExperimentConfig, field_names, new_run_id, parse_overrides
 from trainables.ray_trainable import trial_name
@@ -130,6 +130,24 @@ def check_local_cpus(config: ExperimentConfig) -> None:
                          "--address")
 
 
+def cpu_shortfall(config: ExperimentConfig) -> str | None:
+    """Why no trial could start on the Ray cluster just joined or started, else None.
+
+    ``check_local_cpus`` counts ``os.cpu_count()`` before any work; Ray counts a container's CPU quota (cgroups)
+    and a cluster's nodes, which only the running Ray knows. A trial asking for more CPUs than any node has would
+    wait forever without a word.
+    """
+    import ray
+
+    nodes = [node.get("Resources", {}).get("CPU", 0.0) for node in ray.nodes() if node.get("Alive")]
+    largest = max(nodes, default=0.0)
+    if config.cpus_per_trial <= largest:
+        return None
+    where = "on this machine (its CPU quota)" if not config.address else f"on any node of {config.address}"
+    return (f"--cpus-per-trial {config.cpus_per_trial:g}: Ray sees at most {largest:g} CPU(s) {where}, so no "
+            f"trial could start (it would wait for the CPUs forever); give at most {largest:g}")
+
+
 def saved_options(output: Path) -> dict:
     """The options an experiment folder was started with, for ``--resume``."""
     record = output / "experiment.json"
@@ -217,7 +235,13 @@ def ensure_demo_data(config: ExperimentConfig) -> None:
 
 
 def check_kinetics_weights(config: ExperimentConfig) -> None:
-    """Stop before any work if a pre-trained arm lacks weights; the demo drops those arms instead."""
+    """Stop before any work if a pre-trained arm lacks weights or its file is not the model's weights.
+
+    Each file found is loaded into its model as a trial would (PretrainedWeightsInvalid: a ValueError that names
+    the file and the fix), so a damaged download is not met inside every trial after the preprocessing and the
+    other arms' training. The demo drops arms without weights instead of stopping; a file that is there but wrong
+    stops it too.
+    """
     missing = {}
     for model, pretrained in config.arms():
         if pretrained:
@@ -225,6 +249,10 @@ def check_kinetics_weights(config: ExperimentConfig) -> None:
                 resolve_weights_path(model, "kinetics", config.weights_dir)
             except KineticsWeightsNotFound as error:
                 missing[model] = str(error)
+                continue
+            # The stem and the classifier are not taken from the file, so the channels and classes do not matter.
+            build_model(model, num_classes=2, in_channels=len(config.contrasts), pretrained="kinetics",
+                        weights_dir=config.weights_dir)
     if not missing:
         return
     if config.experiment != "demo":
@@ -407,10 +435,15 @@ def run_experiment(config: ExperimentConfig) -> int:
         print(note, flush=True)
     try:
         ray.init(**init_options(config))  # with --address: the code reaches every node through the runtime_env
-    except ConnectionError as error:  # a wrong --address, or a cluster that is not running
+    except (ConnectionError, ValueError) as error:  # a cluster that is not running; an address Ray cannot parse
         print(f"error: --address {config.address}: {str(error).rstrip('.')}. Start the cluster first (`ray start "
-              "--head` on its head node) or check the address; the prepared data is cached, so a rerun does not "
-              "preprocess again", file=sys.stderr)
+              "--head` on its head node) or check the address (HOST:PORT, e.g. 10.0.0.1:6379, or auto); the "
+              "prepared data is cached, so a rerun does not preprocess again", file=sys.stderr)
+        return 2
+    short = cpu_shortfall(config)
+    if short:
+        print(f"error: {short}", file=sys.stderr)
+        ray.shutdown()
         return 2
     try:
         if config.address:

@@ -300,7 +300,7 @@ def preprocess(
         _require_preprocessed(problems, len(records), skip_invalid)
         kept = [(r, v) for r, v in zip(records, results) if not isinstance(v, VolumeFailure)]
         try:
-            entry = _write_entry(cache_root, key, config, kept, problems)
+            entry = _write_entry(cache_root, key, config, kept, problems, progress)
         except KeyboardInterrupt:
             raise stopped(_interrupted_message(results, progress, writing=True), log) from None
         progress.remove([r for r, _ in kept])
@@ -363,13 +363,25 @@ class _Progress:
             return
         self.count += 1
 
+    def size(self, records: Sequence[SubjectRecord]) -> int:
+        """Bytes the kept volumes of ``records`` take."""
+        if self.directory is None or not self.directory.is_dir():
+            return 0
+        total = 0
+        for record in records:
+            with contextlib.suppress(OSError):
+                total += self._file(record).stat().st_size
+        return total
+
     def remove(self, records: Sequence[SubjectRecord]) -> None:
-        """Delete the files of ``records`` (now in an entry), and the folder once it is empty."""
+        """Delete the files of ``records`` (now in an entry, or held in memory), and the folder once it is empty."""
         if self.directory is None or not self.directory.is_dir():
             return
         for record in records:
             with contextlib.suppress(OSError):
-                self._file(record).unlink(missing_ok=True)
+                if self._file(record).is_file():
+                    self._file(record).unlink()
+                    self.count -= 1
         with contextlib.suppress(OSError):  # not empty: other subjects, or another run's volumes
             self.directory.rmdir()
 
@@ -446,8 +458,9 @@ def _interrupted_message(results: list, progress: _Progress, writing: bool = Fal
                 f"{progress.count} of {total} volumes are kept in {progress.directory}; rerun the same command to "
                 f"finish it.")
     if progress.directory is None:
-        return (f"Preprocessing interrupted after {done} of {total} volumes (volumes preprocessed for prediction are "
-                f"not cached); rerunning the same command preprocesses them again.")
+        when = f"after {done} of {total} volumes" if done else f"before the first of {total} volumes was done"
+        return (f"Preprocessing interrupted {when} (volumes preprocessed for prediction are not cached); rerunning "
+                f"the same command preprocesses them again.")
     if progress.count:
         return (f"Preprocessing interrupted: {progress.count} of {total} volumes are done and kept in "
                 f"{progress.directory}; rerun the same command to preprocess the other {total - progress.count}.")
@@ -518,8 +531,15 @@ def _volume_chunks(header: bytes, volumes: list[np.ndarray], shape: tuple[int, i
 
 
 def _write_entry(cache_root: Path, key: str, config: PreprocessConfig,
-                 kept: list[tuple[SubjectRecord, np.ndarray]], problems: list[Problem]) -> CachedDataset:
-    """Write the entry in a temporary folder and rename it into place once complete (checked for space first)."""
+                 kept: list[tuple[SubjectRecord, np.ndarray]], problems: list[Problem],
+                 progress: _Progress | None = None) -> CachedDataset:
+    """Write the entry in a temporary folder and rename it into place once complete (checked for space first).
+
+    The volumes kept in ``progress`` take about as much space as the entry. Where the disk holds the entry only
+    without them, they are deleted first (every volume is in memory by now): keeping them would turn a build that
+    fits into a "disk full" that the same command meets again. An interruption while the entry is written then
+    preprocesses those volumes again.
+    """
     records, volumes = [r for r, _ in kept], [v for _, v in kept]
     shape = config.target_shape or tuple(int(max(v.shape[axis + 1] for v in volumes)) for axis in range(3))
     channels = int(volumes[0].shape[0])
@@ -537,6 +557,13 @@ def _write_entry(cache_root: Path, key: str, config: PreprocessConfig,
            f"folders there, can be deleted; so can {IN_PROGRESS_DIRNAME}/ while no run is preprocessing) or pass "
            f"--cache-dir on a larger disk.")
     cache_root.mkdir(parents=True, exist_ok=True)
+    free = free_bytes(cache_root)
+    if progress is not None and free < needed <= free + progress.size(records):
+        count = progress.count
+        progress.remove(records)
+        log.warning("Too little free space in %s for the cache entry beside the %d volume(s) kept in %s: deleted "
+                    "those (they are in memory) to make room; an interruption now would preprocess them again",
+                    cache_root, count - progress.count, progress.directory)
     require_free_space(cache_root, what, needed, fix)
     partial = cache_root / f"{key}.partial-{uuid.uuid4().hex[:8]}"
     try:

@@ -45,6 +45,10 @@ def refused(argv: list[str], capsys) -> str:
     (["--contrasts", ""], "--contrasts '' names nothing; give a comma list, e.g. --contrasts t1ce"),
     # An unknown contrast listed every subject's missing <id>_t9.nii.gz (or blamed IXI for "T9 tumours").
     (["--contrasts", "t9"], "--contrasts: unknown t9; BraTS has t1, t1ce, t2, flair, RSNA-MICCAI flair, t1w, t1wce, t2w"),
+    # ray.init raised "ValueError: Invalid address format: headnode" after the preprocessing, as a traceback.
+    (["--address", "headnode", "--storage", "s3://bucket/runs"],
+     "--address headnode: not a Ray cluster address; give the head node's HOST:PORT"),
+    (["--address", "10.0.0.1:", "--storage", "s3://bucket/runs"], "--address 10.0.0.1:: not a Ray cluster address"),
 ])
 def test_bad_values_are_refused_before_anything_is_written(paper_argv, tmp_path, capsys, options, message):
     assert message in refused([*paper_argv, *options], capsys)
@@ -84,6 +88,28 @@ def test_more_cpus_per_trial_than_this_machine_has_is_refused(paper_argv, tmp_pa
     config = tune_main.config_from_args(tune_main.build_parser().parse_args(
         [*paper_argv, "--cpus-per-trial", "100", "--address", "auto", "--storage", str(tmp_path / "st")]))
     tune_main.check_local_cpus(config)  # a cluster's nodes may have more
+
+
+@pytest.mark.parametrize("address", ["auto", "10.0.0.1:6379", "head-node.example.org:6379", "[::1]:6379",
+                                     "ray://10.0.0.1:10001"])
+def test_every_form_of_cluster_address_ray_takes_is_accepted(paper_argv, tmp_path, address):
+    config = tune_main.config_from_args(tune_main.build_parser().parse_args(
+        [*paper_argv, "--address", address, "--storage", str(tmp_path / "st")]))
+    assert config.address == address
+
+
+def test_a_damaged_weights_file_is_refused_before_any_data_is_read(paper_argv, tmp_path, capsys):
+    """Only the file's presence was checked: preprocessing ran, then every pre-trained trial failed on it, and with
+    --pretrained both the from-scratch arms trained for hours first."""
+    from models import weights_filename
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / weights_filename("mc3_18")).write_bytes(bytes(range(256)) * 4)  # not a PyTorch file
+    argv = [*paper_argv[:-2], "--pretrained", "both", "--weights-dir", str(weights)]
+    err = refused(argv, capsys)
+    assert f"Kinetics-400 weights file {weights / weights_filename('mc3_18')} for mc3_18 is not a state dict" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_unreachable_address_is_an_error_not_a_traceback(tmp_path, capsys, monkeypatch):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -24,6 +25,8 @@ EXECUTION_ONLY_OVERRIDES = {"checkpoint_every"}
 # Options that only change how a run is executed, not what it computes: they may differ on resume.
 # --storage is not one of them: the Tune runs (finished trials, checkpoints) live there, so another
 # --storage would silently start every trial again beside an Optuna study that already holds them.
+# What ray.init accepts as a cluster: "auto", Ray Client's ray://HOST:PORT, or the GCS's HOST:PORT (IPv6 in brackets).
+ADDRESS_FORMAT = re.compile(r"auto|ray://\S+|(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):[0-9]{1,5}")
 EXECUTION_ONLY = {"address", "gpus_per_trial", "cpus_per_trial", "max_failures", "preprocess_workers",
                   "max_concurrent", "report"}
 # Not options: the experiment's identity, set once (see ``run_id`` below), and its folder, which holds the saved
@@ -131,6 +134,10 @@ class ExperimentConfig:
             option = f"--set {key}" if key in self.overrides else TRAINING_OPTIONS.get(key)
             raise ValueError(f"{option}: {error}" if option else str(error)) from None
         self._check_seeds(training_seed)
+        if self.address and not ADDRESS_FORMAT.fullmatch(self.address):
+            raise ValueError(f"--address {self.address}: not a Ray cluster address; give the head node's HOST:PORT as "
+                             "`ray start --head` printed it (e.g. 10.0.0.1:6379), ray://HOST:PORT for Ray Client, or "
+                             "auto (the cluster started on this machine)")
         if self.address and not self.storage:
             raise ValueError(
                 f"--address {self.address} needs --storage: trials on other hosts write their results and checkpoints "

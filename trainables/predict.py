@@ -64,6 +64,7 @@ from datasets.records import SubjectRecord
 from datasets.sources import IXI_PATTERN, NIFTI_SUFFIXES, read_manifest
 from datasets.validation import Problem, validate_records
 from datasets.volume_dataset import batch_to_video_layout
+from datasets.workers import Interrupted
 from models import build_model
 from trainables.fold_training import FINAL_WEIGHTS_FILE
 from trainables.fold_training import read_checkpoint_file as read_from_folder
@@ -742,6 +743,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:  # PredictError, and the data readers' own refusals
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Interrupted:  # Ctrl-C in preprocessing or registration: its one line (logged) said what a rerun does
+        return 130
+    except KeyboardInterrupt:
+        print("\nInterrupted: no predictions were written; rerun the same command.", file=sys.stderr)
+        return 130
 
 
 def prepare_volumes(args: argparse.Namespace, exp: Experiment, records: list[SubjectRecord],

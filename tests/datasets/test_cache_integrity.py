@@ -104,6 +104,31 @@ def test_too_little_free_space_stops_before_writing_with_the_sizes_and_the_fix(t
     assert _left_in(cache) == ["in-progress"] and len(list((cache / "in-progress").iterdir())) == 3  # for the rerun
 
 
+def test_a_disk_with_room_for_the_entry_but_not_beside_the_kept_volumes_still_gets_the_entry(tmp_path, subjects,
+                                                                                                 monkeypatch, caplog):
+    """The volumes kept in in-progress/ take about as much as the entry: on a disk with room for one of the two, the
+    kept ones (all in memory by then) make way, instead of a "disk full" that every rerun meets again."""
+    reference = preprocess(subjects, CONFIG, tmp_path / "reference", num_workers=1)
+    entry_bytes = sum(f.stat().st_size for f in reference.directory.iterdir())
+    cache = tmp_path / "cache"
+
+    kept_bytes = 3 * (128 + reference.volumes()[0].nbytes)  # the three kept .npy files: header and volume each
+
+    def small_disk(path):  # room for the entry and half the kept volumes, less what the cache folder holds now
+        held = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file()) if cache.exists() else 0
+        return Usage(10**9, 10**9, entry_bytes + kept_bytes // 2 - held)
+
+    # The check reserves room for meta.json by a fixed allowance far above these tiny volumes; count it exactly.
+    monkeypatch.setattr(preprocess_module, "_META_BYTES", 0)
+    monkeypatch.setattr(shutil, "disk_usage", small_disk)
+    with caplog.at_level(logging.WARNING, logger="datasets.preprocessing"):
+        entry = preprocess(subjects, CONFIG, cache, num_workers=1)
+    assert _left_in(cache) == [entry.directory.name] and entry.verify(full=True) == []
+    np.testing.assert_array_equal(entry.volumes(), reference.volumes())
+    assert (f"Too little free space in {cache} for the cache entry beside the 3 volume(s) kept in "
+            f"{cache / 'in-progress'}: deleted those") in caplog.text
+
+
 def _left_in(cache) -> list[str]:
     """What a stopped build left: no entry and no partial one, only in-progress/ (the volumes done, kept)."""
     return sorted(p.name for p in cache.iterdir())

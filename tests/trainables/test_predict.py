@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -454,3 +455,26 @@ def test_prediction_asks_cudnn_for_full_float32_and_gives_the_setting_back():
             assert conv.fp32_precision == "ieee"
             raise RuntimeError("inside")
     assert conv.fp32_precision == before
+
+
+def test_ctrl_c_while_new_volumes_are_preprocessed_exits_130_without_a_traceback(run_dir, phantom_root, tmp_path,
+                                                                                  monkeypatch, caplog):
+    """It printed a traceback ending in datasets.workers.Interrupted and exited 1."""
+    import datasets.preprocessing as preprocess_module
+
+    real, calls = preprocess_module._resample_and_crop, []
+
+    def interrupted_at_the_third(paths, config):
+        calls.append(paths)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(paths, config)
+
+    monkeypatch.setattr(preprocess_module, "_resample_and_crop", interrupted_at_the_third)
+    csv = tmp_path / "preds.csv"
+    with caplog.at_level("WARNING", logger="datasets.preprocessing"):
+        code, _, err = run_cli([str(run_dir), "--data-root", str(phantom_root), "--output", str(csv), "--workers", "1"])
+    assert code == 130 and "Traceback" not in err
+    assert re.search(r"Preprocessing interrupted after 2 of \d+ volumes \(volumes preprocessed for prediction are "
+                     r"not cached\); rerunning the same command preprocesses them again\.", caplog.text)
+    assert not csv.exists()

@@ -523,3 +523,20 @@ def test_a_retrain_run_is_recorded_in_experiment_json_and_the_tensorboard_comman
     assert retrained.startswith(f"{paper}-retrain-1/")
     # Tune's own records, run by run in experiment.json's order: the retrained trial's checkpoint wins.
     assert tune_checkpoints(load_run(out))[lost_name] == retrained
+
+
+def test_more_cpus_per_trial_than_ray_sees_is_refused_after_it_starts(tmp_path):
+    """os.cpu_count() counts the machine; Ray counts a container's CPU quota (here: a Ray given one CPU), and a
+    trial asking for more would wait forever. tune_main asks the running Ray before any trial is started."""
+    import ray
+
+    from trainables.experiment import ExperimentConfig
+
+    ray.init(address="local", num_cpus=1, include_dashboard=False)
+    try:
+        asks = {cpus: tune_main.cpu_shortfall(ExperimentConfig(experiment="paper", output=str(tmp_path),
+                                                               cpus_per_trial=cpus)) for cpus in (1.0, 2.0)}
+    finally:
+        ray.shutdown()
+    assert asks == {1.0: None, 2.0: "--cpus-per-trial 2: Ray sees at most 1 CPU(s) on this machine (its CPU quota), so "
+                                    "no trial could start (it would wait for the CPUs forever); give at most 1"}
