@@ -147,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Synthetic RSNA-MICCAI tree written to {root} (methylated {args.methylated}, unmethylated "
                   f"{args.unmethylated}; sequences {args.sequences}; sagittal {args.sagittal or 'none'})")
             return 0
+        if args.workers is not None and args.workers < 1:
+            raise ValueError(f"--workers must be at least 1, got {args.workers} (leave it out for one per CPU, at "
+                             "most 8)")
         prepared = prepare_data(_spec(args), PreprocessConfig(spacing=args.spacing, register=args.register),
                                 SplitSpec(args.split, args.folds, seed=args.seed), args.cache_dir, args.splits_file,
                                 num_workers=args.workers)

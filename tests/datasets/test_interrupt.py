@@ -201,3 +201,12 @@ def test_predictions_volumes_are_not_kept_and_the_message_says_so(tmp_path, four
         preprocess_module.preprocess_volumes(four, PreprocessConfig(spacing=8.0, target_shape=(16, 16, 16)),
                                              num_workers=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{name}.nii.gz" for name in "abcd"]
+
+
+def test_zero_workers_is_refused_before_any_file_is_read(tmp_path, capsys):
+    """`--workers 0` preprocessed serially without --register, and failed inside registration with it."""
+    code = datasets_main(["prepare", "--data-root", str(tmp_path / "none"), "--cache-dir", str(tmp_path / "c"),
+                          "--workers", "0"])
+    assert code == 2
+    assert "--workers must be at least 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
