@@ -123,13 +123,17 @@ def select_classes(records: list[SubjectRecord], classes: Sequence[str]) -> list
     """The subjects whose label is one of ``classes``: ``--classes LGG,HGG`` on BraTS + IXI runs LGG vs HGG.
 
     The subjects left out are counted per label in the log, so a misspelt label in a manifest (which would be left
-    out with them) is visible. Unlabelled records are kept: validation refuses them with its own message.
+    out with them) is visible. Unlabelled records are kept: validation refuses them with its own message. So is
+    every entry of a subject id that one kept entry has: an id listed under two labels (HGG in BraTS, Healthy in a
+    manifest row) is a conflict for validation to refuse, not something a subset may hide.
     """
-    left_out = Counter(r.label for r in records if r.label and r.label not in classes)
+    kept_ids = {r.subject_id for r in records if not r.label or r.label in classes}
+    kept = [r for r in records if r.subject_id in kept_ids]
+    left_out = Counter(r.label for r in records if r.subject_id not in kept_ids)
     if left_out:
         log.warning("--classes %s: leaving out %d subject(s) with another label: %s", ",".join(classes),
                     sum(left_out.values()), ", ".join(f"{label} ({n})" for label, n in sorted(left_out.items())))
-    return [r for r in records if not r.label or r.label in classes]
+    return kept
 
 
 def check_data(spec: DataSpec, cache_root: str | os.PathLike | None = None) -> ValidationReport:
@@ -224,8 +228,16 @@ def prepare_data(
         plan = saved_plan
         audit_splits(plan, table)
         ids_in_plan = {s for f in plan.folds for s in f.train + f.val + f.test}
-        if not ids_in_plan <= set(table["subject_id"]):
+        in_data = set(table["subject_id"])
+        if not ids_in_plan <= in_data:
             raise ValueError(f"{splits_file} names subjects that are not in the data; delete it to draw new splits")
+        if in_data - ids_in_plan:
+            # E.g. a plan drawn with --classes LGG,HGG met by a run with all three classes: the others would be
+            # cached and counted as classes, yet in no fold's training, validation or test part.
+            unplanned = sorted(in_data - ids_in_plan)
+            raise ValueError(f"{splits_file} leaves out {len(unplanned)} subject(s) of this run's data (e.g. "
+                             f"{', '.join(unplanned[:3])}): it was drawn for other data or --classes; delete it to "
+                             "draw new splits, or run with the options it was drawn with")
     else:
         plan = plan_splits(table, split_spec.scheme, split_spec.n_splits, split_spec.test_size,
                            split_spec.val_fraction, split_spec.seed)

@@ -94,9 +94,9 @@ def check_class_counts(counts: Mapping[str, int], scheme: str = "kfold", n_split
     short = [c for c, n in fewest.items() if n < 1]
     if short:
         needed = _needed_for_inner_parts(counts, short, scheme, n_splits, test_size, val_fraction, grouped)
-        fix = ("add subjects, use fewer --folds, or leave the class out of the data (a --manifest without its rows)"
+        fix = ("add subjects, use fewer --folds, or leave the class out (--classes without it)"
                if scheme == "kfold" else
-               "add subjects, or leave the class out of the data (a --manifest without its rows; each shuffle split "
+               "add subjects, or leave the class out (--classes without it; each shuffle split "
                "holds out test_size of every class, whatever --folds)")
         raise ValueError(
             f"Too few subjects for every fold's inner training and validation parts to hold each class "
@@ -129,7 +129,7 @@ def _require_a_subject_per_fold(counts: Mapping[str, int], n_splits: int) -> Non
         raise ValueError(
             f"Every class needs at least {n_splits} subjects for {n_splits} folds (one per test part); "
             + ", ".join(f"{c}: {n}" for c, n in few.items())
-            + ". Add subjects, use fewer --folds, or leave the class out of the data (a --manifest without its rows)"
+            + ". Add subjects, use fewer --folds, or leave the class out (--classes without it)"
         )
 
 

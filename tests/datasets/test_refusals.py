@@ -92,6 +92,9 @@ def test_one_id_with_two_labels_names_both_labels_and_files(tmp_path, capsys):
     reason = (f"duplicate subject id (2 entries) with conflicting labels 'HGG' ({a}), 'LGG' ({b}); give the subject "
               "one label, or distinct ids if these are different subjects (subject s1)")
     assert out.count(reason) == 2
+    # A subset that keeps one of the two labels must not hide the conflict (it trained s1 as HGG).
+    assert main(["check", "--manifest", str(tmp_path / "m.csv"), "--classes", "HGG,Healthy"]) == 1
+    assert reason in capsys.readouterr().out
 
 
 # --- affine -------------------------------------------------------------------------------------------------
@@ -268,7 +271,7 @@ def test_one_class_is_refused():
 
 def test_fewer_subjects_than_folds_says_how_many():
     with pytest.raises(ValueError, match=r"Every class needs at least 3 subjects for 3 folds \(one per test part\); "
-                                         r"LGG: 2\. Add subjects, use fewer --folds, or leave the class out of the data"):
+                                         r"LGG: 2\. Add subjects, use fewer --folds, or leave the class out \(--classes without it\)"):
         check_class_counts({"HGG": 9, "LGG": 2}, n_splits=3)
 
 
@@ -282,7 +285,7 @@ def test_k_fold_counts_that_leave_a_validation_part_without_a_class():
     with pytest.raises(ValueError, match=r"inner training and validation parts to hold each class \(--split kfold, "
                                          r"--folds 3, val_fraction 0\.2\): LGG has 4, HGG has 4, Healthy has 4; "
                                          r"each needs at least 6\. .* Fix: add subjects, use fewer --folds, or leave "
-                                         r"the class out of the data"):
+                                         r"the class out \(--classes without it\)"):
         check_class_counts({"LGG": 4, "HGG": 4, "Healthy": 4}, "kfold", 3)
     check_class_counts({"LGG": 6, "HGG": 6, "Healthy": 6}, "kfold", 3)
 
@@ -444,6 +447,14 @@ def test_classes_select_a_subset_of_the_labels(phantom_root, tmp_path, caplog):
     assert data.classes == ("HGG", "LGG")
     assert data.subjects["label"].value_counts().to_dict() == {"HGG": 8, "LGG": 8}
     assert "--classes HGG,LGG: leaving out 8 subject(s) with another label: Healthy (8)" in caplog.text
+    # The subset's saved splits do not fit a run with all three classes: Healthy would be in no fold.
+    splits = tmp_path / "splits.json"
+    prepare_data(DataSpec(manifest=str(manifest), classes=("hgg", "lgg")), PreprocessConfig(spacing=12.0),
+                 SplitSpec(n_splits=2, val_fraction=0.25), tmp_path / "c", splits_file=splits)
+    with pytest.raises(ValueError, match=f"{splits} leaves out 8 subject\\(s\\) of this run's data \\(e.g. IXI.*\\): it was "
+                                         "drawn for other data or --classes; delete it"):
+        prepare_data(DataSpec(manifest=str(manifest)), PreprocessConfig(spacing=12.0),
+                     SplitSpec(n_splits=2, val_fraction=0.25), tmp_path / "c", splits_file=splits)
     # On the BraTS/IXI tree itself IXI is not even discovered without the Healthy class: nothing to leave out.
     caplog.clear()
     tree = prepare_data(DataSpec(data_root=str(phantom_root), classes=("lgg", "hgg")),
