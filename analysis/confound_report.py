@@ -182,8 +182,14 @@ def warnings_section(doc: Document, items: list[str]) -> None:
         doc.bullets(items)
 
 
+def located_cache(exp: Experiment) -> dict:
+    """experiment.json's options with the cache entry found where it is now (a copied or renamed run folder)."""
+    cache = exp.meta.get("cache")
+    return {**exp.meta, "cache": exp.relocated(cache)} if isinstance(cache, str) else exp.meta
+
+
 def what_ran_items(exp: Experiment, res: ConfoundResults) -> list[str]:
-    items = [f"Preprocessing: {cf.preprocessing_text(exp.meta)}.", f"Registration: {cf.registration_text(res.options)}."]
+    items = [f"Preprocessing: {cf.preprocessing_text(located_cache(exp))}.", f"Registration: {cf.registration_text(res.options)}."]
     if res.baseline_arms:
         items.append(f"Baselines: {', '.join(display_name(m) for m, _ in res.baseline_arms)} "
                      f"({len(res.baseline_preds)} rows in baseline_predictions.csv, same outer folds as the deep arms).")

@@ -109,6 +109,19 @@ class Experiment:
         value = self.meta.get("search_design")
         return None if value is None else str(value)
 
+    def relocated(self, location: str) -> str:
+        """A local path the run recorded, moved with the run folder: a path under the run's recorded ``output`` is
+        looked up under this folder when the original is gone (a run copied or renamed, or moved to another
+        machine for prediction)."""
+        if "://" in location or Path(location).exists():
+            return location
+        recorded = str(self.meta.get("output") or "").rstrip("/")
+        if recorded and location.startswith(recorded + "/"):
+            moved = self.out_dir.resolve() / location[len(recorded) + 1:]
+            if moved.exists():
+                return str(moved)
+        return location
+
     def main_selection(self) -> tuple[str, str, str | None]:
         """(column, value, description) choosing the paper-protocol rows, or value None when nothing qualifies.
 

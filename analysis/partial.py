@@ -131,9 +131,11 @@ def partial_results(exp: Experiment, main_preds: pd.DataFrame, arms: list[Arm]) 
                                  "fold": row.fold, "config_id": row.config_id, "reason": reason})
     missing = pd.DataFrame(missing_rows, columns=[*ident, "reason"])
     if exp.planned_trials:
-        unplanned = sorted(predicted - set(exp.planned_trials))
+        # planned_trials lists the grid's (paper-protocol) trials; a search's trials are drawn as it runs.
+        unplanned = sorted(set(exp.select_main(exp.predictions)["trial_name"]) - set(exp.planned_trials))
         if unplanned:
-            notes.append("Trials with predictions that experiment.json did not plan (used): " + ", ".join(unplanned))
+            notes.append("Trials with paper-protocol predictions that experiment.json did not plan (used): "
+                         + ", ".join(unplanned))
 
     arm_rows = []
     for model, pretrained in arms:

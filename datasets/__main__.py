@@ -102,14 +102,21 @@ def main(argv: list[str] | None = None) -> int:
 
     prepare = commands.add_parser("prepare", help="validate, preprocess into the cache and draw the splits")
     _add_source_arguments(prepare)
-    prepare.add_argument("--cache-dir", required=True)
-    prepare.add_argument("--spacing", type=float, default=2.0)
-    prepare.add_argument("--register", default="none", choices=["none", "mni"])
-    prepare.add_argument("--max-per-class", action="append", default=[], metavar="CLASS=N")
-    prepare.add_argument("--folds", type=int, default=3)
-    prepare.add_argument("--split", default="kfold", choices=["kfold", "shuffle"])
-    prepare.add_argument("--seed", type=int, default=0)
-    prepare.add_argument("--splits-file", default=None)
+    prepare.add_argument("--cache-dir", required=True,
+                         help="where preprocessed volumes are cached (one entry per data and options; tune_main's "
+                              "--cache-dir, OUT/cache by default, reuses it)")
+    prepare.add_argument("--spacing", type=float, default=2.0, help="isotropic voxel size in mm (2, as the paper)")
+    prepare.add_argument("--register", default="none", choices=["none", "mni"],
+                         help="mni: N4 bias correction + affine registration to MNI152 with ANTsPy, cached")
+    prepare.add_argument("--max-per-class", action="append", default=[], metavar="CLASS=N",
+                         help="draw at most N subjects of CLASS (seeded); repeat per class")
+    prepare.add_argument("--folds", type=int, default=3, help="outer folds (3)")
+    prepare.add_argument("--split", default="kfold", choices=["kfold", "shuffle"],
+                         help="kfold: k-fold cross-validation; shuffle: k random 70:30 splits")
+    prepare.add_argument("--seed", type=int, default=0, help="seed of the splits and of --max-per-class")
+    prepare.add_argument("--splits-file", default=None,
+                         help="JSON to save the splits in (and read them back from on a rerun); without it they "
+                              "are only printed")
     prepare.add_argument("--workers", type=int, default=None,
                          help="processes that preprocess (and register) volumes (default: the CPUs, at most 8)")
 

@@ -73,8 +73,8 @@ def check_plan_matches(plan: SplitPlan, spec: SplitSpec, path: str | os.PathLike
     differ = [f"{name} {getattr(plan, name)!r} (asked: {getattr(spec, name)!r})" for name in SPLIT_SPEC_FIELDS
               if getattr(plan, name) != getattr(spec, name)]
     if differ:
-        raise ValueError(f"{path} holds splits drawn with other options: {'; '.join(differ)}. Use another --output, "
-                         f"or delete {Path(path).name} to draw the splits again")
+        raise ValueError(f"{path} holds splits drawn with other options: {'; '.join(differ)}. Use another --output "
+                         f"(tune_main) or --splits-file (datasets prepare), or delete {path} to draw the splits again")
 
 
 @dataclass(frozen=True)

@@ -421,9 +421,17 @@ def augmentation_seconds(shape: tuple[int, int, int], channels: int, kind: str, 
 
 
 def shape_of_cache(cache_dir: str | Path) -> tuple[tuple[int, int, int], int, int | None]:
-    """(shape, channels, number of subjects or None) of a prepared cache."""
-    meta = json.loads((Path(cache_dir) / "meta.json").read_text())
-    return tuple(meta["shape"]), int(meta.get("channels", 1)), meta.get("n_subjects")
+    """(shape, channels, number of subjects or None) of a prepared cache; ValueError naming the entry to give."""
+    folder = Path(cache_dir)
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        return tuple(meta["shape"]), int(meta.get("channels", 1)), meta.get("n_subjects")
+    except (OSError, ValueError, KeyError, TypeError):
+        entries = sorted(p.parent.name for p in folder.glob("*/meta.json")) if folder.is_dir() else []
+        hint = (f"; it holds the entr{'y' if len(entries) == 1 else 'ies'} {', '.join(entries)}: give "
+                f"{folder / entries[0]}" if entries else "")
+        raise ValueError(f"--cache {cache_dir} is not a prepared cache entry (no readable meta.json): give the "
+                         f"OUT/cache/<key> folder that a run printed{hint}") from None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -475,7 +483,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     subjects = None
     if args.cache:
-        shape, channels, subjects = shape_of_cache(args.cache)
+        try:
+            shape, channels, subjects = shape_of_cache(args.cache)
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     else:
         shape = tuple(int(v) for v in args.shape.split(",")) if args.shape else DEFAULT_SHAPE
         channels = args.channels
@@ -497,6 +509,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --augmentation/--aug-strength: {error}", file=sys.stderr)
         return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"error: --device {args.device}: PyTorch sees no CUDA device here (torch {torch.__version__}, CUDA "
+              f"build {torch.version.cuda or 'none'}); leave --device out to benchmark the CPU", file=sys.stderr)
+        return 2
     precisions = SWITCH[args.amp]
     if device.type != "cuda":
         precisions = [False]  # autocast is used on CUDA only, as in training

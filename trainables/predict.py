@@ -110,19 +110,6 @@ def load_run(run_dir: Path) -> Experiment:
         raise PredictError(f"{run_dir} cannot be read as a run: {error}") from error
 
 
-def relocated(location: str, exp: Experiment) -> str:
-    """A local path the run recorded, moved with the run folder: paths under the run's recorded ``output`` are
-    looked up under RUN_DIR when the original is gone (a run copied to another machine for prediction)."""
-    if "://" in location or Path(location).exists():
-        return location
-    recorded = str(exp.meta.get("output") or "").rstrip("/")
-    if recorded and location.startswith(recorded + "/"):
-        moved = exp.out_dir.resolve() / location[len(recorded) + 1:]
-        if moved.exists():
-            return str(moved)
-    return location
-
-
 def run_preprocessing(exp: Experiment) -> tuple[PreprocessConfig, int, Path]:
     """(the run's preprocessing with its crop shape, input channels, cache entry) from the entry's meta.json:
     the parameters that made the arrays the models were trained on."""
@@ -131,7 +118,7 @@ def run_preprocessing(exp: Experiment) -> tuple[PreprocessConfig, int, Path]:
     if not cache:
         raise PredictError(f"{run_dir}/experiment.json names no preprocessing cache ('cache'), so the crop shape its "
                            f"models were trained on is unknown. Run `{resume_hint(run_dir)}`, which records it")
-    entry = CachedDataset(Path(relocated(str(cache), exp)))
+    entry = CachedDataset(Path(exp.relocated(str(cache))))
     try:
         meta = entry.meta
         config = PreprocessConfig(spacing=float(meta["config"]["spacing"]),
@@ -280,7 +267,7 @@ def fold_weights(exp: Experiment, estimate: ArmEstimate) -> list[FoldWeights]:
         if not location:
             raise PredictError(f"Fold {fold}'s trial {name} has no checkpoint in {source}. Run "
                                f"`{resume_hint(exp.out_dir)}`, which collects the trials again and rewrites trials.csv")
-        folds.append(FoldWeights(fold, name, relocated(location, exp)))
+        folds.append(FoldWeights(fold, name, exp.relocated(location)))
     return folds
 
 
@@ -295,7 +282,7 @@ def tune_checkpoints(exp: Experiment) -> dict[str, str]:
     runs = list((exp.meta.get("tune_runs") or {}).values()) or [f"{storage}/{kind}" for kind in ("paper", "search")]
     found, looked = {}, []
     for run in runs:
-        run = relocated(str(run), exp)
+        run = exp.relocated(str(run))
         looked.append(run)
         try:
             analysis = ExperimentAnalysis(run)

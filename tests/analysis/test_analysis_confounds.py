@@ -299,3 +299,23 @@ def test_what_ran_states_the_preprocessing(confound_dir, tmp_path):
     assert "- Preprocessing: each volume on its own: RAS orientation, resampling to 2 mm voxels" in what_ran
     assert "the largest brain bounding box among the 591 cached subjects" in what_ran
     assert what_ran.index("- Preprocessing:") < what_ran.index("- Registration:")
+
+
+def test_a_renamed_run_folder_finds_its_cache_entry_inside_it(tmp_path):
+    """experiment.json records absolute paths; after `mv OUT NEW` the report said the cache "was removed"."""
+    from analysis.confound_report import located_cache
+    from analysis.load import load_experiment
+    from analysis_fixtures import build_paper_dir
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    build_paper_dir(old)
+    meta = json.loads((old / "experiment.json").read_text())
+    entry = _cache(old)  # old/cache/abc123, inside the run folder as tune_main puts it by default
+    meta.update(output=str(old), cache=str(entry))
+    (old / "experiment.json").write_text(json.dumps(meta))
+    old.rename(new)
+    exp = load_experiment(new)
+    assert located_cache(exp)["cache"] == str(new.resolve() / "cache" / "abc123")
+    assert exp.relocated("s3://bucket/x") == "s3://bucket/x" and exp.relocated("/elsewhere/y") == "/elsewhere/y"
+    md = (build_report(new, bootstrap_samples=20) / "report.md").read_text()
+    assert "the largest brain bounding box among the 591 cached subjects" in md and "was removed" not in md

@@ -152,3 +152,18 @@ def test_a_failed_search_trial_never_competes_in_its_fold(nested_dir, status):
     selection = analyse_nested(load_experiment(nested_dir)).selection
     row = selection.set_index(["model", "pretrained", "fold"]).loc[(*MC3, 0)]
     assert row["config_id"] == "cfgA" and row["n_failed"] == 2  # cfgC (0.85) failed; the fixture's cfgD too
+
+
+def test_a_demo_report_does_not_call_its_own_search_trials_unplanned(nested_dir):
+    """experiment.json plans the grid's trials only: the search's were listed as "not planned" in every demo report.
+    A paper-protocol trial outside the plan is still named."""
+    from analysis.partial import partial_results
+
+    exp = load_experiment(nested_dir)
+    main = exp.select_main(exp.predictions)
+    notes = partial_results(exp, main, exp.main_arms()).notes
+    assert not [note for note in notes if "did not plan" in note]
+    stray = main[main["trial_name"] == main["trial_name"].iloc[0]].assign(trial_name="paper-mc3_18-stray")
+    exp.predictions = pd.concat([exp.predictions, stray], ignore_index=True)
+    notes = partial_results(exp, exp.select_main(exp.predictions), exp.main_arms()).notes
+    assert "Trials with paper-protocol predictions that experiment.json did not plan (used): paper-mc3_18-stray" in notes

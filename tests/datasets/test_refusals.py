@@ -382,7 +382,8 @@ def test_splits_saved_with_other_options_are_refused_before_any_file_is_read(tmp
     missing = tmp_path / "no-data-here"  # never opened: the refusal comes first
     with pytest.raises(ValueError, match=r"splits.json holds splits drawn with other options: scheme 'kfold' "
                                          r"\(asked: 'shuffle'\); n_splits 3 \(asked: 5\); seed 0 \(asked: 7\)\. "
-                                         r"Use another --output, or delete splits.json"):
+                                         r"Use another --output \(tune_main\) or --splits-file \(datasets prepare\), "
+                                         r"or delete .*splits.json to draw the splits again"):
         prepare_data(DataSpec(data_root=str(missing)), PreprocessConfig(spacing=8.0),
                      SplitSpec(scheme="shuffle", n_splits=5, seed=7), tmp_path / "cache", splits_file=splits)
 

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import pandas as pd
+import torch
 
 from trainables import benchmark
 
@@ -64,6 +65,25 @@ def test_bad_options_are_named(capsys):
     assert "--shape takes three positive sizes" in capsys.readouterr().err
     assert benchmark.main(["--augmentation", "strong"]) == 2
     assert "augmentation must be one of none, light, heavy" in capsys.readouterr().err
+
+
+def test_a_cache_folder_that_is_not_an_entry_names_the_entries_in_it(tmp_path, capsys):
+    """OUT/cache instead of OUT/cache/<key> (an easy slip) ended in a FileNotFoundError traceback."""
+    entry = tmp_path / "cache" / "0123abcd"
+    entry.mkdir(parents=True)
+    (entry / "meta.json").write_text(json.dumps({"shape": [8, 8, 8], "channels": 1, "n_subjects": 3}))
+    assert benchmark.main(["--cache", str(tmp_path / "cache")]) == 2
+    assert (f"--cache {tmp_path / 'cache'} is not a prepared cache entry (no readable meta.json): give the "
+            f"OUT/cache/<key> folder that a run printed; it holds the entry 0123abcd: give {entry}"
+            in capsys.readouterr().err)
+    assert benchmark.main(["--cache", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.rstrip().endswith("give the OUT/cache/<key> folder that a run printed")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where PyTorch sees no CUDA device")
+def test_cuda_asked_for_without_a_device_is_named(capsys):
+    assert benchmark.main(["--device", "cuda"]) == 2
+    assert "--device cuda: PyTorch sees no CUDA device here" in capsys.readouterr().err
 
 
 def test_issue_columns_flops_data_paths_and_checkpoint_size(tmp_path, capsys):
