@@ -28,7 +28,8 @@ from datasets.workers import Interrupted
 from datasets.cohort import parse_max_per_class
 from models import KineticsWeightsNotFound, build_model, resolve_weights_path
 from search_spaces import deviations_from_paper, space_table
-from trainables.experiment import PATH_OPTIONS, ExperimentConfig, field_names, new_run_id, parse_overrides
+from trainables.experiment import (PATH_OPTIONS, ExperimentConfig, field_names, new_run_id, parse_overrides,
+                                   path_in_output)
 from trainables.ray_trainable import trial_name
 
 log = logging.getLogger("tune_main")
@@ -160,9 +161,9 @@ def saved_options(output: Path) -> dict:
     # A renamed or copied folder: paths that were inside it (the demo's data, a cache under OUT) move with it.
     first = Path(saved.get("output") or output)
     for key in PATH_OPTIONS:
-        value = options.get(key)
-        if isinstance(value, str) and "://" not in value and (Path(value) == first or first in Path(value).parents):
-            options[key] = str(output / Path(value).relative_to(first))
+        inside = path_in_output(options.get(key), first)
+        if inside is not None:
+            options[key] = str(output / inside)
     return options
 
 

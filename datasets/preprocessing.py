@@ -378,10 +378,11 @@ class _Progress:
         if self.directory is None or not self.directory.is_dir():
             return
         for record in records:
-            with contextlib.suppress(OSError):
-                if self._file(record).is_file():
-                    self._file(record).unlink()
-                    self.count -= 1
+            try:
+                self._file(record).unlink()
+            except OSError:  # not kept (or an input file gone): nothing to delete
+                continue
+            self.count -= 1
         with contextlib.suppress(OSError):  # not empty: other subjects, or another run's volumes
             self.directory.rmdir()
 

@@ -21,6 +21,8 @@ from datasets.rsna import MGMT_CLASSES
 log = logging.getLogger(__name__)
 
 BRATS_GRADES = ("HGG", "LGG")
+# BraTS 2019's per-contrast file suffixes: <subject>/<subject>_<contrast>.nii.gz (and _seg, the tumour labels).
+BRATS_CONTRASTS = ("t1", "t1ce", "t2", "flair")
 # Contrasts a BraTS volume may have beside IXI's T1 (both T1-weighted; T1ce is the paper's choice).
 IXI_PAIRED_CONTRASTS = ("t1ce", "t1")
 # IXI<nnn>-<Site>-<nnnn>-T1.nii[.gz] as downloaded, or FSL BET's skull-stripped ...-T1_brain.nii[.gz].

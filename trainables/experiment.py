@@ -11,6 +11,7 @@ from typing import Any
 from datasets import PreprocessConfig, SplitSpec
 from datasets.cohort import check_max_per_class
 from datasets.rsna import SEQUENCE_ALIASES
+from datasets.sources import BRATS_CONTRASTS
 from models import MODEL_NAMES, PAPER_MODEL_NAMES
 from trainables.fold_training import DEFAULT_CONFIG, PAPER_DEFAULTS, resolve_config
 from trainables.ray_trainable import config_id
@@ -35,8 +36,6 @@ NOT_COMPARED = EXECUTION_ONLY | {"run_id", "output"}
 # Options naming a file or folder: one inside the experiment folder (the demo's data, a cache under OUT) is
 # compared relative to it, so that a renamed or copied experiment folder still resumes.
 PATH_OPTIONS = ("data_root", "manifest", "cache_dir", "weights_dir", "storage")
-# --contrasts under --data-root: BraTS 2019's file suffixes, or RSNA-MICCAI's series (and their BraTS aliases).
-BRATS_CONTRASTS = ("t1", "t1ce", "t2", "flair")
 # The command-line option behind a training constant that is not given with --set.
 TRAINING_OPTIONS = {"epochs": "--epochs", "patience": "--patience", "seed": "--seed", "weights_dir": "--weights-dir"}
 
@@ -123,6 +122,7 @@ class ExperimentConfig:
                 other = "file" if kind == "folder" else "folder"
                 found = f"is a {other}, not a {kind}" if Path(path).exists() else f"no such {kind}"
                 raise ValueError(f"{option} {path}: {found}")
+        # --contrasts under --data-root: BraTS 2019's file suffixes, or RSNA-MICCAI's series (and their BraTS aliases).
         unknown = [c for c in self.contrasts if c.casefold() not in {*BRATS_CONTRASTS, *SEQUENCE_ALIASES}]
         if self.data_root is not None and unknown:  # else every subject's <id>_<contrast> file is "not found"
             raise ValueError(f"--contrasts: unknown {', '.join(unknown)}; BraTS has {', '.join(BRATS_CONTRASTS)}, "
@@ -206,14 +206,20 @@ class ExperimentConfig:
                 return {k: v for k, v in value.items() if k not in EXECUTION_ONLY_OVERRIDES}
             if key == "storage":  # no --storage is OUT/ray: giving that folder explicitly changes nothing
                 value = (value or str(output / "ray")).rstrip("/")
-            if key in PATH_OPTIONS and isinstance(value, str) and "://" not in value:
-                path = Path(value)
-                if path == output or output in path.parents:
-                    return ("OUT", path.relative_to(output).as_posix())
-            return value
+            inside = path_in_output(value, output) if key in PATH_OPTIONS else None
+            return ("OUT", inside) if inside is not None else value
 
         return sorted(k for k in mine if k not in NOT_COMPARED and k in saved
                       and computed(k, saved[k], saved_output) != computed(k, mine[k], self.output_path))
+
+
+def path_in_output(value: Any, output: Path) -> str | None:
+    """``value`` relative to ``output`` (POSIX) when it is a local path inside that folder (or the folder), else None:
+    how a renamed or copied experiment folder carries the paths that lie in it (PATH_OPTIONS)."""
+    if not isinstance(value, str) or "://" in value:
+        return None
+    path = Path(value)
+    return path.relative_to(output).as_posix() if path == output or output in path.parents else None
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

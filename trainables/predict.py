@@ -61,7 +61,8 @@ from datasets.dicom import convert_records, dicom_cache_dir
 from datasets.preprocessing import CachedDataset, PreprocessConfig, preprocess_volumes
 from datasets.prepare import DataSpec, load_records
 from datasets.records import SubjectRecord
-from datasets.sources import IXI_PATTERN, NIFTI_SUFFIXES, read_manifest
+from datasets.rsna import SEQUENCE_ALIASES
+from datasets.sources import BRATS_CONTRASTS, IXI_PATTERN, NIFTI_SUFFIXES, read_manifest
 from datasets.validation import Problem, validate_records
 from datasets.volume_dataset import batch_to_video_layout
 from datasets.workers import Interrupted
@@ -410,8 +411,6 @@ def input_records(args: argparse.Namespace, exp: Experiment, channels: int) -> l
 def contrast_warning(contrasts: Sequence[str], exp: Experiment) -> str | None:
     """--contrasts naming other contrasts than the run's (BraTS and RSNA spellings of one contrast count as one): the
     channel count fits, so the models would read them, but each channel was trained on another contrast."""
-    from datasets.rsna import SEQUENCE_ALIASES
-
     recorded = exp.meta.get("contrasts")
     if exp.meta.get("manifest") or not recorded:
         return None  # a manifest run's channels have no contrast names to compare with
@@ -486,7 +485,7 @@ CONTENT_TEXT = ("orientation",)
 CONTENT_RTOL = 1e-9  # the same measurement read back from subjects.csv: equal up to float text round-trips
 # File-name endings that name a scan of a subject rather than the subject: BraTS's <id>_<contrast>.nii.gz (and its
 # segmentation), the RSNA sequence names; IXI's <id>-T1[_brain] is datasets.sources.IXI_PATTERN.
-SCAN_SUFFIXES = frozenset({"t1", "t1ce", "t2", "flair", "seg", "t1w", "t1wce", "t2w"})
+SCAN_SUFFIXES = frozenset({*BRATS_CONTRASTS, "seg", *SEQUENCE_ALIASES})
 MATCH_KINDS = {"id": "same id", "content": "the same volume, by content",
                "name": "another scan of that subject, by file name"}
 
