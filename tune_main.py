@@ -364,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
         if config.storage and "://" not in config.storage:
             check_writable(Path(config.storage), "--storage")
         check_local_cpus(config)
+        if config.address:
+            from trainables.cluster import check_address_reachable
+            check_address_reachable(config.address)
         assign_run_id(config)
         if config.experiment == "demo":
             ensure_demo_data(config)

@@ -134,6 +134,36 @@ def test_an_unreachable_address_is_an_error_not_a_traceback(tmp_path, capsys, mo
     assert "error: --address 10.9.9.9:6379: Failed to connect to Ray cluster at 10.9.9.9:6379. Start the cluster" in err
 
 
+def test_an_address_where_nothing_listens_is_refused_in_seconds_before_any_work(tmp_path, capsys):
+    """ray.init would retry a closed port for minutes (measured: over 5 minutes); a TCP probe answers at once."""
+    import socket
+
+    with socket.socket() as probe:  # a port that was free a moment ago, now closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    argv = ["--experiment", "paper", "--data-root", str(tmp_path), "--output", str(tmp_path / "out"),
+            "--storage", str(tmp_path / "st"), "--address", f"127.0.0.1:{port}", "--models", "mc3_18",
+            "--pretrained", "none"]
+    err = refused(argv, capsys)
+    assert f"--address 127.0.0.1:{port}: nothing accepted a connection at 127.0.0.1:{port}" in err
+    assert f"ray start --head --port {port}" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_address_that_accepts_connections_passes_the_probe():
+    import socket
+
+    from trainables.cluster import check_address_reachable
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        check_address_reachable(f"127.0.0.1:{port}")
+        check_address_reachable(f"ray://127.0.0.1:{port}")
+    check_address_reachable("auto")  # left to Ray, which fails fast without a recorded cluster
+
+
 def saved_run(folder: Path, **options) -> ExperimentConfig:
     """An experiment.json as a finished run leaves it (only its options matter here)."""
     config = ExperimentConfig(experiment="paper", output=str(folder), models=("mc3_18",), pretrained="none",

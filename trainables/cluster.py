@@ -134,6 +134,24 @@ def init_options(config: ExperimentConfig) -> dict[str, Any]:
     return {"address": config.address, "include_dashboard": False, "runtime_env": runtime_env(config)}
 
 
+def check_address_reachable(address: str | None, timeout_s: float = 5.0) -> None:
+    """Refuse an --address where nothing listens, in seconds: ``ray.init`` would retry it for many minutes.
+
+    ``auto`` is left to Ray (it reads the address that ``ray start`` recorded on this machine and fails fast).
+    """
+    if not address or address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    host = host.strip("[]")  # IPv6 in brackets
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"--address {address}: nothing accepted a connection at {host}:{port} within {timeout_s:g} s ({error}). "
+            f"Start the cluster first (`ray start --head --port {port}` on its head node) or check the address "
+            "and that this machine can reach that port") from None
+
+
 def ignored_ray_address(config: ExperimentConfig) -> str | None:
     """A note when $RAY_ADDRESS names a cluster that this run, lacking --address, will not use."""
     if config.address or not os.environ.get("RAY_ADDRESS"):
