@@ -6,8 +6,8 @@ import logging
 import sys
 
 from datasets.cohort import parse_max_per_class
-from datasets.prepare import DataSpec, PreprocessConfig, SplitSpec, check_data, prepare_data
-from datasets.splits import check_class_counts, check_classes_present
+from datasets.prepare import DataSpec, PreprocessConfig, SplitSpec, check_data, prepare_data, require_class_counts
+from datasets.splits import check_classes_present
 from datasets.stripping import check_stripping
 from datasets.validation import ValidationReport
 from datasets.workers import Interrupted
@@ -56,9 +56,8 @@ def _report_class_counts(report: ValidationReport, folds: int | None, split: str
         return True
     chosen = folds is not None or split is not None
     spec = SplitSpec(split or "kfold", folds if folds is not None else 3)
-    grouped = len({r.group for r in report.valid}) < len(report.valid)
-    try:
-        check_class_counts(report.counts, spec.scheme, spec.n_splits, spec.test_size, spec.val_fraction, grouped)
+    try:  # prepare's own check: the class counts, and with repeated groups (patients) the groups per class
+        require_class_counts(report.valid, report.classes, spec)
     except ValueError as error:
         print(f"Class counts: {error}" if chosen else
               f"Note, for the default --folds 3 --split kfold (pass --folds to check your run's): {error}")

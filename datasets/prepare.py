@@ -22,7 +22,8 @@ from datasets.preprocessing import CachedDataset, PreprocessConfig, preprocess
 from datasets.records import SubjectRecord
 from datasets.rsna import discover_rsna, find_rsna_layout
 from datasets.sources import class_order, discover_brats_ixi, read_manifest
-from datasets.splits import SplitPlan, audit_splits, check_class_counts, check_split_options, plan_splits
+from datasets.splits import (SplitPlan, audit_splits, check_class_counts, check_every_part_has_every_class,
+                             check_groups_per_class, check_split_options, plan_splits)
 from datasets.stripping import StrippingCheck, check_stripping, require_consistent_stripping
 from datasets.validation import InvalidDataError, Problem, ValidationReport, require_valid, validate_records
 
@@ -238,6 +239,7 @@ def prepare_data(
             raise ValueError(f"{splits_file} leaves out {len(unplanned)} subject(s) of this run's data (e.g. "
                              f"{', '.join(unplanned[:3])}): it was drawn for other data or --classes; delete it to "
                              "draw new splits, or run with the options it was drawn with")
+        check_every_part_has_every_class(plan, table, saved=splits_file)
     else:
         plan = plan_splits(table, split_spec.scheme, split_spec.n_splits, split_spec.test_size,
                            split_spec.val_fraction, split_spec.seed)
@@ -257,26 +259,20 @@ def require_class_counts(records: Sequence[SubjectRecord], classes: Sequence[str
     try:
         check_class_counts(counts, split_spec.scheme, split_spec.n_splits, split_spec.test_size,
                            split_spec.val_fraction, grouped)
-        if grouped and split_spec.scheme == "kfold":
-            _require_a_group_per_test_fold(records, classes, split_spec.n_splits)
+        if grouped:
+            _require_a_group_per_test_fold(records, classes, split_spec.n_splits, split_spec.scheme)
     except ValueError as error:
         if after is None:
             raise
         raise ValueError(f"After the subjects that {after} left out (--skip-invalid): {error}") from None
 
 
-def _require_a_group_per_test_fold(records: Sequence[SubjectRecord], classes: Sequence[str], n_splits: int) -> None:
-    """A group (patient) never straddles folds, so a class needs subjects in at least --folds groups: else some test
-    fold lacks it (and scikit-learn stops later, after preprocessing, with a message that names no option)."""
-    short = {c: len({r.group for r in records if r.label == c}) for c in classes}
-    short = {c: n for c, n in short.items() if 0 < n < n_splits}
-    if short:
-        raise ValueError(
-            "Too few groups (the manifest's group column: one patient's scans stay in one fold) for --folds "
-            f"{n_splits}: " + ", ".join(f"{c} has {n}" for c, n in short.items()) + f"; each class needs subjects in at "
-            f"least {n_splits} groups. Fix: "
-            + (f"use --folds {min(short.values())}, " if min(short.values()) >= 2 else "")
-            + "add subjects, or check the group column (an empty group means the subject's own id)")
+def _require_a_group_per_test_fold(records: Sequence[SubjectRecord], classes: Sequence[str], n_splits: int,
+                                   scheme: str = "kfold") -> None:
+    """A group (patient) never straddles parts, so a class needs subjects in enough groups for every fold's test,
+    inner training and inner validation parts (:func:`datasets.splits.fewest_groups`: --folds groups for kfold, 4
+    for 2 folds; 3 for shuffle). Else some part lacks the class, found only after preprocessing."""
+    check_groups_per_class({c: len({r.group for r in records if r.label == c}) for c in classes}, scheme, n_splits)
 
 
 def _left_out_by_preprocessing(cached: CachedDataset) -> set[str]:

@@ -9,6 +9,7 @@ import itertools
 import json
 import math
 import os
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
@@ -27,8 +28,15 @@ class StratifiedGroupShuffleSplit:
 
     scikit-learn offers stratified shuffles (no groups) and group shuffles (no stratification);
     this fills the gap. Without repeated groups it defers to ``StratifiedShuffleSplit``.
-    Groups are assigned greedily in random order to the test part while their class still needs
-    test subjects, so each class gets about ``test_size`` of its subjects.
+
+    With groups, each group has the class of most of its subjects, and a class wants
+    ``round(test_size * subjects)`` test subjects, at least one when it has two or more groups.
+    Groups are taken greedily, in an order drawn from ``random_state``, into the test part while their
+    class still wants test subjects (a class's first group whatever its size), so each class gets about
+    ``test_size`` of its subjects; but a class's last group not yet in the test part is never taken, so
+    every class keeps a group in the training part, and every class with two or more groups has one in
+    the test part. A class with one group is never in the test part. The same ``random_state`` gives the
+    same splits.
     """
 
     def __init__(self, n_splits: int = 3, test_size: float = 0.3, random_state: int | None = None) -> None:
@@ -52,16 +60,23 @@ class StratifiedGroupShuffleSplit:
         # A group's class is its most common label (groups are normally one subject, or one patient).
         group_label = {g: pd.Series(y[groups == g]).mode().iloc[0] for g in unique_groups}
         classes, counts = np.unique(y, return_counts=True)
+        groups_of_class = Counter(group_label.values())
         for _ in range(self.n_splits):
-            wanted = {c: int(round(self.test_size * n)) for c, n in zip(classes, counts)}
+            # round(0.2 * 2) = 0 would leave a class with groups out of the test part: one group at least
+            wanted = {c: max(int(round(self.test_size * n)), 1 if groups_of_class[c] >= 2 else 0)
+                      for c, n in zip(classes, counts)}
             taken = {c: 0 for c in classes}
+            kept = dict(groups_of_class)  # per class, its groups not in the test part yet
             test_groups = set()
             for g in rng.permutation(unique_groups):
                 label = group_label[g]
+                if kept[label] < 2:  # the class's last group stays in the training part
+                    continue
                 size = int((groups == g).sum())
                 if taken[label] + size <= wanted[label] or taken[label] == 0 and wanted[label] > 0:
                     test_groups.add(g)
                     taken[label] += size
+                    kept[label] -= 1
             test_mask = np.isin(groups, list(test_groups))
             yield np.flatnonzero(~test_mask), np.flatnonzero(test_mask)
 
@@ -131,6 +146,56 @@ def _require_a_subject_per_fold(counts: Mapping[str, int], n_splits: int) -> Non
             + ", ".join(f"{c}: {n}" for c, n in few.items())
             + ". Add subjects, use fewer --folds, or leave the class out (--classes without it)"
         )
+
+
+def fewest_groups(scheme: str, n_splits: int) -> int:
+    """The fewest groups (patients) a class needs so that every fold's test, inner training and inner validation
+    parts can each hold one: a group never straddles parts.
+
+    ``shuffle``: a group held out for testing and two kept (inner training, inner validation), whatever
+    --folds. ``kfold``: the ``g`` groups are dealt over the ``k`` test folds, each test fold taking ``t >= 1`` and
+    leaving ``g - t >= 2`` to its training part; some dealing meets both iff ``g >= k`` and ``g (k - 1) >= 2 k``:
+    ``k`` groups for 3 folds or more, 4 for 2 folds (3 would leave one fold's training part a single group). This
+    is the least that can work: how StratifiedGroupKFold deals groups of unequal sizes can still leave a part
+    without the class, which :func:`check_every_part_has_every_class` refuses after the draw.
+    """
+    if scheme == "shuffle":
+        return 3
+    if n_splits < 2:
+        raise ValueError(f"--folds must be at least 2 for --split kfold, got {n_splits}")
+    return max(n_splits, -(-2 * n_splits // (n_splits - 1)))
+
+
+def check_groups_per_class(groups_per_class: Mapping[str, int], scheme: str, n_splits: int) -> None:
+    """Refuse, before any split is drawn, a class in fewer groups than :func:`fewest_groups` asks for.
+
+    ``groups_per_class`` maps each class to the number of distinct groups among its subjects; classes without
+    subjects are left to :func:`check_classes_present`. Meant for grouped data (a manifest's group column):
+    without repeated groups every subject is its own group and the class counts decide.
+    """
+    needed = fewest_groups(scheme, n_splits)
+    short = {c: n for c, n in groups_per_class.items() if 0 < n < needed}
+    if not short:
+        return
+    why = ("one held out for testing, and two kept for inner training and inner validation, whatever --folds"
+           if scheme == "shuffle" else
+           "one in every test fold, and two in every fold's training part, for inner training and inner validation")
+    fewest = min(n for n in groups_per_class.values() if n > 0)
+    folds = [k for k in range(2, fewest + 1) if fewest_groups("kfold", k) <= fewest]
+    other = min(folds, key=lambda k: (abs(k - n_splits), k)) if scheme == "kfold" and folds else None
+    raise ValueError(
+        f"Too few groups (the manifest's group column: one patient's scans stay in one part) for --split {scheme}, "
+        f"--folds {n_splits}: " + ", ".join(f"{c} has {n}" for c, n in short.items())
+        + f"; each class needs subjects in at least {needed} groups ({why}). Fix: "
+        + (f"use --folds {other}, " if other is not None else "")
+        + f"add subjects of other patients (groups) of {', '.join(short)}, leave the class out (--classes without "
+        "it), or check the group column (an empty group means the subject's own id)"
+    )
+
+
+def groups_per_class(table: pd.DataFrame) -> dict[str, int]:
+    """Per class of ``table`` (``label`` and ``group`` columns), how many distinct groups its subjects are in."""
+    return {str(c): int(n) for c, n in table.groupby("label", sort=False)["group"].nunique().items()}
 
 
 def _options(scheme: str, n_splits: int, test_size: float, val_fraction: float) -> str:
@@ -313,7 +378,9 @@ def plan_splits(
     """Outer folds from ``outer`` (default: by ``scheme``), each with a stratified inner validation part.
 
     ``table`` needs ``subject_id``, ``label`` and ``group`` columns; rows are sorted by subject id
-    first, so the plan depends on the data and the seed only, never on file-system order.
+    first, so the plan depends on the data and the seed only, never on file-system order. Refused before
+    drawing: class counts (and, with repeated groups, groups per class) no plan could split; after: a leak
+    (:func:`audit_splits`), or a fold part without some class (:func:`check_every_part_has_every_class`).
     """
     check_split_options(scheme, n_splits, test_size, val_fraction)
     table = table.sort_values("subject_id").reset_index(drop=True)
@@ -322,6 +389,8 @@ def plan_splits(
     counts = {str(c): int(n) for c, n in table["label"].value_counts(sort=False).items()}
     if outer is None:
         check_class_counts(counts, scheme, n_splits, test_size, val_fraction, grouped)
+        if grouped:
+            check_groups_per_class(groups_per_class(table), scheme, n_splits)
     else:  # a stock splitter's parts cannot be predicted from the counts
         _require_a_subject_per_fold(counts, n_splits)
     outer = outer or outer_splitter(scheme, n_splits, test_size, seed, grouped)
@@ -339,6 +408,7 @@ def plan_splits(
             Fold(index, sorted(ids[train_idx][fit_idx]), sorted(ids[train_idx][val_idx]), sorted(ids[test_idx]))
         )
     audit_splits(plan, table)
+    check_every_part_has_every_class(plan, table)
     return plan
 
 
@@ -361,3 +431,46 @@ def audit_splits(plan: SplitPlan, table: pd.DataFrame) -> None:
             shared_groups = {group_of[s] for s in parts[a]} & {group_of[s] for s in parts[b]}
             if shared_groups:
                 raise LeakageError(f"Fold {fold.fold}: groups in both {a} and {b}: {sorted(shared_groups)[:5]}")
+
+
+PARTS = ("train", "val", "test")
+_PART_ROLE = {"train": "inner training", "val": "inner validation", "test": "test"}
+
+
+def check_every_part_has_every_class(plan: SplitPlan, table: pd.DataFrame,
+                                     saved: str | os.PathLike | None = None) -> None:
+    """Raise ``ValueError`` unless every fold's train, val and test parts each hold a subject of every class of
+    ``table``: a fold without a class in its training part never learns it, in its validation part picks its best
+    epoch without it, in its test part scores it nowhere (zero F1, silently).
+
+    ``saved``: the splits.json ``plan`` was read from (a plan drawn earlier, re-checked on resume); the message
+    then says to delete it.
+    """
+    label_of = dict(zip(table["subject_id"], table["label"]))
+    classes = sorted({str(c) for c in table["label"]})
+    missing = []
+    for fold in plan.folds:
+        for part in PARTS:
+            present = {str(label_of[s]) for s in getattr(fold, part) if s in label_of}
+            lacking = [c for c in classes if c not in present]
+            if lacking:
+                missing.append((fold.fold, part, lacking))
+    if not missing:
+        return
+    short = sorted({c for _, _, lacking in missing for c in lacking})
+    subjects = table["label"].astype(str).value_counts()
+    groups = groups_per_class(table.assign(label=table["label"].astype(str)))
+    where = "; ".join(f"fold {fold}'s {part} part ({_PART_ROLE[part]}) has no subject of {', '.join(lacking)}"
+                      for fold, part, lacking in missing)
+    counts = ", ".join(f"{c} has {int(subjects.get(c, 0))} subject(s) in {groups.get(c, 0)} group(s)" for c in short)
+    options = f"--split {plan.scheme}, --folds {plan.n_splits}, --seed {plan.seed}"
+    if saved is not None:
+        raise ValueError(
+            f"{saved} holds splits ({options}) in which {where} ({counts}). A fold without a class trains, picks its "
+            f"best epoch or tests without it. Delete {saved} to draw the splits again (the new draw is checked too)"
+        )
+    raise ValueError(
+        f"The splits drawn ({options}) leave a class out of a fold part: {where} ({counts}). A fold without a class "
+        f"trains, picks its best epoch or tests without it. Fix: add subjects or groups of {', '.join(short)}, use "
+        f"fewer --folds, try another --seed, or leave the class out with --classes without it"
+    )

@@ -5,6 +5,7 @@ experiment on the same data does not decompress hundreds of volumes again.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import zlib
@@ -111,7 +112,36 @@ def inspect_volume(path: str | os.PathLike) -> tuple[str | None, dict | None]:
         return f"non-finite voxels ({int((~np.isfinite(data)).sum())} NaN/Inf)", None
     if data.min() == data.max():
         return f"constant image (every voxel is {float(data.min()):g})", None
-    return None, volume_profile(image, data)
+    return None, {**volume_profile(image, data), CONTENT_DIGEST: content_digest(image, data)}
+
+
+# The profile key of ``content_digest``. validate_records refuses two subject ids whose files share one: the same scan
+# under two ids (a copy, a hard link, .nii beside .nii.gz, a re-save as another data type) would be two groups, so it
+# could be trained on in one part of a fold and tested on in another, which the split audit (ids and groups) cannot
+# see. Only datasets.validation reads it: subjects.csv takes datasets.acquisition.PROFILE_COLUMNS, not every key.
+CONTENT_DIGEST = "content_sha256"
+
+
+def content_digest(image, data: np.ndarray) -> str:
+    """sha256 (hex) of a volume's voxel values on its voxel grid, whatever file holds them.
+
+    Hashed: the voxel intensities as nibabel scales them (``data``: float32, scl_slope/inter applied), reoriented to
+    the closest canonical (RAS+) axis order with ``nib.orientations.io_orientation`` (a lossless permutation and flip
+    of the array), -0.0 written as 0.0, as little-endian float32 in Fortran order (NIfTI's own voxel order, so the
+    usual file costs one contiguous copy), after the reoriented shape. So .nii and .nii.gz, int16 and float32 of the
+    same intensities, a copy, a hard link, and the same array re-saved in another axis order (fslreorient2std) give
+    one digest. Not hashed: the rest of the header (affine, pixdim, units, descriptions), because a header rewritten
+    (e.g. fixing the voxel size or the sform) leaves the very same acquisition; two different acquisitions never share
+    every voxel value of a 3-D volume (and constant images are refused before this). A resampled, registered,
+    re-stripped or otherwise re-computed copy has other values and is not caught: this is for exact duplicates.
+    """
+    canonical = nib.orientations.apply_orientation(data, nib.orientations.io_orientation(image.affine))
+    voxels = np.empty(canonical.shape, dtype="<f4", order="F")
+    np.add(canonical, np.float32(0), out=voxels)  # the one copy; -0.0 + 0.0 is +0.0
+    digest = hashlib.sha256(b"voxels-f4-F-RAS:1;")
+    digest.update(np.asarray(voxels.shape, dtype="<i8").tobytes())
+    digest.update(voxels.ravel(order="F"))  # a view (Fortran-contiguous): no second copy
+    return digest.hexdigest()
 
 
 AFFINE_FIX = "fix the header's qform/sform, e.g. with nibabel or fslorient"
@@ -198,14 +228,17 @@ def _listed(sizes) -> str:
 # Bumped whenever inspect_volume checks something new, so results cached by an older check are redone.
 # 2: the affine is checked (singular or non-finite). 3: single slices, zero voxel sizes, RGB/complex data.
 # 4: implausible voxel sizes (outside VOXEL_SIZE_RANGE_MM: a header in metres or micrometres).
-CHECK_VERSION = 4
+# 5: the profile holds the content digest (CONTENT_DIGEST), which the duplicate-scan check needs.
+CHECK_VERSION = 5
 
 
 class _CheckCache:
     """Per-file results keyed by (size, mtime): a changed file is checked again.
 
     The file records ``CHECK_VERSION``; a cache written by another version (or the unversioned
-    format before it) is dropped whole, since its "valid" verdicts come from fewer checks.
+    format before it) is dropped whole, since its "valid" verdicts come from fewer checks. A "valid" entry
+    whose profile lacks the content digest is measured again too, so the duplicate-scan check never
+    goes without it.
     """
 
     def __init__(self, path: Path | None) -> None:
@@ -226,9 +259,10 @@ class _CheckCache:
             return inspect_volume(file)
         stamp = [stat.st_size, stat.st_mtime_ns]
         cached = self.entries.get(file)
-        if (cached is not None and cached["stamp"] == stamp
-                and (cached["reason"] is not None or cached.get("profile") is not None)):
-            return cached["reason"], cached.get("profile")
+        if isinstance(cached, dict) and cached.get("stamp") == stamp:
+            reason, profile = cached.get("reason"), cached.get("profile")
+            if reason is not None or (isinstance(profile, dict) and CONTENT_DIGEST in profile):
+                return reason, profile
         reason, profile = inspect_volume(file)
         self.entries[file] = {"stamp": stamp, "reason": reason, "profile": profile}
         return reason, profile
@@ -242,7 +276,8 @@ class _CheckCache:
 def validate_records(
     records: Sequence[SubjectRecord], classes: Sequence[str], cache_file: str | os.PathLike | None = None
 ) -> ValidationReport:
-    """Check labels, subject ids and every file of every subject."""
+    """Check labels, subject ids and every file of every subject, and that no scan is under two subject ids (the same
+    path, or files with the same voxels: ``content_digest``)."""
     report = ValidationReport(classes=tuple(classes))
     cache = _CheckCache(Path(cache_file) if cache_file else None)
     entries: dict[str, list[SubjectRecord]] = {}
@@ -253,6 +288,7 @@ def validate_records(
         for file in record.paths:
             if file:
                 users.setdefault(resolved[file], set()).add(record.subject_id)
+    verdicts: list[Problem | None] = []
     for record in records:
         problem = None
         shared = sorted({other for file in record.paths if file for other in users[resolved[file]]} - {record.subject_id})
@@ -272,12 +308,53 @@ def validate_records(
                     problem = Problem(record.subject_id, file, reason)
                     break
                 report.profiles[file] = profile
+        verdicts.append(problem)
+    # The same scan in two files (a copy, a hard link, .nii and .nii.gz, ...), among the subjects valid so far.
+    usable = [record for record, problem in zip(records, verdicts) if problem is None]
+    copies = _same_content(usable, report.profiles)
+    for record, problem in zip(records, verdicts):
+        problem = problem or copies.get(record.subject_id)
         if problem is None:
             report.valid.append(record)
         else:
             report.problems.append(problem)
     cache.save()
     return report
+
+
+# Other subjects named in one refusal for a shared scan; the rest are counted.
+SHARED_SHOWN = 5
+
+
+def _same_content(records: Sequence[SubjectRecord], profiles: dict[str, dict]) -> dict[str, Problem]:
+    """subject id -> why it is refused, for each subject with a file whose voxels (``CONTENT_DIGEST``) equal a file of
+    another subject. Compared file by file, whatever the contrast: a FLAIR copied in as another subject's T1 is caught;
+    two files of one subject that are equal are not this check's concern (no second id)."""
+    holders: dict[str, list[tuple[str, str, str]]] = {}  # digest -> (subject id, file, label) of every file with it
+    for record in records:
+        for file in record.paths:
+            digest = (profiles.get(file) or {}).get(CONTENT_DIGEST)
+            if digest is not None:
+                holders.setdefault(digest, []).append((record.subject_id, file, record.label))
+    refused: dict[str, Problem] = {}
+    for record in records:
+        for file in record.paths:
+            same = holders.get((profiles.get(file) or {}).get(CONTENT_DIGEST), [])
+            others = [(sid, path, label) for sid, path, label in same if sid != record.subject_id]
+            if others:
+                refused[record.subject_id] = Problem(record.subject_id, file, _same_content_reason(record, others))
+                break
+    return refused
+
+
+def _same_content_reason(record: SubjectRecord, others: list[tuple[str, str, str]]) -> str:
+    named = ", ".join(f"subject {sid} ({path})" for sid, path, _ in others[:SHARED_SHOWN])
+    more = f" and {len(others) - SHARED_SHOWN} more" if len(others) > SHARED_SHOWN else ""
+    labels = sorted({record.label, *(label for _, _, label in others)})
+    conflict = f"; labelled {', '.join(map(repr, labels))}: at most one is right" if len(labels) > 1 else ""
+    return (f"the same voxels as {named}{more} (one volume copied, linked or re-saved{conflict}): one scan under two "
+            "ids would be trained and tested on; keep one of the ids and remove the other file(s) or manifest row(s) "
+            "(a rescan never has identical voxels: if two scans were meant, one file overwrote the other)")
 
 
 def _duplicate_reason(entries: Sequence[SubjectRecord]) -> str:

@@ -38,9 +38,9 @@ def write_head(path: Path, shape=(24, 28, 20), zooms=(4.0, 4.0, 4.0), seed=0) ->
 
 def write_brats_tree(root: Path, per_grade: int) -> Path:
     """``per_grade`` blob subjects in each of BraTS's HGG/ and LGG/ folders (t1ce only), as discovery expects them."""
-    for grade in ("HGG", "LGG"):
+    for offset, grade in ((0, "HGG"), (100, "LGG")):  # distinct volumes: one volume under two ids is refused
         for i in range(per_grade):
-            write_ellipsoid(root / f"{grade}/{grade}{i}/{grade}{i}_t1ce.nii.gz", seed=i)
+            write_ellipsoid(root / f"{grade}/{grade}{i}/{grade}{i}_t1ce.nii.gz", seed=offset + i)
     return root
 
 

@@ -3,6 +3,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -97,6 +98,20 @@ def test_one_id_with_two_labels_names_both_labels_and_files(tmp_path, capsys):
     assert reason in capsys.readouterr().out
 
 
+def test_check_applies_the_groups_rule_of_the_run(tmp_path, capsys):
+    """`datasets check --folds 3` refuses what the run would: HGG in two patients cannot fill three test folds."""
+    rows = []
+    for i in range(6):
+        rows.append({"subject_id": f"h{i}", "label": "HGG", "group": f"P{i % 2}",
+                     "path": write_ellipsoid(tmp_path / f"h{i}.nii.gz", seed=i).name})
+        rows.append({"subject_id": f"l{i}", "label": "LGG", "group": "",
+                     "path": write_ellipsoid(tmp_path / f"l{i}.nii.gz", seed=50 + i).name})
+    pd.DataFrame(rows).to_csv(tmp_path / "m.csv", index=False)
+    assert main(["check", "--manifest", str(tmp_path / "m.csv"), "--folds", "3"]) == 1
+    out = capsys.readouterr().out
+    assert "Class counts: Too few groups" in out and "--folds 3: HGG has 2; each class needs subjects in at least 3" in out
+
+
 # --- affine -------------------------------------------------------------------------------------------------
 
 
@@ -132,7 +147,7 @@ def test_results_cached_by_an_older_check_are_not_trusted(tmp_path):
     record = SubjectRecord("bad", "HGG", (str(path),), "bad")
     report = validate_records([record], ("HGG",), cache)
     assert [p.reason for p in report.problems] == [f"affine is singular (voxel sizes 0, 1, 1): {AFFINE_FIX}"]
-    assert json.loads(cache.read_text())["version"] == validation.CHECK_VERSION == 4
+    assert json.loads(cache.read_text())["version"] == validation.CHECK_VERSION == 5
 
 
 def test_a_single_slice_an_rgb_volume_and_a_zero_voxel_size_are_named_with_the_fix(tmp_path):
@@ -391,13 +406,20 @@ def test_splits_saved_with_other_options_are_refused_before_any_file_is_read(tmp
 def test_a_class_in_fewer_groups_than_folds_is_refused_before_preprocessing():
     from datasets.prepare import require_class_counts
 
+    def records(hgg_patients: int) -> list[SubjectRecord]:
+        return ([SubjectRecord(f"h{i}", "HGG", ("x.nii.gz",), group=f"P{i % hgg_patients}") for i in range(6)]
+                + [SubjectRecord(f"l{i}", "LGG", ("x.nii.gz",), group=f"l{i}") for i in range(6)])
+
     # Six subjects per class, but every HGG scan belongs to one of two patients: three folds cannot all hold HGG.
-    records = ([SubjectRecord(f"h{i}", "HGG", ("x.nii.gz",), group=f"P{i % 2}") for i in range(6)]
-               + [SubjectRecord(f"l{i}", "LGG", ("x.nii.gz",), group=f"l{i}") for i in range(6)])
-    with pytest.raises(ValueError, match=r"Too few groups .* for --folds 3: HGG has 2; each class needs subjects in "
-                                         r"at least 3 groups. Fix: use --folds 2, add subjects"):
-        require_class_counts(records, ("HGG", "LGG"), SplitSpec(n_splits=3))
-    require_class_counts(records, ("HGG", "LGG"), SplitSpec(n_splits=2))  # two groups, two folds: fine
+    with pytest.raises(ValueError, match=r"Too few groups .* for --split kfold, --folds 3: HGG has 2; each class needs "
+                                         r"subjects in at least 3 groups .*Fix: add subjects of other patients"):
+        require_class_counts(records(2), ("HGG", "LGG"), SplitSpec(n_splits=3))
+    # Two folds of three patients: one fold trains on a single patient, which cannot fill inner training and
+    # validation both; three folds of three patients train on two each.
+    with pytest.raises(ValueError, match=r"--folds 2: HGG has 3; each class needs subjects in at least 4 groups .*"
+                                         r"Fix: use --folds 3, add subjects"):
+        require_class_counts(records(3), ("HGG", "LGG"), SplitSpec(n_splits=2))
+    require_class_counts(records(3), ("HGG", "LGG"), SplitSpec(n_splits=3))
 
 
 def test_one_file_under_two_subject_ids_is_refused_for_both(tmp_path):
@@ -411,6 +433,147 @@ def test_one_file_under_two_subject_ids_is_refused_for_both(tmp_path):
         ("a", "the same file as subject(s) b: one scan under two ids would be trained and tested on; keep one of the ids"),
         ("b", "the same file as subject(s) a: one scan under two ids would be trained and tested on; keep one of the ids")]
     assert [r.subject_id for r in report.valid] == ["c"]
+
+
+SAME_SCAN_FIX = ("one scan under two ids would be trained and tested on; keep one of the ids and remove the other "
+                 "file(s) or manifest row(s) (a rescan never has identical voxels: if two scans were meant, one file "
+                 "overwrote the other)")
+
+
+def write_integer_ellipsoid(path: Path, seed: int) -> Path:
+    """An ellipsoid with whole-number intensities, so that int16 holds them exactly."""
+    image = nib.load(write_ellipsoid(path, seed=seed))
+    nib.save(nib.Nifti1Image(np.round(image.get_fdata()).astype(np.float32), image.affine), str(path))
+    return path
+
+
+def the_same_volume_again(kind: str, source: Path, folder: Path) -> Path:
+    """``source``'s voxels in another file, as a data set can come to hold them."""
+    image = nib.load(source)
+    data = np.asanyarray(image.dataobj)
+    if kind == "copy":
+        return Path(shutil.copy(source, folder / "copy.nii.gz"))
+    if kind == "hard link":
+        os.link(source, folder / "link.nii.gz")
+        return folder / "link.nii.gz"
+    target = folder / {"uncompressed": "plain.nii"}.get(kind, f"{kind.replace(' ', '_')}.nii.gz")
+    if kind == "uncompressed":
+        nib.save(image, str(target))  # other bytes on disk, the same voxels
+    elif kind == "int16":
+        nib.save(nib.Nifti1Image(data.astype(np.int16), image.affine), str(target))
+    elif kind == "reoriented":  # the array flipped to RAS and the affine with it (as fslreorient2std does)
+        nib.save(nib.as_closest_canonical(image), str(target))
+    elif kind == "header rewritten":  # another voxel size and origin in the header: still the same acquisition
+        affine = image.affine.copy()
+        affine[:3, :3] /= 2
+        affine[:3, 3] += 9
+        nib.save(nib.Nifti1Image(data, affine), str(target))
+    return target
+
+
+@pytest.mark.parametrize("kind", ["copy", "hard link", "uncompressed", "int16", "reoriented", "header rewritten"])
+def test_one_volume_in_two_files_under_two_ids_is_refused_for_both(tmp_path, kind):
+    scan = write_integer_ellipsoid(tmp_path / "scan.nii.gz", seed=0)
+    again = the_same_volume_again(kind, scan, tmp_path)
+    assert again.read_bytes() != scan.read_bytes() or kind in ("copy", "hard link")
+    other = write_integer_ellipsoid(tmp_path / "other.nii.gz", seed=1)  # the same shape, another volume
+    records = [SubjectRecord("a", "HGG", (str(scan),), "a"), SubjectRecord("b", "LGG", (str(again),), "b"),
+               SubjectRecord("c", "LGG", (str(other),), "c")]
+    report = validate_records(records, ("HGG", "LGG"))
+    labels = "(one volume copied, linked or re-saved; labelled 'HGG', 'LGG': at most one is right)"
+    assert [(p.subject_id, p.path, p.reason) for p in report.problems] == [
+        ("a", str(scan), f"the same voxels as subject b ({again}) {labels}: {SAME_SCAN_FIX}"),
+        ("b", str(again), f"the same voxels as subject a ({scan}) {labels}: {SAME_SCAN_FIX}")]
+    assert [r.subject_id for r in report.valid] == ["c"]
+
+
+def test_different_volumes_of_one_shape_are_not_taken_for_one_scan(tmp_path):
+    scan = write_integer_ellipsoid(tmp_path / "scan.nii.gz", seed=0)
+    image = nib.load(scan)
+    data = image.get_fdata().astype(np.float32)
+    data[12, 14, 10] += 1  # one voxel off
+    nearly = tmp_path / "nearly.nii.gz"
+    nib.save(nib.Nifti1Image(data, image.affine), str(nearly))
+    mirrored = tmp_path / "mirrored.nii.gz"  # flipped left-right in the array only: another image in the world
+    nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj)[::-1].copy(), image.affine), str(mirrored))
+    files = [scan, nearly, mirrored, write_integer_ellipsoid(tmp_path / "other.nii.gz", seed=1)]
+    records = [SubjectRecord(f"s{i}", "HGG", (str(f),), f"s{i}") for i, f in enumerate(files)]
+    report = validate_records(records, ("HGG",))
+    assert report.ok and len(report.valid) == 4
+    assert len({profile[validation.CONTENT_DIGEST] for profile in report.profiles.values()}) == 4
+
+
+def test_the_content_digest_ignores_how_a_volume_is_stored_but_not_its_values():
+    data = np.round(np.random.default_rng(0).uniform(-50, 50, (6, 7, 8))).astype(np.float32)
+    data[data < 0] = 0
+    image = nib.Nifti1Image(data, np.diag([-1.0, 1, 1, 1]))
+    digest = validation.content_digest(image, data)
+    signed = data.copy()
+    signed[data == 0] = -0.0  # a float file may hold -0.0 where its int16 twin holds 0
+    assert np.signbit(signed).any() and validation.content_digest(image, signed) == digest
+    assert validation.content_digest(image, np.asfortranarray(data)) == digest
+    assert validation.content_digest(image, data.reshape(7, 6, 8)) != digest  # the same bytes on another grid
+    assert validation.content_digest(nib.Nifti1Image(data, np.eye(4)), data) != digest  # another orientation
+
+
+def test_multi_contrast_subjects_are_compared_file_by_file(tmp_path):
+    t1 = [write_ellipsoid(tmp_path / f"s{i}_t1ce.nii.gz", seed=i) for i in range(4)]
+    flair = [write_ellipsoid(tmp_path / f"s{i}_flair.nii.gz", seed=10 + i) for i in range(3)]
+    s1_flair = Path(shutil.copy(t1[0], tmp_path / "s1_flair_copy.nii.gz"))  # s1's FLAIR is s0's T1
+    s3_flair = Path(shutil.copy(t1[3], tmp_path / "s3_flair_copy.nii.gz"))  # s3's FLAIR is its own T1: no second id
+    records = [SubjectRecord("s0", "HGG", (str(t1[0]), str(flair[0])), "s0"),
+               SubjectRecord("s1", "HGG", (str(t1[1]), str(s1_flair)), "s1"),
+               SubjectRecord("s2", "LGG", (str(t1[2]), str(flair[2])), "s2"),
+               SubjectRecord("s3", "LGG", (str(t1[3]), str(s3_flair)), "s3")]
+    report = validate_records(records, ("HGG", "LGG"))
+    assert [(p.subject_id, p.path, p.reason) for p in report.problems] == [
+        ("s0", str(t1[0]), f"the same voxels as subject s1 ({s1_flair}) (one volume copied, linked or re-saved): "
+                           f"{SAME_SCAN_FIX}"),
+        ("s1", str(s1_flair), f"the same voxels as subject s0 ({t1[0]}) (one volume copied, linked or re-saved): "
+                              f"{SAME_SCAN_FIX}")]
+    assert [r.subject_id for r in report.valid] == ["s2", "s3"]
+
+
+def test_a_cached_profile_without_the_content_digest_is_measured_again(tmp_path, monkeypatch):
+    scan = write_ellipsoid(tmp_path / "scan.nii.gz")
+    copy = shutil.copy(scan, tmp_path / "copy.nii.gz")
+    records = [SubjectRecord("a", "HGG", (str(scan),), "a"), SubjectRecord("b", "HGG", (str(copy),), "b")]
+    cache = tmp_path / "validation.json"
+    assert [p.subject_id for p in validate_records(records, ("HGG",), cache).problems] == ["a", "b"]
+    measured = json.loads(cache.read_text())
+    opened = []
+    inspect = validation.inspect_volume
+    monkeypatch.setattr(validation, "inspect_volume", lambda path: opened.append(str(path)) or inspect(path))
+    # Profiles as a cache written before the digest holds them: the current version's, and version 4's (dropped whole).
+    for version in (validation.CHECK_VERSION, 4):
+        stale = {file: {**entry, "profile": {k: v for k, v in entry["profile"].items() if k != validation.CONTENT_DIGEST}}
+                 for file, entry in measured["files"].items()}
+        cache.write_text(json.dumps({"version": version, "files": stale}))
+        opened.clear()
+        report = validate_records(records, ("HGG",), cache)
+        assert opened == [str(scan), str(copy)], version
+        assert [p.subject_id for p in report.problems] == ["a", "b"] and not report.valid
+        assert json.loads(cache.read_text()) == measured  # the digest is back in the cache
+    opened.clear()
+    assert [p.subject_id for p in validate_records(records, ("HGG",), cache).problems] == ["a", "b"]
+    assert opened == []  # a complete cache is trusted: no file is opened again
+
+
+def test_check_names_a_copied_volume_under_two_ids_and_skip_invalid_leaves_both_out(tmp_path, capsys):
+    scan = write_ellipsoid(tmp_path / "scan.nii.gz")
+    copy = shutil.copy(scan, tmp_path / "copy.nii.gz")
+    others = [write_ellipsoid(tmp_path / f"o{i}.nii.gz", seed=i + 1) for i in range(2)]
+    manifest = write_manifest(tmp_path / "m.csv", "subject_id,label,path\n" + "".join(
+        f"{sid},{label},{Path(path).name}\n"
+        for sid, label, path in [("a", "HGG", scan), ("b", "HGG", copy), ("c", "HGG", others[0]),
+                                 ("d", "LGG", others[1])]))
+    assert main(["check", "--manifest", str(manifest)]) == 1
+    out = capsys.readouterr().out
+    assert (f"  {scan}: the same voxels as subject b ({copy}) (one volume copied, linked or re-saved): "
+            f"{SAME_SCAN_FIX} (subject a)") in out
+    assert f"  {copy}: the same voxels as subject a ({scan}) " in out and "2 valid subjects: LGG 1, HGG 1" in out
+    assert main(["check", "--manifest", str(manifest), "--skip-invalid"]) == 0
+    assert "--skip-invalid: 2 subject(s) will be left out" in capsys.readouterr().out
 
 
 def test_a_damaged_splits_file_is_named_with_the_way_out(tmp_path):

@@ -16,10 +16,11 @@ from tests.conftest import write_ellipsoid
 @pytest.fixture
 def planted_tree(tmp_path):
     root = tmp_path / "data"
-    for sid in ("H1", "H2"):
-        write_ellipsoid(root / f"HGG/{sid}/{sid}_t1ce.nii.gz")
-    write_ellipsoid(root / "LGG/L1/L1_t1ce.nii.gz")
-    write_ellipsoid(root / "IXI/IXI001-HH-0001-T1.nii.gz")
+    # Distinct seeds: two subjects with the very same volume are refused as one scan under two ids.
+    for seed, sid in enumerate(("H1", "H2")):
+        write_ellipsoid(root / f"HGG/{sid}/{sid}_t1ce.nii.gz", seed=seed)
+    write_ellipsoid(root / "LGG/L1/L1_t1ce.nii.gz", seed=2)
+    write_ellipsoid(root / "IXI/IXI001-HH-0001-T1.nii.gz", seed=3)
     good = (root / "HGG/H1/H1_t1ce.nii.gz").read_bytes()
     bad = {}
     bad["truncated"] = root / "HGG/T1/T1_t1ce.nii.gz"
