@@ -214,7 +214,28 @@ def _training_item(exp: Experiment, main_preds: pd.DataFrame) -> str | None:
             f"{_span(used['epochs_run'])} epoch(s) on its fold's training part ({_span(used['n_train'])} subjects), "
             f"kept the weights of the epoch with the best macro F1 on the fold's inner validation part "
             f"({_span(used['n_val'])} subjects; epochs chosen: {_span(used['best_epoch'])}), and scored its test part "
-            f"({_span(used['n_test'])} subjects) once, with those weights.")
+            f"({_span(used['n_test'])} subjects) once, with those weights. {_loss_text(used)}")
+
+
+# trials.csv's ``loss`` (trainables.metrics.LOSS_PER_SAMPLE / LOSS_PER_BATCH; analysis does not import trainables).
+LOSS_TEXT = {
+    "class_weighted_per_sample": "the class weights W_c = 1 − n_c/N of the fold's training part weigh each sample's "
+                                 "cross-entropy (a batch's loss is the mean of w·nll over its samples, divided by the "
+                                 "training part's mean weight)",
+    "class_weighted_per_batch": "torch's per-batch weighted mean of the cross-entropy with the class weights "
+                                "W_c = 1 − n_c/N, under which a batch of one sample ignores its weight (folds finished "
+                                "before the weights acted per sample)",
+}
+
+
+def _loss_text(used: pd.DataFrame) -> str:
+    """How the class weights entered the trials' loss (trials.csv ``loss``; runs collected before it lack it)."""
+    older = "class_weighted_per_batch"
+    kinds = (used["loss"].replace("", np.nan).fillna(older) if "loss" in used
+             else pd.Series(older, index=used.index)).value_counts().sort_index()
+    if len(kinds) == 1:
+        return f"Loss: {LOSS_TEXT.get(kinds.index[0], kinds.index[0])}."
+    return "Loss: " + "; ".join(f"{LOSS_TEXT.get(kind, kind)} ({n} trial(s))" for kind, n in kinds.items()) + "."
 
 
 def _what_ran(doc: Document, exp: Experiment, arms: list[Arm], partial: PartialResults, main_preds: pd.DataFrame,
@@ -367,7 +388,7 @@ def _binary_section(doc, summary, report, result_arms, classes, fig_pr, report_d
                   f"dotted: prevalence of {positive}. {DATA_LINE}")
     doc.heading("Classification report", 3)
     doc.para("scikit-learn classification_report per arm, at 0.5 and at the validation-chosen thresholds (each "
-             "fold its own): precision, recall, F1 and support (subjects) per class, accuracy (in the F1 column, as "
+             "fold its own): precision, recall, F1 and support (test predictions: one per subject and fold that tested it) per class, accuracy (in the F1 column, as "
              f"scikit-learn prints it), macro and weighted averages (zero_division = 0). {DATA_LINE}")
     display = pd.DataFrame({
         "Model": report["model"].map(display_name), "Pre-trained": report["pretrained"].map({True: "yes", False: "no"}),
@@ -398,10 +419,12 @@ def _figures(doc, exp, result_arms, arms, auc, roc_notes, fig_conf, fig_heat, fi
     doc.heading("Confusion matrices (paper Figs 4-6)", 3)
     if not fig_conf:
         doc.para("No paper-protocol predictions.")
+    counted = ("each subject once, in the fold that held it out" if exp.meta.get("split") == "kfold" else
+               "a subject once per split that tested it: random splits may test it several times or never")
     for arm in result_arms:
         doc.image(fig_conf[arm], _rel(fig_conf[arm], report_dir),
                   f"Confusion matrix, {arm_label(*arm)}: the paper-protocol test predictions of every outer fold "
-                  "(each subject once, in the fold that held it out), counts summed over folds and row-normalised.")
+                  f"({counted}), counts summed over folds and row-normalised.")
     doc.heading("Class-wise heat-maps (paper Fig 7)", 3)
     if fig_heat is None:
         doc.para("No paper-protocol predictions.")

@@ -6,9 +6,10 @@
 
 Per model and precision it times the training step that trials run (``train_step``: forward,
 weighted cross-entropy, backward, Adam) and an evaluation forward pass on random volumes of the
-cached shape, and on CUDA records the peak memory one trial needs. It also times the CPU-side
-TorchIO augmentation of one volume: with ``--cpus-per-trial 1`` and no loader workers that cost is
-paid once per training volume, so when it exceeds the step time the GPU waits for the CPU.
+cached shape, and on CUDA records the peak memory one trial needs. It also times the data path a trial
+pays per training volume (on the device for ``none``/``light``, TorchIO on the CPU for ``heavy``): without
+loader workers that cost adds to every step (``fed_volumes_per_s``), so when it exceeds the step time the GPU
+waits for it. The CPU-side TorchIO augmentation is timed beside it for comparison.
 Timings belong here, not in the tests.
 
 Rows also carry, per model and precision (``samples_per_s``, ``step_ms`` ... are the issue's names):
@@ -65,6 +66,7 @@ from search_spaces import PAPER_DEFAULTS
 from trainables.cuda_mps import DEFAULT_PIPE_DIRECTORY, MpsUnavailable, log_tail, private_mps, system_mps_running
 from trainables.fold_training import (amp_setup, cuda_settings, make_optimizer, tensor_bytes, train_step,
                                       train_step_loss)
+from trainables.metrics import WeightedCrossEntropy
 
 # The profiler's C++ side (kineto) prints start/stop trace lines for every profiled step, and on a machine without
 # a GPU an "ERROR ... gpuGetDeviceCount failed" line, though CPU profiling works. Level 6 keeps those out of the
@@ -191,7 +193,7 @@ def _setup(model_name: str, shape: tuple[int, int, int], batch_size: int, channe
     memory_format = MEMORY_FORMATS[variant.memory_format]
     model = build_model(model_name, num_classes=3, in_channels=channels).to(device, memory_format=memory_format)
     optimizer = make_optimizer(model, {"lr": 1e-5, "weight_decay": 1e-3}, device)  # the trial's (fused on CUDA)
-    criterion = nn.CrossEntropyLoss(weight=torch.tensor([0.8, 0.5, 0.7], device=device))
+    criterion = WeightedCrossEntropy([0.8, 0.5, 0.7], mean_weight=2 / 3).to(device)  # the trials' loss
     amp_dtype, scaler = amp_setup(device, amp)
     volume = torch.randn(batch_size, channels, *shape)
     batch = torch.stack([to_video_layout(v) for v in volume]).to(device).contiguous(memory_format=memory_format)
@@ -531,13 +533,15 @@ def main(argv: list[str] | None = None) -> int:
     for column in ["peak_tflops", "peak_fraction", "peak_memory_mb"]:  # None (a CPU, an unknown GPU) -> NaN
         table[column] = pd.to_numeric(table[column])
     augment = augmentation_seconds(shape, channels, args.augmentation, args.aug_strength, repeats=max(3, args.steps))
-    # Without loader workers a trial augments, then steps: its rate is bounded by the sum of both.
     table["augment_s_per_volume"] = augment
-    table["fed_volumes_per_s"] = args.batch_size / (table["train_step_s"] + augment * args.batch_size)
     table["torchio_ms_per_sample"] = augment * 1000
     device_data = device_data_seconds(shape, channels, args.batch_size, device, args.augmentation,
                                       args.aug_strength, repeats=max(3, args.steps))
-    table["data_ms_per_sample"] = augment * 1000 if args.augmentation == "heavy" else device_data * 1000
+    # The data cost a trial pays per volume: TorchIO's on the CPU for heavy, the device path's otherwise. Without
+    # loader workers a trial prepares a batch, then steps: its rate is bounded by the sum of both.
+    per_volume = augment if args.augmentation == "heavy" else device_data
+    table["data_ms_per_sample"] = per_volume * 1000
+    table["fed_volumes_per_s"] = args.batch_size / (table["train_step_s"] + per_volume * args.batch_size)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     cudnn = torch.backends.cudnn.version() if device.type == "cuda" else None
     table["device_name"], table["torch_version"], table["cudnn_version"] = name, torch.__version__, cudnn

@@ -10,7 +10,8 @@ OUT/epochs.csv: experiment, model, pretrained, fold, config_id, trial_name, epoc
 OUT/trial_subjects.csv: trial_name, part (train/val/test), subject_id: what each finished trial used
 OUT/trials.csv: experiment, trial_name, model, pretrained, fold, config_id, status, error, node_id,
     hostname, lr, weight_decay, dropout, augmentation, aug_strength, epochs_run, best_epoch,
-    best_val_macro_f1, n_train, n_val, n_test, checkpoint (a finished trial's final checkpoint: its
+    best_val_macro_f1, n_train, n_val, n_test, loss (``class_weighted_per_sample``; ``class_weighted_per_batch`` for
+    folds finished before the class weights acted per sample), checkpoint (a finished trial's final checkpoint: its
     ``best_weights.pt`` is what ``python -m trainables.predict`` loads; a path, or a URI for remote storage)
 
 Statuses: TERMINATED (finished, outputs collected), FAILED (a permanent error: missing input, bad value,
@@ -32,6 +33,7 @@ from ray import tune
 
 from datasets.atomic import write_csv_atomic
 from trainables.errors import error_text, is_permanent_result_error, one_line
+from trainables.metrics import LOSS_PER_BATCH
 from trainables.fold_training import FINAL_WEIGHTS_FILE, OPTIONAL_OUTPUT_FILES, OUTPUT_FILES, read_checkpoint_file
 from trainables.ray_trainable import config_id, fold_of, trial_name
 
@@ -41,7 +43,7 @@ HYPERPARAMETERS = ["lr", "weight_decay", "dropout", "augmentation", "aug_strengt
 FINAL_CHECKPOINT_FILES = (FINAL_WEIGHTS_FILE, *(name for name in OUTPUT_FILES if name not in OPTIONAL_OUTPUT_FILES))
 TRIAL_COLUMNS = ["experiment", "trial_name", "model", "pretrained", "fold", "config_id", "status", "error",
                  "node_id", "hostname", *HYPERPARAMETERS, "epochs_run", "best_epoch", "best_val_macro_f1", "n_train",
-                 "n_val", "n_test", "checkpoint"]
+                 "n_val", "n_test", "loss", "checkpoint"]
 
 
 def _keys(config: dict[str, Any]) -> dict[str, Any]:
@@ -179,6 +181,7 @@ def collect(result_grids: Iterable[tune.ResultGrid], planned: Iterable[str] = ()
                    "epochs_run": summary.get("epochs_run"), "best_epoch": summary.get("best_epoch"),
                    "best_val_macro_f1": summary.get("best_val_macro_f1"), "n_train": summary.get("n_train"),
                    "n_val": summary.get("n_val"), "n_test": summary.get("n_test"),
+                   "loss": summary.get("loss", LOSS_PER_BATCH if summary else ""),
                    "checkpoint": checkpoint_location(result.checkpoint) if summary else ""}
             trials.append(row)
             if outputs:

@@ -54,13 +54,12 @@ import uuid
 from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader
 
 from datasets import PreparedData, VolumeDataset, build_augmentation
@@ -71,7 +70,7 @@ from datasets.volume_dataset import DeviceVolumes
 from models import MODEL_NAMES, build_model
 from search_spaces.recipe import PAPER_DEFAULTS  # the paper's recipe; anything in it can be overridden per trial
 from trainables.errors import PermanentTrialError
-from trainables.metrics import class_weights, classification_metrics
+from trainables.metrics import LOSS_PER_SAMPLE, WeightedCrossEntropy, classification_metrics
 
 log = logging.getLogger(__name__)
 
@@ -357,11 +356,13 @@ class _State:
         self.history: list[dict[str, float]] = []
 
 
-def _evaluate(model: nn.Module, part: DeviceVolumes, criterion: nn.Module, amp_dtype: torch.dtype | None,
+def _evaluate(model: nn.Module, part: DeviceVolumes, criterion: WeightedCrossEntropy, amp_dtype: torch.dtype | None,
               batch_size: int) -> tuple[float, np.ndarray, np.ndarray]:
-    """Mean loss, probabilities and targets of a part, never augmented; one host transfer at the end."""
+    """The part's weighted mean loss (the training part's class weights; the same whatever the batch size),
+    probabilities and targets, never augmented; one host transfer at the end."""
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=part.device)
+    weight_sum = torch.zeros((), dtype=torch.float64, device=part.device)
     probabilities = []
     with torch.no_grad():
         for start in range(0, len(part), batch_size):
@@ -369,10 +370,40 @@ def _evaluate(model: nn.Module, part: DeviceVolumes, criterion: nn.Module, amp_d
             with torch.autocast(part.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 logits = model(volumes)
             logits = logits.float()
-            loss_sum += criterion(logits, labels).double() * len(labels)
+            weighted, weights = criterion.sums(logits, labels)
+            loss_sum += weighted.double()
+            weight_sum += weights.double()
             probabilities.append(torch.softmax(logits, dim=1))
     probs = torch.cat(probabilities).cpu().numpy()
-    return float(loss_sum.item() / len(part)), probs, part.targets_host
+    return float((loss_sum / weight_sum).item()), probs, part.targets_host
+
+
+def recalibrate_batch_norm(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
+    """Set every BatchNorm's running statistics to the sample-weighted mean over ``batches`` (inputs on the device).
+
+    torch's ``update_bn`` averages the batches' statistics with equal weights, so a short last batch (a lone subject
+    after batches of 4) counts as much as a full one; here batch b of size n_b after s samples gets momentum
+    n_b / (s + n_b), which makes each running mean the mean over samples (and each running variance the
+    sample-weighted mean of the batch variances).
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = {m: m.momentum for m in norms}
+    was_training = model.training
+    for norm in norms:
+        norm.reset_running_stats()
+    model.train()
+    seen = 0
+    with torch.no_grad():
+        for batch in batches:
+            for norm in norms:
+                norm.momentum = len(batch) / (seen + len(batch))
+            model(batch)
+            seen += len(batch)
+    for norm, momentum in momenta.items():
+        norm.momentum = momentum
+    model.train(was_training)
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
@@ -613,16 +644,16 @@ def _train_fold(config: dict[str, Any], data: PreparedData, output_dir: Path, re
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             if train_on_device:
                 train = on_device["train"]
-                update_bn((train.batch(slice(s, s + batch_size))[0] for s in range(0, len(train), batch_size)), model)
+                recalibrate_batch_norm(model, (train.batch(slice(s, s + batch_size))[0]
+                                               for s in range(0, len(train), batch_size)))
             else:
-                update_bn(bn_loader, model, device=device)
+                recalibrate_batch_norm(model, (batch.to(device, non_blocking=True) for batch, _ in bn_loader))
 
     pretrained = config["pretrained"]
     model = build_model(config["model"], num_classes=len(classes), in_channels=data.cached.meta["channels"],
                         dropout=config["dropout"], pretrained=("kinetics" if pretrained is True else pretrained) or None,
                         weights_dir=config["weights_dir"]).to(device)
-    weights = torch.tensor(class_weights(train_y, len(classes)), dtype=torch.float32, device=device)
-    criterion = nn.CrossEntropyLoss(weight=weights)
+    criterion = WeightedCrossEntropy.for_training_part(train_y, len(classes)).to(device)
     optimizer = make_optimizer(model, config, device)
     amp_dtype, scaler = amp_setup(device, config["amp"])
 
@@ -640,6 +671,12 @@ def _train_fold(config: dict[str, Any], data: PreparedData, output_dir: Path, re
                     elif source.resolve() != (output_dir / name).resolve():
                         shutil.copy2(source, output_dir / name)
                 return _result_from_outputs(output_dir)
+            if state.best_weights is None:  # scoring the freshly built model would pass it off as the trained one
+                missing = [name for name in required if not (Path(resume_from) / name).is_file()]
+                raise PermanentTrialError(
+                    f"The finished checkpoint {resume_from} has lost its best weights ({FINAL_WEIGHTS_FILE}) and "
+                    f"outputs ({', '.join(missing)}), so fold {config['fold']} of {config['model']} cannot be "
+                    "scored; delete that checkpoint so the fold is trained again")
             return _finish(config, model, state, on_device, criterion, amp_dtype, classes, parts, output_dir)
 
     def write_checkpoint(directory: Path, finished: bool) -> int | None:
@@ -730,6 +767,7 @@ def _finish(config, model, state: _State, parts_on_device: dict[str, DeviceVolum
     # Which subjects the fold trained, selected and was tested on: lets anyone audit a nested search's
     # candidates against splits.json (OUT/trial_subjects.csv).
     summary["subjects"] = {part: list(parts[part][2]) for part in ("train", "val", "test")}
+    summary["loss"] = LOSS_PER_SAMPLE
     write_text_atomic(output_dir / "result.json", json.dumps(summary, indent=2, default=str))
     return result
 

@@ -38,6 +38,8 @@ def test_report_files_exist(built_paper_report):
         for kind in ("confusion", "roc", "learning"):
             assert (report / "figures" / f"{kind}_{slug}.png").is_file()
     assert not list(report.rglob("*.tmp"))
+    # k-fold: every subject is tested once, and the confusion captions say so.
+    assert "(each subject once, in the fold that held it out)" in (report / "report.md").read_text()
 
 
 def test_per_class_and_overall_csv_columns_and_values(built_paper_report):
@@ -224,6 +226,10 @@ def test_search_report_best_config_and_optuna(search_dir, tmp_path):
     # main tables come from config_id == paper_config_id
     ov = pd.read_csv(report / "tables" / "overall.csv")
     assert _rows(ov, metric="macro_f1")["mean"].tolist() == pytest.approx([3 / 4, 3 / 4])
+    # A shuffle run (this fixture's split) may test a subject several times: the captions count predictions.
+    md = (report / "report.md").read_text()
+    assert "(a subject once per split that tested it: random splits may test it several times or never)" in md
+    assert "each subject once" not in md
     figs = report / "figures"
     assert (figs / "optuna_history_mc3_18-scratch.png").is_file()
     assert (figs / "optuna_importance_mc3_18-scratch.png").is_file()
@@ -318,3 +324,33 @@ def test_the_report_reads_the_studies_of_its_own_output_folder(tmp_path):
     missing = f"sqlite:///{tmp_path / 'gone' / 'search.db'}"
     assert resolve_storage(missing, tmp_path / "elsewhere") == (
         None, f"storage {missing} not found (nor {tmp_path / 'elsewhere' / 'optuna' / 'search.db'})")
+
+
+def test_what_ran_says_how_the_class_weights_entered_the_loss_also_for_older_runs():
+    from analysis.report import LOSS_TEXT, _loss_text
+    from trainables.metrics import LOSS_PER_BATCH, LOSS_PER_SAMPLE
+
+    assert set(LOSS_TEXT) == {LOSS_PER_SAMPLE, LOSS_PER_BATCH}
+    current = pd.DataFrame({"loss": [LOSS_PER_SAMPLE] * 3})
+    assert _loss_text(current) == f"Loss: {LOSS_TEXT[LOSS_PER_SAMPLE]}."
+    # Collected before trials.csv had the column: those folds trained with torch's per-batch weighted mean.
+    assert _loss_text(pd.DataFrame({"fold": [0, 1]})) == f"Loss: {LOSS_TEXT[LOSS_PER_BATCH]}."
+    mixed = pd.DataFrame({"loss": [LOSS_PER_SAMPLE, None, LOSS_PER_SAMPLE]})  # one fold from an older run
+    assert _loss_text(mixed) == (f"Loss: {LOSS_TEXT[LOSS_PER_BATCH]} (1 trial(s)); "
+                                 f"{LOSS_TEXT[LOSS_PER_SAMPLE]} (2 trial(s)).")
+
+
+def test_without_the_models_package_the_report_says_published_values_are_left_out(monkeypatch):
+    from analysis import names
+    from analysis.paper import published
+
+    names._model_tables.cache_clear()
+    monkeypatch.setitem(sys.modules, "models", None)  # `import models` now fails, as without torch
+    try:
+        assert names.display_name("mc3_18") == "mc3_18"
+        assert "no published value shown" in names.display_names_note()
+        assert published("mc3_18", True, "macro_f1")[2] is None
+    finally:
+        names._model_tables.cache_clear()
+    monkeypatch.undo()
+    assert published("mc3_18", True, "macro_f1")[0] == pytest.approx(0.9345)

@@ -13,6 +13,7 @@ import torch
 
 from datasets import DataSpec, PreprocessConfig, SplitSpec, prepare_data
 from trainables import class_weights, classification_metrics, resolve_config, train_fold
+from trainables.metrics import WeightedCrossEntropy
 from trainables import PAPER_DEFAULTS, fold_training
 
 
@@ -20,6 +21,39 @@ def test_class_weights_are_one_minus_class_share():
     # counts 3, 1, 2 of N = 6 -> 1 - 3/6, 1 - 1/6, 1 - 2/6
     np.testing.assert_allclose(class_weights([0, 0, 0, 1, 2, 2], 3), [0.5, 5 / 6, 2 / 3])
     np.testing.assert_allclose(class_weights([1, 1], 3), [1.0, 0.0, 1.0])
+
+
+def test_class_weights_act_on_each_sample_at_any_batch_size():
+    """W_c = 1 - n_c/N must weigh a sample even alone in its batch (torch's per-batch weighted mean cancels it)."""
+    targets = [0, 0, 0, 1, 2, 2]  # weights 1/2, 5/6, 2/3; mean over the samples (3/2 + 5/6 + 4/3) / 6 = 11/18
+    criterion = WeightedCrossEntropy.for_training_part(targets, 3)
+    assert criterion.mean_weight == pytest.approx(11 / 18)
+    torch.manual_seed(0)
+    logits, labels = torch.randn(6, 3), torch.tensor(targets)
+    nll = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    for i, weight in enumerate([1 / 2, 1 / 2, 1 / 2, 5 / 6, 2 / 3, 2 / 3]):  # batch size 1
+        assert criterion(logits[i:i + 1], labels[i:i + 1]).item() == pytest.approx(weight * nll[i].item() / (11 / 18))
+    # An epoch's batch losses, weighted by batch size, add up to the whole part's weighted mean for every batch size.
+    whole = torch.nn.CrossEntropyLoss(weight=criterion.weight)(logits, labels).item()
+    for size in (1, 2, 4, 6):
+        epoch = sum(criterion(logits[s:s + size], labels[s:s + size]).item() * len(labels[s:s + size])
+                    for s in range(0, 6, size)) / 6
+        assert epoch == pytest.approx(whole)
+    weighted, weights = criterion.sums(logits[3:5], labels[3:5])
+    assert weighted.item() == pytest.approx(5 / 6 * nll[3].item() + 2 / 3 * nll[4].item())
+    assert weights.item() == pytest.approx(5 / 6 + 2 / 3)
+
+
+def test_batch_norm_recalibration_is_the_mean_over_samples_with_a_short_last_batch():
+    torch.manual_seed(0)
+    inputs = torch.randn(9, 2, 3, 4, 4) + torch.arange(9.0).view(9, 1, 1, 1, 1)  # subjects differ in mean
+    model = torch.nn.Sequential(torch.nn.BatchNorm3d(2)).eval()
+    batches = [inputs[0:4], inputs[4:8], inputs[8:9]]  # 4, 4, 1: the lone subject must weigh 1/9, not 1/3
+    fold_training.recalibrate_batch_norm(model, batches)
+    torch.testing.assert_close(model[0].running_mean, inputs.mean(dim=(0, 2, 3, 4)))
+    assert model[0].momentum == 0.1 and not model.training  # restored
+    equal_weights = torch.stack([b.mean(dim=(0, 2, 3, 4)) for b in batches]).mean(0)  # torch's update_bn
+    assert not torch.allclose(model[0].running_mean, equal_weights, atol=1e-2)
 
 
 def test_epoch_metrics_by_hand():
@@ -315,11 +349,10 @@ def test_validation_predictions_are_the_best_weights_scores_of_the_fold_validati
     pd.testing.assert_frame_equal(result.val_predictions, val, check_dtype=False)
     probs = val[[f"prob_{c}" for c in classes]].to_numpy()
     assert list(val["pred"]) == [classes[i] for i in probs.argmax(1)]
-    # The weighted cross-entropy as the loop computes it: a weighted mean per batch of 4, weighted by batch size.
+    # The weighted cross-entropy over the whole validation part, with the training part's class weights.
     weights = class_weights(learnable_data.fold_indices(fold)["train"][1], len(classes))
     nll = -np.log(probs[np.arange(len(val_y)), val_y])
-    batches = [slice(start, start + batch_size) for start in range(0, len(val_y), batch_size)]
-    loss = sum((weights[val_y[b]] * nll[b]).sum() / weights[val_y[b]].sum() * len(nll[b]) for b in batches) / len(val_y)
+    loss = (weights[val_y] * nll).sum() / weights[val_y].sum()
     best = pd.read_csv(out / "epochs.csv").set_index("epoch").loc[result.best_epoch]
     assert loss == pytest.approx(best["val_loss"], rel=1e-5)
     recorded = classification_metrics("val", val_y, probs.argmax(1), classes)
@@ -411,16 +444,37 @@ def test_evaluation_never_augments_and_matches_a_dataloader_reference(phantom_da
     # The device evaluation against the DataLoader loop it replaced, on one model's validation part.
     torch.manual_seed(0)
     model = build_model("mc3_18", num_classes=3).eval()
-    criterion = torch.nn.CrossEntropyLoss(weight=torch.tensor([0.2, 0.5, 0.3]))
+    weights = torch.tensor([0.2, 0.5, 0.3])
+    criterion = WeightedCrossEntropy(weights, mean_weight=0.4)
     idx, y, _ = phantom_data.fold_indices(0)["val"]
     volumes = phantom_data.cached.volumes()
     loss, probs, targets = fold_training._evaluate(model, DeviceVolumes(volumes, idx, y, "cpu"), criterion, None, 2)
-    reference_probs, reference_losses = [], []
+    reference_probs, reference_logits = [], []
     with torch.no_grad():
         for batch, labels in DataLoader(VolumeDataset(volumes, idx, y, phantom_data.spacing), batch_size=2):
             logits = model(batch)
-            reference_losses.append(criterion(logits, labels).item() * len(labels))
+            reference_logits.append(logits)
             reference_probs.append(torch.softmax(logits, dim=1).numpy())
     np.testing.assert_array_equal(probs, np.concatenate(reference_probs))
     np.testing.assert_array_equal(targets, y)
-    assert loss == pytest.approx(sum(reference_losses) / len(y), rel=1e-12)
+    # torch's weighted mean over the whole part at once (one batch): the same, whatever the batch size was.
+    whole = torch.nn.CrossEntropyLoss(weight=weights)(torch.cat(reference_logits), torch.as_tensor(y)).item()
+    assert loss == pytest.approx(whole, rel=1e-6)
+
+
+def test_a_finished_checkpoint_without_weights_or_outputs_is_refused_not_scored_untrained(phantom_data, tmp_path):
+    from trainables.errors import PermanentTrialError
+
+    config = {"model": "mc3_18", "fold": 0, "epochs": 1, "batch_size": 4, "lr": 1e-3}
+    train_fold(config, phantom_data, tmp_path / "full")
+    kept = tmp_path / "kept"
+    shutil.copytree(tmp_path / "full" / "checkpoint", kept)
+    (kept / "result.json").unlink()
+    # Outputs lost, weights kept: rebuilt from the weights, the same predictions as the run that wrote them.
+    rebuilt = train_fold(config, phantom_data, tmp_path / "rebuilt", resume_from=kept)
+    pd.testing.assert_frame_equal(rebuilt.predictions, pd.read_csv(tmp_path / "full" / "predictions.csv",
+                                                                   dtype={"subject_id": str}), check_dtype=False)
+    (kept / "best_weights.pt").unlink()
+    with pytest.raises(PermanentTrialError, match=r"has lost its best weights \(best_weights.pt\) and outputs "
+                                                  r"\(result.json\).*delete that checkpoint"):
+        train_fold(config, phantom_data, tmp_path / "again", resume_from=kept)

@@ -61,6 +61,7 @@ def test_grid_runs_one_trial_per_model_pretraining_and_fold(grid_run, phantom_ro
     trials = pd.read_csv(out / "trials.csv")
     assert sorted(zip(trials["pretrained"], trials["fold"])) == [(False, 0), (False, 1), (True, 0), (True, 1)]
     assert set(trials["status"]) == {"TERMINATED"}
+    assert set(trials["loss"]) == {"class_weighted_per_sample"}  # what the report's "What ran" says
     predictions = pd.read_csv(out / "predictions.csv")
     splits = json.loads((out / "splits.json").read_text())
     for (pretrained, fold), rows in predictions.groupby(["pretrained", "fold"]):
@@ -120,8 +121,9 @@ def test_unstripped_healthy_is_refused_then_allowed_drawn_and_reported(tmp_path,
     assert (subjects["label"] == "Healthy").sum() == 8
     assert set(subjects.loc[subjects["label"] == "Healthy", "subject_id"]) == set(cohort["subjects"]["Healthy"])
     assert not subjects.loc[subjects["label"] == "Healthy", "stripped"].any()
-    top = (out / "report" / "report.md").read_text().split("## What ran")[0]
+    top, what_ran = (out / "report" / "report.md").read_text().split("## What ran")[:2]
     assert "--allow-unstripped" in top
+    assert "Loss: the class weights W_c = 1 − n_c/N of the fold's training part weigh each sample's" in what_ran
     before = (out / "cohort.json").read_text()
     assert tune_main.main(allowed) == 0  # resumed: the same draw, nothing retrained
     assert (out / "cohort.json").read_text() == before
