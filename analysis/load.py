@@ -298,7 +298,8 @@ def _to_float(frame: pd.DataFrame, column: str, path: Path, required: bool = Fal
         raise ValueError(f"{path}: column {column!r} row {row + 2} is not a number: {raw.iloc[row]!r}")
     if required and values.isna().any():
         row = int(np.flatnonzero(values.isna().to_numpy())[0])
-        raise ValueError(f"{path}: column {column!r} row {row + 2} is empty")
+        found = "empty" if raw.iloc[row] == "" else f"{raw.iloc[row]!r}, not a number (a trial that diverged?)"
+        raise ValueError(f"{path}: column {column!r} row {row + 2} is {found}")
     frame[column] = values
 
 

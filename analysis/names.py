@@ -33,7 +33,8 @@ def _model_tables() -> tuple[dict[str, str], dict[str, str], str | None]:
     try:
         from models import DISPLAY_NAMES, PRETRAINING_DATASETS  # heavy: pulls in torch
     except Exception as exc:  # noqa: BLE001 - any import failure only costs us pretty names
-        return {}, {}, f"could not import models.DISPLAY_NAMES ({type(exc).__name__}: {exc}); model keys shown instead"
+        return {}, {}, (f"could not import models.DISPLAY_NAMES ({type(exc).__name__}: {exc}); model keys shown "
+                        "instead, and no published value shown (the paper's rows are matched by display name)")
     return dict(DISPLAY_NAMES), dict(PRETRAINING_DATASETS), None
 
 

@@ -50,6 +50,9 @@ def test_missing_experiment_json_names_the_file(paper_dir):
     (lambda df: df.__setitem__("pretrained", "maybe"), ["predictions.csv", "'pretrained'", "maybe"]),
     (lambda df: df.loc.__setitem__((0, "label"), "Meningioma"), ["predictions.csv", "'label'", "Meningioma"]),
     (lambda df: df.loc.__setitem__((0, "prob_HGG"), "0.9"), ["predictions.csv", "sum to"]),
+    (lambda df: df.loc.__setitem__((2, "prob_HGG"), "nan"),
+     ["predictions.csv", "column 'prob_HGG' row 4 is 'nan', not a number (a trial that diverged?)"]),
+    (lambda df: df.loc.__setitem__((2, "prob_HGG"), ""), ["predictions.csv", "column 'prob_HGG' row 4 is empty"]),
     (lambda df: df.loc.__setitem__((1, "subject_id"), df.loc[0, "subject_id"]), ["predictions.csv", "more than once"]),
 ])
 def test_malformed_predictions(paper_dir, edit, words):
