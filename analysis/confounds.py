@@ -144,14 +144,21 @@ def _int_text(value) -> str:
 def cohort_table(exp: Experiment) -> Cohort:
     """Subjects per class, ours beside the paper's 259 / 73 / 259, flagged where they differ.
 
-    Ours is, in order of preference: the draw recorded in experiment.json, subjects.csv, or (older
-    runs) the distinct subjects in predictions.csv, which misses any subject never tested.
+    Ours is, in order of preference: subjects.csv (the subjects the folds were drawn from, after any left out by
+    registration or preprocessing with --skip-invalid), the draw recorded in experiment.json (older runs), or
+    (older still) the distinct subjects in predictions.csv, which misses any subject never tested.
     """
     options = data_options(exp.meta)
-    if options.drawn is not None:
+    if exp.subjects is not None:
+        ours = exp.subjects["label"].value_counts().to_dict()
+        source = "subjects.csv (the subjects the folds were drawn from)"
+        dropped = {c: n - ours.get(c, 0) for c, n in (options.drawn or {}).items() if n > ours.get(c, 0)}
+        if dropped:
+            source += (f"; the `--max-per-class` draw in experiment.json had "
+                       + ", ".join(f"{n} more {c}" for c, n in dropped.items())
+                       + ", left out afterwards (--skip-invalid)")
+    elif options.drawn is not None:
         ours, source = options.drawn, "experiment.json (cohort after the `--max-per-class` draw)"
-    elif exp.subjects is not None:
-        ours, source = exp.subjects["label"].value_counts().to_dict(), "subjects.csv"
     else:
         tested = exp.predictions.drop_duplicates("subject_id")
         ours = tested["label"].value_counts().to_dict()
@@ -218,15 +225,25 @@ def stripping_warning(table: pd.DataFrame | None, options: DataOptions) -> str |
 
 # ----------------------------------------------------------------------------------------- sources and sites
 def subject_origins(exp: Experiment) -> tuple[pd.DataFrame | None, str]:
-    """One row per subject (subject_id, label, source, site): subjects.csv, else the predictions' columns."""
+    """One row per subject (subject_id, label, source, site): subjects.csv, else the predictions' columns; None when
+    no subject's origin is recorded (no site anywhere and one source at most), which would otherwise read as "no
+    confound" instead of "not checked"."""
     if exp.subjects is not None and "site" in exp.subjects.columns:
-        return exp.subjects[["subject_id", "label", "source", "site"]].copy(), "subjects.csv"
-    frames = [f for f in (exp.predictions, exp.baseline_predictions) if f is not None and "site" in f.columns]
-    if not frames:
-        return None, "neither subjects.csv nor the predictions record a site"
-    rows = pd.concat([f.reindex(columns=["subject_id", "label", "source", "site"]).fillna("") for f in frames])
-    return (rows.drop_duplicates("subject_id").sort_values("subject_id", kind="stable").reset_index(drop=True),
-            "the distinct subjects of the prediction files (subjects.csv is missing)")
+        rows, where = exp.subjects[["subject_id", "label", "source", "site"]].copy(), "subjects.csv"
+    else:
+        frames = [f for f in (exp.predictions, exp.baseline_predictions) if f is not None and "site" in f.columns]
+        if not frames:
+            return None, "neither subjects.csv nor the predictions record a site"
+        rows = pd.concat([f.reindex(columns=["subject_id", "label", "source", "site"]).fillna("") for f in frames])
+        rows = rows.drop_duplicates("subject_id").sort_values("subject_id", kind="stable").reset_index(drop=True)
+        where = "the distinct subjects of the prediction files (subjects.csv is missing)"
+    sites = set(rows["site"].fillna("").astype(str)) - {""}
+    sources = set(rows["source"].fillna("").astype(str)) - {""}
+    if not sites and len(sources) < 2:
+        return None, (f"{where} records no site for any subject, and {'one source' if sources else 'no source'} "
+                      f"({', '.join(sorted(sources)) or 'none'}), so whether scanner or site and label coincide "
+                      "was not checked: give the manifest a `site` column (scanner or hospital of each scan)")
+    return rows, where
 
 
 def sites_table(origins: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
@@ -338,7 +355,8 @@ def baseline_feature_text(model: str, selection: pd.DataFrame | None) -> str:
 BASELINE_DESCRIPTIONS = {
     "acquisition_baseline": "class-weighted logistic regression on header and acquisition measurements of each "
                             "subject's first raw file (no voxel positions, so no anatomy beyond overall brain size); "
-                            "source, site and stripping status are deliberately not features",
+                            "source, site and the stripped flag are deliberately not features (but the share of "
+                            "zero voxels on the volume's border is, and it separates stripped from unstripped volumes)",
     "histogram_baseline": "class-weighted logistic regression on the intensity histogram of the brain after the same "
                           "preprocessing the deep models get (no spatial information)",
 }

@@ -55,7 +55,10 @@ def _judge(history: pd.DataFrame | None, test_classes: int) -> dict:
     if n_epochs:
         losses = history["train_loss"].to_numpy(dtype=float)
         first, end = losses[0], float(np.mean(losses[1:][-LOSS_TAIL:])) if n_epochs > 1 else np.nan
-        if n_epochs > 1 and np.isfinite(first) and np.isfinite(end) and end >= LOSS_FALL * first:
+        if not np.isfinite(losses).all():  # diverged (inf / NaN): no fall to measure, and nothing learned from it
+            bad = int((~np.isfinite(losses)).sum())
+            reasons.append(f"training loss not finite (inf or NaN) in {bad} of {n_epochs} epochs")
+        elif n_epochs > 1 and end >= LOSS_FALL * first:
             reasons.append(f"training loss did not fall ({first:.3f} in epoch 1, {end:.3f} at the end)")
         predicted = pd.to_numeric(history.get("val_predicted_classes", pd.Series(dtype=float)), errors="coerce")
         if len(predicted) == n_epochs and predicted.notna().all():

@@ -181,6 +181,8 @@ def test_cohort_flags_differences_from_the_paper(built_confound_report):
 
 
 def test_paper_sized_cohort_is_not_flagged(confound_dir):
+    # A run collected before subjects.csv existed: the cohort comes from experiment.json's draw.
+    (confound_dir / "subjects.csv").unlink()
     meta = json.loads((confound_dir / "experiment.json").read_text())
     meta["cohort"]["drawn"] = {"HGG": 259, "LGG": 73, "Healthy": 259}
     (confound_dir / "experiment.json").write_text(json.dumps(meta))
@@ -252,6 +254,20 @@ def test_old_style_folder_says_what_cannot_be_shown(built_paper_report):
     assert not comp["baseline"].any()
 
 
+def test_a_manifest_run_without_sites_is_not_called_free_of_site_confounds(confound_dir):
+    """Every subject from one source and no site recorded: the origin was not checked, which is not "no confound"."""
+    subjects = pd.read_csv(confound_dir / "subjects.csv", keep_default_na=False)
+    subjects.assign(source="manifest", site="").to_csv(confound_dir / "subjects.csv", index=False)
+    for name in ("predictions.csv", "baseline_predictions.csv"):
+        frame = pd.read_csv(confound_dir / name, keep_default_na=False)
+        frame.assign(source="manifest", site="").to_csv(confound_dir / name, index=False)
+    md = (build_report(confound_dir, bootstrap_samples=20) / "report.md").read_text()
+    assert "no site confound" not in md and "No class comes from a single source" not in md
+    assert ("Class by source and site: cannot be shown (subjects.csv records no site for any subject, and one source "
+            "(manifest), so whether scanner or site and label coincide was not checked: give the manifest a `site` "
+            "column") in md
+
+
 def test_malformed_baseline_file_costs_only_the_baselines(confound_dir):
     (confound_dir / "baseline_predictions.csv").write_text("model,fold\nx,0\n")
     md = (build_report(confound_dir, bootstrap_samples=20) / "report.md").read_text()
@@ -319,3 +335,22 @@ def test_a_renamed_run_folder_finds_its_cache_entry_inside_it(tmp_path):
     assert exp.relocated("s3://bucket/x") == "s3://bucket/x" and exp.relocated("/elsewhere/y") == "/elsewhere/y"
     md = (build_report(new, bootstrap_samples=20) / "report.md").read_text()
     assert "the largest brain bounding box among the 591 cached subjects" in md and "was removed" not in md
+
+
+def test_the_cohort_counts_the_subjects_left_after_skip_invalid_not_the_draw():
+    """One HGG drawn, then left out by preprocessing: the paper's 259 HGG is no longer matched, and the text says why."""
+    from types import SimpleNamespace
+
+    from analysis.confounds import cohort_table
+
+    subjects = pd.DataFrame({"subject_id": [f"h{i}" for i in range(258)] + [f"l{i}" for i in range(73)]
+                             + [f"i{i}" for i in range(259)],
+                             "label": ["HGG"] * 258 + ["LGG"] * 73 + ["Healthy"] * 259})
+    drawn = {"HGG": 259, "LGG": 73, "Healthy": 259}
+    meta = {"cohort": {"available": drawn, "drawn": drawn, "max_per_class": {}}}
+    cohort = cohort_table(SimpleNamespace(meta=meta, subjects=subjects, classes=["HGG", "LGG", "Healthy"],
+                                          predictions=None))
+    assert cohort.table.set_index("class")["ours"].to_dict() == {"HGG": 258, "LGG": 73, "Healthy": 259}
+    assert cohort.differs
+    assert cohort.source == ("subjects.csv (the subjects the folds were drawn from); the `--max-per-class` draw in "
+                             "experiment.json had 1 more HGG, left out afterwards (--skip-invalid)")

@@ -40,6 +40,13 @@ def test_flat_loss_is_flagged_with_its_numbers():
     assert row["reasons"] == "training loss did not fall (1.100 in epoch 1, 1.080 at the end)"
 
 
+@pytest.mark.parametrize("losses, bad", [([1.1, 1.09, np.inf], 1), ([1.1, np.nan, np.nan], 2), ([np.nan, 0.5], 1)])
+def test_a_diverged_loss_is_flagged_not_waved_through(losses, bad):
+    row = tc.fold_learning(_epochs(losses), _preds(["LGG", "HGG"]), [ARM]).iloc[0]
+    assert not row["learned"]
+    assert row["reasons"] == f"training loss not finite (inf or NaN) in {bad} of {len(losses)} epochs"
+
+
 def test_loss_falling_by_just_over_ten_percent_passes():
     row = tc.fold_learning(_epochs([1.0, 0.89]), _preds(["LGG", "HGG"]), [ARM]).iloc[0]
     assert row["learned"]
