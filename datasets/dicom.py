@@ -40,7 +40,11 @@ MIN_SLICES = 10
 # ImagePositionPatient is a rounded decimal string, so gaps jitter by far less than this; a missing slice
 # doubles one gap and a duplicated one makes a gap zero, both far beyond it.
 SPACING_TOLERANCE = 0.1
-CONVERSION_VERSION = 1  # bump when the NIfTI written for the same files changes: old conversions are then unused
+# ImageOrientationPatient is written with 6-10 significant digits: one orientation differs from itself by far less.
+ORIENTATION_TOLERANCE = 1e-3
+# Bump when the NIfTI written for the same files changes: old conversions are then unused.
+# 2: a series whose slices differ in rescale slope or intercept is read as float32 (it wrapped around in int16).
+CONVERSION_VERSION = 2
 CACHE_DIRNAME = "dicom-nifti"
 DICOM_SOURCES = frozenset({"rsna"})  # record sources whose paths are DICOM series folders, not NIfTI files
 PROGRESS_EVERY = 50  # series between progress lines
@@ -119,6 +123,11 @@ def read_series(folder: str | os.PathLike, min_slices: int = MIN_SLICES) -> sitk
         reader.MetaDataDictionaryArrayUpdateOn()
         try:
             image = reader.Execute()
+            if _rescale_varies(reader):
+                # ITK picks the pixel type from the first slice: a later slice with a larger RescaleSlope (or another
+                # intercept) would wrap around in int16 or lose its fraction. Read such a series as float32.
+                reader.SetOutputPixelType(sitk.sitkFloat32)
+                image = reader.Execute()
         except RuntimeError as error:
             raise SeriesError(folder, f"sequence {folder.name}: unreadable series ({_itk_message(error)})") from None
     if image.GetNumberOfComponentsPerPixel() != 1:
@@ -253,6 +262,16 @@ def _require_slices(folder: Path, depth: int, min_slices: int) -> None:
                                   "real series have 20-600): an incomplete copy or a localiser?")
 
 
+def _rescale_varies(reader: sitk.ImageSeriesReader) -> bool:
+    """Whether the slices' RescaleSlope / RescaleIntercept (absent: 1 / 0) are not all the same."""
+    def tag(index: int, key: str, default: str) -> str:
+        return reader.GetMetaData(index, key).strip() if reader.HasMetaDataKey(index, key) else default
+
+    count = len(reader.GetFileNames())
+    pairs = {(float(tag(i, "0028|1053", "1") or 1), float(tag(i, "0028|1052", "0") or 0)) for i in range(count)}
+    return len(pairs) > 1
+
+
 def _require_even_spacing(folder: Path, reader: sitk.ImageSeriesReader, image: sitk.Image) -> None:
     """Slices must sit at equal steps along the slice normal: ITK only warns and stacks them anyway."""
     count = len(reader.GetFileNames())
@@ -265,12 +284,35 @@ def _require_even_spacing(folder: Path, reader: sitk.ImageSeriesReader, image: s
     except (RuntimeError, ValueError) as error:
         raise SeriesError(folder, f"sequence {folder.name}: a slice lacks a readable ImagePositionPatient "
                                   f"({_itk_message(error)})") from None
-    gaps = np.diff(positions @ normal)
+    orientations = _slice_orientations(reader, count)
+    if orientations is not None:
+        # ITK stacks every slice with the first slice's orientation, and takes the slice spacing as the straight
+        # step between positions: slices turned another way, or shifted within their plane from one to the next
+        # (a sheared, gantry-tilted stack), would land in the wrong place without a word.
+        if np.abs(orientations - orientations[0]).max() > ORIENTATION_TOLERANCE:
+            raise SeriesError(folder, f"sequence {folder.name}: slices have different orientations "
+                                      "(ImageOrientationPatient): several stacks, or a localiser, in one series")
+        normal = np.cross(orientations[0][:3], orientations[0][3:])
+    steps = np.diff(positions, axis=0)
+    gaps = steps @ normal
     typical = float(np.median(gaps))
     if typical <= 0 or np.abs(gaps - typical).max() > SPACING_TOLERANCE * typical:
         raise SeriesError(folder, f"sequence {folder.name}: slices are not evenly spaced (gaps from {gaps.min():.3g} "
                                   f"to {gaps.max():.3g} mm along the slice normal, typically {typical:.3g} mm): a "
                                   "missing or duplicated slice?")
+    drift = float(np.linalg.norm(steps - np.outer(gaps, normal), axis=1).max())
+    if drift > SPACING_TOLERANCE * typical:
+        raise SeriesError(folder, f"sequence {folder.name}: each slice is shifted by up to {drift:.3g} mm within the "
+                                  "slice plane from the one before (a sheared or gantry-tilted stack), which the "
+                                  "conversion cannot place; resample it to an orthogonal grid first")
+
+
+def _slice_orientations(reader: sitk.ImageSeriesReader, count: int) -> np.ndarray | None:
+    """Each slice's ImageOrientationPatient (row and column direction cosines), or None when a slice lacks it."""
+    try:
+        return np.array([[float(v) for v in reader.GetMetaData(i, "0020|0037").split("\\")] for i in range(count)])
+    except (RuntimeError, ValueError):
+        return None
 
 
 def _itk_message(error: Exception) -> str:

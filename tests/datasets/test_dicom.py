@@ -143,6 +143,48 @@ def test_a_missing_middle_slice_is_refused_as_uneven_spacing(tmp_path):
         read_series(tmp_path / "T1w")
 
 
+def test_a_rescale_slope_that_changes_between_slices_keeps_every_value(tmp_path):
+    """Slices 0-5 store 100-150 with slope 1, slices 6-11 store 10000-12750 with slope 4: values up to 51000, beyond
+    int16, which ITK chose from the first slice (they wrapped to negative values and were cropped as background)."""
+    from tests.datasets.raw_dicom import write_slice
+
+    folder = tmp_path / "T1w"
+    folder.mkdir()
+    truth = []
+    for k in range(12):
+        slope, raw = (1, 100 + 10 * k) if k < 6 else (4, 10000 + 250 * k)
+        truth.append(slope * raw)
+        write_slice(folder / f"Image-{k + 1}.dcm", np.full((8, 9), raw, np.int16), ipp=(0, 0, 2.0 * k),
+                    iop=(1, 0, 0, 0, 1, 0), instance=k + 1, slope=slope, intercept=0, sop_uid=f"1.2.3.4.{k + 1}")
+    image = read_series(folder)
+    assert sitk.GetArrayFromImage(image)[:, 0, 0].tolist() == truth
+
+
+def _raw_series(folder, positions, orientations) -> None:
+    from tests.datasets.raw_dicom import write_slice
+
+    folder.mkdir()
+    for k, (ipp, iop) in enumerate(zip(positions, orientations)):
+        write_slice(folder / f"Image-{k + 1}.dcm", np.full((9, 9), 100 + k, np.int16), ipp=ipp, iop=iop,
+                    instance=k + 1, sop_uid=f"1.2.3.4.{k + 1}")
+
+
+def test_slices_turned_another_way_in_one_series_are_refused(tmp_path):
+    axial, turned = (1, 0, 0, 0, 1, 0), (0, 1, 0, 1, 0, 0)  # rows and columns swapped in slices 4-7
+    _raw_series(tmp_path / "T1w", [(0, 0, 2.0 * k) for k in range(12)],
+                [turned if 4 <= k < 8 else axial for k in range(12)])
+    with pytest.raises(SeriesError, match=r"sequence T1w: slices have different orientations \(ImageOrientationPatient\)"):
+        read_series(tmp_path / "T1w")
+
+
+def test_a_sheared_stack_is_refused_not_straightened(tmp_path):
+    """Each slice 1 mm further along x and 2 mm along z: ITK would take 2.24 mm steps along z and drop the shift."""
+    _raw_series(tmp_path / "T1w", [(-1.0 * k, 0, 2.0 * k) for k in range(12)], [(1, 0, 0, 0, 1, 0)] * 12)
+    with pytest.raises(SeriesError, match=r"sequence T1w: each slice is shifted by up to 1 mm within the slice plane "
+                                          r"from the one before \(a sheared or gantry-tilted stack\)"):
+        read_series(tmp_path / "T1w")
+
+
 def test_convert_records_swaps_paths_and_reports_problems_per_subject(tmp_path):
     _write(_volume(), tmp_path / "00001" / "T1wCE")
     good = SubjectRecord("00001", "methylated", (str(tmp_path / "00001" / "T1wCE"),), "00001", source="rsna")
