@@ -50,6 +50,17 @@ log = logging.getLogger(__name__)
 # 2: subjects.csv carries source and site. 3: meta.json records each data file's size and sha256, and the
 # subjects left out ("failed"); older entries have other keys, so they are never found, let alone trusted.
 CACHE_FORMAT_VERSION = 3
+# Several contrasts per subject: the ones after the first are resampled once, straight onto the first one's grid
+# (before: twice, to their own grid first). Part of the key of multi-contrast volumes only, so single-contrast
+# entries, whose arrays did not change, stay valid.
+MULTI_CONTRAST_RESAMPLING = 2
+
+
+def _key_payload(config: PreprocessConfig, files: list, channels: int) -> str:
+    fields = {"version": CACHE_FORMAT_VERSION, "config": asdict(config), "files": files}
+    if channels > 1:
+        fields["multi_contrast_resampling"] = MULTI_CONTRAST_RESAMPLING
+    return json.dumps(fields, sort_keys=True)
 _META_BYTES = 64 * 1024  # room for meta.json in the free-space estimate (its list of failures included)
 
 
@@ -146,8 +157,8 @@ def cache_key(records: Sequence[SubjectRecord], config: PreprocessConfig) -> str
             stat = os.stat(path)
             files.append([os.path.abspath(path), stat.st_size, stat.st_mtime_ns])
         identity.append([record.subject_id, record.label, record.group, files])
-    payload = json.dumps({"version": CACHE_FORMAT_VERSION, "config": asdict(config), "files": identity}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    channels = max((len(record.paths) for record in records), default=1)
+    return hashlib.sha256(_key_payload(config, identity, channels).encode()).hexdigest()[:16]
 
 
 def _foreground(tensor: torch.Tensor) -> torch.Tensor:
@@ -231,11 +242,11 @@ def _resample_and_crop(paths: tuple[str, ...], config: PreprocessConfig) -> np.n
         with _blame(path):
             data, affine = _read_float32(path)
         images[f"channel{channel}"] = tio.ScalarImage(tensor=torch.from_numpy(data[None].copy()), affine=affine)
-    subject = tio.Subject(images)
-    steps: list[tio.Transform] = [tio.ToCanonical(), tio.Resample(config.spacing)]
-    if len(paths) > 1:
-        steps.append(tio.Resample("channel0"))  # every contrast on the first one's grid
-    subject = tio.Compose(steps)(subject)
+    subject = tio.ToCanonical()(tio.Subject(images))
+    subject = tio.Resample(config.spacing, include=["channel0"])(subject)
+    if len(paths) > 1:  # every other contrast straight onto the first one's grid: one interpolation, not two
+        reference = subject["channel0"]
+        subject = tio.Resample((reference.spatial_shape, reference.affine), include=list(images)[1:])(subject)
     brain = torch.zeros_like(subject["channel0"].data, dtype=torch.uint8)
     for name in images:
         brain |= _foreground(subject[name].data).to(torch.uint8)
@@ -332,8 +343,7 @@ class _Progress:
     def _file(self, record: SubjectRecord) -> Path:
         files = [[os.path.abspath(path), stat.st_size, stat.st_mtime_ns]
                  for path, stat in ((path, os.stat(path)) for path in record.paths)]
-        payload = json.dumps({"version": CACHE_FORMAT_VERSION, "config": asdict(self.config), "files": files},
-                             sort_keys=True)
+        payload = _key_payload(self.config, files, len(record.paths))
         return self.directory / f"{hashlib.sha256(payload.encode()).hexdigest()[:16]}.npy"
 
     def load(self, record: SubjectRecord) -> np.ndarray | None:
