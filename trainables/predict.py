@@ -6,16 +6,22 @@
 RUN_DIR is a ``tune_main.py --output`` folder. Each refusal names the file or option and the fix, and comes as early
 as it can: the run, the arm and every fold's weights are checked before any input is registered or preprocessed.
 
-1. **Arm**: the one whose folds scored best on validation (mean over folds of each trial's best validation macro F1:
-   the nested estimate's selected trials when a search ran for the arm, else the grid's trials); its test estimate
-   (pooled macro F1 of the run's own test predictions, as in the report) is printed, never used to choose, so it
-   is not the winner of a comparison on test data. ``--arm`` picks one.
+1. **Arm**: the one whose folds scored best on validation (mean over folds of each trial's best validation macro F1),
+   every arm on the same footing: the paper configuration's (grid) trials, or, when every arm was searched, the
+   nested estimate's selected trials (a searched arm's selected score is each fold's best of several candidates, so
+   it would beat an unsearched arm's single configuration by the selection alone). Its test estimate (pooled macro
+   F1 of the run's own test predictions, as in the report) is printed, never used to choose, so it is not the
+   winner of a comparison on test data. ``--arm`` picks one.
 2. **Folds**: each finished fold's trial of that arm (nested: the configuration the nested estimate used; grid:
    the grid's trial), found in trials.csv's ``checkpoint`` column. For runs made before that column existed, Ray
    Tune's own records of the run (``ray.tune.ExperimentAnalysis`` on experiment.json's ``tune_runs``).
-3. **Inputs**: found as training finds them (``datasets.prepare.load_records``), or a manifest whose label column
-   is optional, or bare FILES (one NIfTI per subject; id = file stem). Validated by the training checks, registered
-   when the run was, and preprocessed by the same code with the run cache's parameters and crop shape.
+3. **Inputs**: found as training finds them (``datasets.prepare.load_records``, with the run's ``--classes``
+   selected as training selected them), or a manifest whose label column is optional, or bare FILES (one NIfTI per
+   subject; id = file stem). A manifest's ``path_<contrast>`` columns must be the run's channels in the run's order
+   (its contrasts, or the path columns of its manifest while that file is there; compared regardless of case, BraTS
+   and RSNA spellings as one), else refused; where either side's names are unknown a note says it is unchecked.
+   Validated by the training checks, registered when the run was, and preprocessed by the same code with the run
+   cache's parameters and crop shape.
 4. **Prediction**: every fold's best weights, in eval mode, float32 arithmetic (no autocast, and no TF32 in
    cuDNN's convolutions, so CPU and GPU give the same numbers up to kernel rounding), batch-wise in the training's
    video layout. The ensemble is the mean of the folds' softmax probabilities.
@@ -28,8 +34,11 @@ Outputs (OUT = ``--output``, a .csv):
   training data for every fold but its own test fold, so its prediction is no independent test).
 - ``<OUT stem>_folds.csv``: one row per (subject, fold): ``subject_id, fold, trial_name, pred, prob_<class>``.
 - ``<OUT stem>.json``: how it was obtained: run, arm and why, folds with checkpoints and weight checksums,
-  preprocessing, device, versions, the score when labels were given, and ``inputs.in_run_cohort_matches``: for each
-  subject flagged in_run_cohort, the run subject id(s) it matches and how (``id``, ``content`` or ``name``).
+  preprocessing, device, versions, the score when labels were given (macro F1 over the classes with a labelled
+  subject, ``macro_f1_classes``; the others in ``classes_without_subjects``), ``inputs.channels`` (the input's own
+  channel names: path columns or contrasts; null for bare FILES) beside ``inputs.run_channels`` and
+  ``inputs.channel_check``, and ``inputs.in_run_cohort_matches``: for each subject flagged in_run_cohort, the run
+  subject id(s) it matches and how (``id``, ``content`` or ``name``).
 """
 from __future__ import annotations
 
@@ -42,6 +51,7 @@ import json
 import logging
 import math
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -59,10 +69,10 @@ from datasets.acquisition import looks_stripped
 from datasets.atomic import write_csv_atomic, write_text_atomic
 from datasets.dicom import convert_records, dicom_cache_dir
 from datasets.preprocessing import CachedDataset, PreprocessConfig, preprocess_volumes
-from datasets.prepare import DataSpec, load_records
+from datasets.prepare import DataSpec, load_records, select_classes
 from datasets.records import SubjectRecord
 from datasets.rsna import SEQUENCE_ALIASES
-from datasets.sources import BRATS_CONTRASTS, IXI_PATTERN, NIFTI_SUFFIXES, read_manifest
+from datasets.sources import BRATS_CONTRASTS, IXI_PATTERN, NIFTI_SUFFIXES, class_order, read_manifest
 from datasets.validation import Problem, validate_records
 from datasets.volume_dataset import batch_to_video_layout
 from datasets.workers import Interrupted
@@ -141,7 +151,9 @@ def run_preprocessing(exp: Experiment) -> tuple[PreprocessConfig, int, Path]:
 def channel_text(exp: Experiment, channels: int) -> str:
     """What the run's input channels were, for messages."""
     if exp.meta.get("manifest"):
-        return f"{channels} input channel(s) (the path columns of its manifest {exp.meta['manifest']})"
+        names = run_channels(exp, channels).names
+        return (f"{channels} input channel(s) ({', '.join(names) + ': ' if names else ''}the path columns of its "
+                f"manifest {exp.meta['manifest']})")
     return f"{channels} input channel(s) ({', '.join(exp.meta.get('contrasts') or ['t1ce'])})"
 
 
@@ -155,16 +167,28 @@ class ArmEstimate:
     macro_f1: float  # pooled over the folds' test predictions
     trials: dict[int, str]  # fold -> trial name
     val_macro_f1: float = float("nan")  # mean over those trials of their best (inner-)validation macro F1
+    # The same mean over the arm's paper-configuration trials (the grid's; for a grid estimate, val_macro_f1): the
+    # footing every arm shares, since a nested arm's val_macro_f1 is each fold's best of several candidates.
+    paper_val_macro_f1: float = float("nan")
 
     def describe(self) -> str:
         folds = len(self.trials)
-        return (f"{self.kind} estimate: validation macro F1 {self.val_macro_f1:.2f} (mean over folds), test pooled "
-                f"macro F1 {self.macro_f1:.2f} over {folds} fold{'s' if folds != 1 else ''}")
+        validation = f"validation macro F1 {score_text(self.val_macro_f1)} (mean over folds"
+        if self.kind == "nested":
+            validation += (f" of each fold's best candidate; the paper configuration's "
+                           f"{score_text(self.paper_val_macro_f1)}")
+        return (f"{self.kind} estimate: {validation}), test pooled macro F1 {self.macro_f1:.2f} over {folds} "
+                f"fold{'s' if folds != 1 else ''}")
+
+
+def score_text(value: float) -> str:
+    return "none" if math.isnan(value) else f"{value:.2f}"
 
 
 def arm_estimates(exp: Experiment) -> dict[Arm, ArmEstimate]:
-    """Every arm with finished folds: its nested estimate where a search ran for it, else its grid estimate."""
-    estimates: dict[Arm, ArmEstimate] = {}
+    """Every arm with finished folds: its nested estimate where a search ran for it, else its grid estimate; each
+    with the validation score of its own trials and of its paper-configuration (grid) trials."""
+    grid: dict[Arm, ArmEstimate] = {}
     main = exp.select_main(exp.predictions)
     try:
         check_one_trial_per_fold(main, exp.out_dir / "predictions.csv")
@@ -176,8 +200,9 @@ def arm_estimates(exp: Experiment) -> dict[Arm, ArmEstimate]:
         pooled = overall[(overall["model"] == model) & (overall["pretrained"] == pretrained)
                          & (overall["metric"] == "macro_f1")]["pooled"]
         arm = (str(model), bool(pretrained))
-        estimates[arm] = ArmEstimate(arm, "grid", float(pooled.iloc[0]),
-                                     {int(f): str(t) for f, t in zip(folds["fold"], folds["trial_name"])})
+        grid[arm] = ArmEstimate(arm, "grid", float(pooled.iloc[0]),
+                                {int(f): str(t) for f, t in zip(folds["fold"], folds["trial_name"])})
+    estimates = dict(grid)
     studies = fold_studies(exp)
     if studies:
         selection, _ = select(exp, studies)
@@ -189,7 +214,10 @@ def arm_estimates(exp: Experiment) -> dict[Arm, ArmEstimate]:
             arm = (str(row.model), bool(row.pretrained))
             estimates[arm] = ArmEstimate(arm, "nested", float(row.test_macro_f1_pooled),
                                          {int(f): str(t) for f, t in zip(chosen["fold"], chosen["trial_name"])})
-    return {arm: dataclasses.replace(e, val_macro_f1=validation_score(exp, e.trials)) for arm, e in estimates.items()}
+    return {arm: dataclasses.replace(
+        e, val_macro_f1=validation_score(exp, e.trials),
+        paper_val_macro_f1=validation_score(exp, grid[arm].trials) if arm in grid else float("nan"))
+        for arm, e in estimates.items()}
 
 
 def validation_score(exp: Experiment, trials: dict[int, str]) -> float:
@@ -217,11 +245,19 @@ def no_finished_fold(exp: Experiment, arm: Arm | None) -> PredictError:
 
 
 def choose_arm(exp: Experiment, requested: Arm | None) -> tuple[ArmEstimate, str]:
-    """(the arm to predict with, why): the best validation score; ties go to more folds, then to the paper's order.
+    """(the arm to predict with, why): the best validation score on a footing every arm shares; ties go to more
+    folds, then to the paper's order.
 
     Not the best test score: choosing the arm whose test estimate is highest would make that estimate the winner
     of a comparison on test data, optimistic by as much as the arms' noise. Ranked on validation, the printed test
     figure is the chosen arm's estimate and nothing was chosen by it.
+
+    The same footing: a searched arm's nested validation score is, in every fold, the best of that fold's
+    candidates (the grid trial among them), so it beats the arm's own paper configuration by the selection alone,
+    and a single configuration's score of an arm that was not searched would lose to it for that reason. So arms
+    are ranked on the nested scores only when every arm was searched, else on every arm's paper-configuration
+    (grid) score. The chosen arm then predicts with its own estimate's trials: a searched arm with each fold's
+    selected configuration (chosen within the fold on inner validation).
     """
     estimates = arm_estimates(exp)
     present = sort_arms([*exp.planned_arms, *estimates, *(study.arm for study in fold_studies(exp))])
@@ -235,13 +271,30 @@ def choose_arm(exp: Experiment, requested: Arm | None) -> tuple[ArmEstimate, str
         return chosen, f"chosen with --arm ({chosen.describe()})"
     if not estimates:
         raise no_finished_fold(exp, None)
-    ranked = sorted(estimates.values(), key=lambda e: (np.isnan(e.val_macro_f1), -np.nan_to_num(e.val_macro_f1),
+    searched = [e.arm for e in estimates.values() if e.kind == "nested"]
+    on_nested = len(searched) == len(estimates)
+    footing = (lambda e: e.val_macro_f1) if on_nested else (lambda e: e.paper_val_macro_f1)
+    ranked = sorted(estimates.values(), key=lambda e: (np.isnan(footing(e)), -np.nan_to_num(footing(e)),
                                                        -len(e.trials), arm_sort_key(e.arm)))
     best, others = ranked[0], ranked[1:]
-    reason = f"highest validation score, {best.describe()}"
+    if on_nested:
+        how = ("highest nested validation score (every arm was searched, so every arm is ranked on each fold's best "
+               "candidate alike)")
+        label = "nested validation"
+    elif searched:
+        how = (f"highest validation score of the paper configuration, the footing every arm shares (not every arm "
+               f"was searched: the nested score of {', '.join(arm_text(a) for a in searched)} is each fold's best "
+               "of several candidates, which would beat a single configuration by the selection alone)")
+        label = "paper-configuration validation"
+    else:
+        how = "highest validation score of the paper configuration (no arm was searched)"
+        label = "grid validation"
+    reason = f"{how}; {best.describe()}"
     if others:
-        reason += "; others: " + ", ".join(f"{arm_text(e.arm)} {e.kind} validation {e.val_macro_f1:.2f}, test "
-                                           f"{e.macro_f1:.2f}" for e in others)
+        reason += "; others: " + ", ".join(
+            f"{arm_text(e.arm)} {label} {score_text(footing(e))}"
+            + (f" (nested {score_text(e.val_macro_f1)})" if e.kind == "nested" and not on_nested else "")
+            + f", test {e.macro_f1:.2f}" for e in others)
     return best, reason + " (chosen on validation scores; the test figure played no part)"
 
 
@@ -377,48 +430,208 @@ def file_record(path: str) -> SubjectRecord:
     return SubjectRecord(stem, "", (str(Path(path).resolve()),), group=stem, source="files")
 
 
-def input_records(args: argparse.Namespace, exp: Experiment, channels: int) -> list[SubjectRecord]:
-    """The subjects to predict, each with one file per input channel of the run (else refused)."""
+@dataclass(frozen=True)
+class ChannelNames:
+    """Input channels by name, in channel order: ``path_<contrast>`` columns of a manifest or contrasts."""
+
+    names: tuple[str, ...] | None  # None: not known
+    source: str  # where the names come from, or why they are not known
+
+    def text(self) -> str:
+        return ", ".join(self.names or ())
+
+    def keys(self) -> list[str | None] | None:
+        return None if self.names is None else [channel_key(name) for name in self.names]
+
+
+@dataclass(frozen=True)
+class InputChannels:
+    """The input's channels beside the run's, what their comparison found, and the classes a --data-root input
+    was restricted to; written into the provenance's ``inputs``."""
+
+    given: ChannelNames
+    run: ChannelNames
+    check: str  # "same as the run's", "differs from the run's (...)", or "not checked: <why>"
+    selected_classes: tuple[str, ...] | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {"channels": None if self.given.names is None else list(self.given.names),
+                "channels_from": self.given.source,
+                "run_channels": None if self.run.names is None else list(self.run.names),
+                "run_channels_from": self.run.source, "channel_check": self.check,
+                "selected_classes": None if self.selected_classes is None else list(self.selected_classes)}
+
+
+def channel_key(name: str) -> str | None:
+    """The contrast a channel name stands for: without a ``path_`` prefix, regardless of case and surrounding spaces,
+    the RSNA and BraTS spellings of one sequence as one (t1ce = T1wCE); None for a bare ``path`` column."""
+    text = name.strip().casefold()
+    if text.startswith("path_"):
+        text = text[len("path_"):].strip()
+    elif text == "path":
+        return None
+    return SEQUENCE_ALIASES.get(text, text).casefold() if text else None
+
+
+def manifest_path_columns(manifest: str | Path) -> tuple[str, ...]:
+    """A manifest's path columns in order, as ``read_manifest`` takes them as input channels (header only)."""
+    frame = pd.read_csv(manifest, dtype=str, nrows=0, index_col=False)
+    return tuple(c for c in (str(c).strip() for c in frame.columns) if c == "path" or c.startswith("path_"))
+
+
+def run_channels(exp: Experiment, channels: int) -> ChannelNames:
+    """The run's input channels by name: its recorded contrasts (--data-root runs); for a --manifest run the path
+    columns of its manifest, read now from the file experiment.json names (neither experiment.json nor the cache
+    entry records those names), else unknown, with why."""
+    manifest = exp.meta.get("manifest")
+    if not manifest:
+        return ChannelNames(tuple(exp.meta.get("contrasts") or ("t1ce",)), f"{exp.out_dir}/experiment.json contrasts")
+    path = Path(exp.relocated(str(manifest)))
+    unknown = (f"{exp.out_dir} was trained on a manifest whose path columns name its channels; experiment.json and "
+               "the cache entry record only their number")
+    if not path.is_file():
+        return ChannelNames(None, f"{unknown}, and its manifest {manifest} is no longer there")
+    try:
+        names = manifest_path_columns(path)
+    except (ValueError, OSError) as error:  # pandas' EmptyDataError and ParserError are ValueErrors
+        return ChannelNames(None, f"{unknown}, and its manifest {path} is unreadable now ({type(error).__name__})")
+    if len(names) != channels:
+        return ChannelNames(None, f"{unknown}, and its manifest {path} has {len(names)} path column(s) now where the "
+                                  f"run had {channels} channel(s): the file changed since the run")
+    return ChannelNames(names, f"the path columns of its manifest {path}")
+
+
+def compare_channels(given: ChannelNames, run: ChannelNames) -> str:
+    """"same", "different", or why the two cannot be compared (a name is unknown, or a bare ``path`` column)."""
+    if run.names is None:
+        return run.source
+    if given.names is None:
+        return given.source
+    mine, theirs = given.keys(), run.keys()
+    if None in mine or None in theirs:
+        return (f"a column `path` names no contrast ({given.text()} given, the run's {run.text()}: "
+                f"{run.source})")
+    return "same" if mine == theirs else "different"
+
+
+def input_records(args: argparse.Namespace, exp: Experiment,
+                  channels: int) -> tuple[list[SubjectRecord], InputChannels]:
+    """The subjects to predict, each with one file per input channel of the run, and their channels beside the
+    run's (refused: another number of files; a manifest whose path columns are not the run's channels, in its
+    order; a channel order that cannot be checked is said in a note)."""
+    run = run_channels(exp, channels)
     if args.files:
         if channels > 1:
             raise PredictError(f"{exp.out_dir} was trained on {channel_text(exp, channels)}; bare FILES give one "
                                "volume per subject. Write a manifest with a subject_id column and one path_<contrast> "
                                "column per channel, in the run's order, and pass --manifest")
-        return [file_record(f) for f in args.files]
+        given = ChannelNames(None, "bare FILES name no contrast")
+        taken = f"the run's {run.text()} channel" if run.names is not None else "the run's single channel"
+        why = "" if run.names is not None else f" ({run.source})"
+        note = f"bare FILES name no contrast: each volume is read as {taken}{why}, which is not checked"
+        print(f"note: {note}", file=sys.stderr)
+        return [file_record(f) for f in args.files], InputChannels(given, run, f"not checked: {note}")
     if args.manifest:
         records = read_manifest(args.manifest, require_label=False)
-        given = f"--manifest {args.manifest} has {len(records[0].paths)} path column(s)"
+        given = ChannelNames(manifest_path_columns(args.manifest), f"the path columns of --manifest {args.manifest}")
+        check_file_count(records, f"--manifest {args.manifest} has {{n}} path column(s)", exp, channels)
+        verdict = compare_channels(given, run)
+        if verdict == "different":
+            raise PredictError(manifest_order_error(args.manifest, given, run, exp))
+        if verdict != "same":
+            print(f"note: whether --manifest {args.manifest}'s path columns ({given.text()}) are the run's channels in "
+                  f"its order cannot be checked: {verdict}. Channel k goes to the weights trained on the run's "
+                  "channel k: make sure the columns are in the run's order", file=sys.stderr)
+        return records, InputChannels(given, run, "same as the run's" if verdict == "same" else
+                                      f"not checked: {verdict}")
+    contrasts = tuple(c.strip() for c in (args.contrasts or "").split(",") if c.strip())
+    named = f"--contrasts {args.contrasts}"
+    given = ChannelNames(contrasts, named)
+    if not contrasts:
+        contrasts, named = default_contrasts(exp, run)
+        given = ChannelNames(contrasts, named)
+    if len(contrasts) != channels:
+        raise PredictError(f"{named} name {len(contrasts)} contrast(s), but {exp.out_dir} was trained on "
+                           f"{channel_text(exp, channels)}; pass --contrasts with that many, in the run's order")
+    verdict = compare_channels(given, run)
+    if verdict == "different":
+        print(f"warning: {contrast_warning(contrasts, exp)}", file=sys.stderr)
+        check = "differs from the run's (--contrasts: predicted with a warning)"
+    elif verdict == "same":
+        check = "same as the run's"
     else:
-        contrasts = tuple(c.strip() for c in (args.contrasts or "").split(",") if c.strip())
-        named = f"--contrasts {args.contrasts}"
-        if not contrasts:
-            contrasts = tuple(exp.meta.get("contrasts") or ("t1ce",))
-            named = f"The run's recorded contrasts ({','.join(contrasts)})"
-        if len(contrasts) != channels:
-            raise PredictError(f"{named} name {len(contrasts)} contrast(s), but {exp.out_dir} was trained on "
-                               f"{channel_text(exp, channels)}; pass --contrasts with that many, in the run's order")
-        warning = contrast_warning(contrasts, exp)
-        if warning:
-            print(f"warning: {warning}", file=sys.stderr)
-        records = load_records(DataSpec(data_root=args.data_root, contrasts=contrasts))
-        given = f"--data-root {args.data_root} gives {len(records[0].paths)} file(s) per subject"
+        print(f"note: whether {named} are the contrasts {exp.out_dir} was trained on, in its order, cannot be "
+              f"checked: {verdict}", file=sys.stderr)
+        check = f"not checked: {verdict}"
+    subset = (exp.meta.get("options") or {}).get("classes")  # the run's --classes, as training passed it
+    records = load_records(DataSpec(data_root=args.data_root, contrasts=contrasts,
+                                    classes=tuple(subset) if subset else None))
+    if subset:
+        records = run_class_subset(records, tuple(subset), exp, args.data_root)
+    check_file_count(records, f"--data-root {args.data_root} gives {{n}} file(s) per subject", exp, channels)
+    return records, InputChannels(given, run, check, tuple(subset) if subset else None)
+
+
+def check_file_count(records: Sequence[SubjectRecord], given: str, exp: Experiment, channels: int) -> None:
+    """Refuses another number of files per subject than the run's channels; ``given`` says it, with ``{n}``."""
     if records and len(records[0].paths) != channels:
-        raise PredictError(f"{given}, but {exp.out_dir} was trained on {channel_text(exp, channels)}; give one file "
+        raise PredictError(f"{given.format(n=len(records[0].paths))}, but {exp.out_dir} was trained on {channel_text(exp, channels)}; give one file "
                            "per channel, in the run's order")
-    return records
+
+
+def default_contrasts(exp: Experiment, run: ChannelNames) -> tuple[tuple[str, ...], str]:
+    """(--data-root's contrasts when --contrasts is not given, how they are named in messages): the run's."""
+    if exp.meta.get("manifest") and run.names is not None and None not in run.keys():
+        contrasts = tuple(name.strip()[len("path_"):].strip() for name in run.names)
+        return contrasts, f"The path columns of the run's manifest ({','.join(run.names)})"
+    contrasts = tuple(exp.meta.get("contrasts") or ("t1ce",))
+    return contrasts, f"The run's recorded contrasts ({','.join(contrasts)})"
+
+
+def manifest_order_error(manifest: str, given: ChannelNames, run: ChannelNames, exp: Experiment) -> str:
+    """A manifest whose path columns are other contrasts than the run's, or the same in another order."""
+    expected = [name if exp.meta.get("manifest") else f"path_{name}" for name in run.names or ()]
+    if sorted(map(str, given.keys())) == sorted(map(str, run.keys())):
+        what, fix = "the run's contrasts in another order", "Reorder the path columns to"
+    else:
+        what, fix = "other contrasts than the run's", "Rename (or replace) the path columns so that they are"
+    return (f"--manifest {manifest} has path columns {given.text()} (in that order), but {exp.out_dir} was trained "
+            f"on {run.text()} ({run.source}, in that order): {what}. Channel k of the manifest goes to the weights "
+            f"trained on the run's channel k, so a channel would be read by weights trained on another contrast. "
+            f"{fix} {', '.join(expected)}, in that order (names compare regardless of case; t1ce = T1wCE, t1 = T1w, "
+            "t2 = T2w)")
+
+
+def run_class_subset(records: list[SubjectRecord], subset: tuple[str, ...], exp: Experiment,
+                     data_root: str) -> list[SubjectRecord]:
+    """The --data-root subjects of the run's --classes, selected as training selected them (``select_classes``
+    after ``class_order``): an LGG/HGG run of a BraTS+IXI root leaves IXI's Healthy out instead of refusing it."""
+    kept = select_classes(records, class_order(records, subset))
+    if len(kept) < len(records):
+        kept_ids = {r.subject_id for r in kept}
+        left_out = Counter(r.label for r in records if r.subject_id not in kept_ids)
+        print(f"note: {exp.out_dir} was trained on --classes {','.join(subset)} (experiment.json options), so, as "
+              f"training did, {len(records) - len(kept)} --data-root subject(s) of other classes are left out: "
+              f"{', '.join(f'{label} ({n})' for label, n in sorted(left_out.items()))}", file=sys.stderr)
+    if not kept:
+        raise PredictError(f"--data-root {data_root} has no subject of the classes {exp.out_dir} was trained on "
+                           f"(--classes {','.join(subset)}); point it at data of those classes")
+    return kept
 
 
 def contrast_warning(contrasts: Sequence[str], exp: Experiment) -> str | None:
     """--contrasts naming other contrasts than the run's (BraTS and RSNA spellings of one contrast count as one): the
-    channel count fits, so the models would read them, but each channel was trained on another contrast."""
-    recorded = exp.meta.get("contrasts")
-    if exp.meta.get("manifest") or not recorded:
-        return None  # a manifest run's channels have no contrast names to compare with
-    same = lambda name: SEQUENCE_ALIASES.get(name.strip().casefold(), name.strip().casefold())
-    if [same(c) for c in contrasts] == [same(c) for c in recorded]:
+    channel count fits, so the models would read them, but each channel was trained on another contrast. For a
+    manifest run, its manifest's path columns are the run's contrasts (None when the file is gone)."""
+    run = run_channels(exp, len(contrasts))
+    if run.names is None:
         return None
+    given = ChannelNames(tuple(contrasts), "--contrasts")
+    if compare_channels(given, run) != "different":
+        return None
+    trained = run.text() if not exp.meta.get("manifest") else f"{run.text()}: {run.source}"
     return (f"--contrasts {','.join(contrasts)} are not the contrasts {exp.out_dir} was trained on "
-            f"({','.join(recorded)}, in that order): each channel goes to weights trained on another contrast, so "
+            f"({trained}, in that order): each channel goes to weights trained on another contrast, so "
             "the predictions are out of the training distribution")
 
 
@@ -675,12 +888,21 @@ def ensemble_tables(records: Sequence[SubjectRecord], classes: Sequence[str], fo
 
 
 def score(table: pd.DataFrame, classes: Sequence[str]) -> dict[str, Any] | None:
-    """Accuracy and macro F1 (scikit-learn, as the report) on the labelled subjects; None without labels."""
+    """Accuracy and macro F1 (scikit-learn, as the report) on the labelled subjects; None without labels.
+
+    Macro F1 averages over the run's classes that have a labelled subject here: a class without one has no F1 to
+    speak of (scikit-learn counts it as 0, so ten correctly predicted Healthy scans scored 0.333 for a three-class
+    run). Those classes are named in ``classes_without_subjects``; a prediction of one still costs the recall of
+    the subject's own class.
+    """
     if "label" not in table.columns:
         return None
     labelled = table[table["label"] != ""]
-    metrics = overall_metrics(labelled["label"], labelled["pred"], list(classes))
+    given = set(labelled["label"])
+    present = [c for c in classes if c in given]
+    metrics = overall_metrics(labelled["label"], labelled["pred"], present)
     return {"n_labelled": len(labelled), "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
+            "macro_f1_classes": present, "classes_without_subjects": [c for c in classes if c not in given],
             "n_in_run_cohort": int(labelled["in_run_cohort"].sum())}
 
 
@@ -786,7 +1008,7 @@ def predict(args: argparse.Namespace) -> int:
     print(f"Arm {arm_text(estimate.arm)}: {reason}", flush=True)
     device = pick_device(args.device)
     folds = fold_weights(exp, estimate)
-    records = input_records(args, exp, channels)  # listed, not opened yet
+    records, input_channels = input_records(args, exp, channels)  # listed, not opened yet
     check_labels(records, exp.classes)
     # Every fold's weights are read now, on the CPU: a missing or foreign file is refused before the inputs are
     # opened, registered and preprocessed (minutes for a large cohort), not after.
@@ -807,7 +1029,7 @@ def predict(args: argparse.Namespace) -> int:
     write_csv_atomic(per_fold, paths["folds"])
     write_text_atomic(paths["provenance"], json.dumps(
         provenance(args, exp, estimate, reason, models, config, channels, cache_entry, registration_cache, device,
-                   table, result, paths, dict(zip(table["subject_id"], matches))), indent=2))
+                   table, result, paths, dict(zip(table["subject_id"], matches)), input_channels), indent=2))
     write_csv_atomic(table, paths["predictions"])  # last: the predictions exist only with their companions
     print(f"{len(table)} subject(s) predicted by {len(models)} fold(s) of {arm_text(estimate.arm)}: "
           f"{paths['predictions']} (per fold: {paths['folds']}; how: {paths['provenance']})")
@@ -816,8 +1038,11 @@ def predict(args: argparse.Namespace) -> int:
     else:
         note = (f"; {result['n_in_run_cohort']} of them are in the run's training data, so this is no independent test"
                 if result["n_in_run_cohort"] else "")
+        absent = result["classes_without_subjects"]
+        over = (f" over the class(es) with labelled subjects ({', '.join(result['macro_f1_classes'])}; no labelled "
+                f"subject of {', '.join(absent)}, so that class is left out of the mean)" if absent else "")
         print(f"Score on {result['n_labelled']} labelled subject(s): accuracy {result['accuracy']:.3f}, "
-              f"macro F1 {result['macro_f1']:.3f}{note}")
+              f"macro F1 {result['macro_f1']:.3f}{over}{note}")
     return 0
 
 
@@ -825,7 +1050,7 @@ def provenance(args: argparse.Namespace, exp: Experiment, estimate: ArmEstimate,
                models: Sequence[FoldModel], config: PreprocessConfig, channels: int, cache_entry: Path,
                registration_cache: Path | None, device: torch.device, table: pd.DataFrame,
                result: dict[str, Any] | None, paths: dict[str, Path],
-               matches: dict[str, CohortMatch | None]) -> dict[str, Any]:
+               matches: dict[str, CohortMatch | None], input_channels: InputChannels) -> dict[str, Any]:
     """<stem>.json: everything needed to say how the predictions were obtained, and to obtain them again."""
     import torchvision
 
@@ -837,12 +1062,13 @@ def provenance(args: argparse.Namespace, exp: Experiment, estimate: ArmEstimate,
         "arm": {"model": estimate.arm[0], "pretrained": estimate.arm[1], "estimate": estimate.kind,
                 "pooled_macro_f1": estimate.macro_f1,
                 "validation_macro_f1": None if math.isnan(estimate.val_macro_f1) else estimate.val_macro_f1,
+                "paper_configuration_validation_macro_f1":
+                    None if math.isnan(estimate.paper_val_macro_f1) else estimate.paper_val_macro_f1,
                 "why": reason},
         "folds": [{"fold": m.weights.fold, "trial_name": m.weights.trial_name, "checkpoint": m.weights.checkpoint,
                    "best_weights_sha256": m.sha256, "config": m.config} for m in models],
         "classes": list(exp.classes),
-        "inputs": {**source, "contrasts": args.contrasts.split(",") if args.contrasts else exp.meta.get("contrasts"),
-                   "n_subjects": len(table),
+        "inputs": {**source, **input_channels.as_json(), "n_subjects": len(table),
                    "in_run_cohort": [str(s) for s in table.loc[table["in_run_cohort"], "subject_id"]],
                    "in_run_cohort_matches": {str(s): {"run_subject_ids": list(m.run_subjects), "by": m.by}
                                              for s, m in matches.items() if m is not None}},
