@@ -286,6 +286,14 @@ def tune_runs(config: ExperimentConfig, searched: bool) -> dict[str, str]:
     return runs
 
 
+def channel_names(config: ExperimentConfig) -> list[str]:
+    """The input channels in the order training feeds them: a manifest's path columns, else the contrasts (what
+    prediction compares a new manifest's columns with)."""
+    from datasets.sources import manifest_path_columns
+
+    return list(manifest_path_columns(config.manifest)) if config.manifest else list(config.contrasts)
+
+
 def save_experiment_record(config: ExperimentConfig, data, studies: list[dict]) -> None:
     record = {**config.to_dict(), "tune_runs": tune_runs(config, bool(studies)),
               "n_folds": len(data.plan.folds), "classes": list(data.classes),
@@ -296,6 +304,7 @@ def save_experiment_record(config: ExperimentConfig, data, studies: list[dict]) 
               "paper_defaults": {k: config.training_constants()[k] for k in ("lr", "weight_decay", "dropout", "augmentation", "aug_strength")},
               "search_space": space_table(config.training_constants()), "optuna_studies": studies,
               "search_design": "nested" if studies else None,
+              "channel_names": channel_names(config),
               "excluded_subjects": list(data.excluded), "cache": data.cache_dir,
               "stripping": data.stripping,
               "cohort": {k: data.cohort[k] for k in ("max_per_class", "available", "drawn")},

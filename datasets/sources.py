@@ -124,6 +124,16 @@ def discover_brats_ixi(data_root: str | os.PathLike, contrasts: Sequence[str] = 
     return records
 
 
+def channel_columns(columns) -> tuple[str, ...]:
+    """A manifest's path columns in order: its input channels (``path``, or ``path_<contrast>`` each)."""
+    return tuple(c for c in (str(c).strip() for c in columns) if c == "path" or c.startswith("path_"))
+
+
+def manifest_path_columns(manifest: str | os.PathLike) -> tuple[str, ...]:
+    """A manifest's input channels by name, from its header alone (recorded with a run, compared by prediction)."""
+    return channel_columns(pd.read_csv(manifest, dtype=str, nrows=0, index_col=False).columns)
+
+
 def read_manifest(manifest: str | os.PathLike, require_label: bool = True) -> list[SubjectRecord]:
     """Read a CSV with ``subject_id``, ``label``, ``path`` or ``path_<contrast>`` columns, optional ``group`` and ``site``.
 
@@ -134,7 +144,7 @@ def read_manifest(manifest: str | os.PathLike, require_label: bool = True) -> li
     """
     manifest = Path(manifest)
     frame = _read_manifest_table(manifest, require_label)
-    path_columns = [c for c in frame.columns if c == "path" or c.startswith("path_")]
+    path_columns = list(channel_columns(frame.columns))
     labels, merged = normalise_labels(list(frame["label"])) if "label" in frame.columns else ([""] * len(frame), [])
     if merged:
         log.warning("Manifest %s: labels that differ only in case or surrounding spaces were merged: %s",
@@ -169,7 +179,7 @@ def _read_manifest_table(manifest: Path, require_label: bool = True) -> pd.DataF
         raise ValueError(f"Manifest {manifest} is not a readable CSV ({error}); save it as comma-separated text "
                          f"with {expected}") from None
     frame.columns = [str(c).strip() for c in frame.columns]
-    path_columns = [c for c in frame.columns if c == "path" or c.startswith("path_")]
+    path_columns = channel_columns(frame.columns)
     missing = [c for c in ("subject_id", "label")[:2 if require_label else 1] if c not in frame.columns]
     if missing or not path_columns:
         need = missing + ([] if path_columns else ["path (or path_<contrast>)"])

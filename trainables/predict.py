@@ -72,7 +72,8 @@ from datasets.preprocessing import CachedDataset, PreprocessConfig, preprocess_v
 from datasets.prepare import DataSpec, load_records, select_classes
 from datasets.records import SubjectRecord
 from datasets.rsna import SEQUENCE_ALIASES
-from datasets.sources import BRATS_CONTRASTS, IXI_PATTERN, NIFTI_SUFFIXES, class_order, read_manifest
+from datasets.sources import (BRATS_CONTRASTS, IXI_PATTERN, NIFTI_SUFFIXES, class_order, manifest_path_columns,
+                              read_manifest)
 from datasets.validation import Problem, validate_records
 from datasets.volume_dataset import batch_to_video_layout
 from datasets.workers import Interrupted
@@ -473,22 +474,19 @@ def channel_key(name: str) -> str | None:
     return SEQUENCE_ALIASES.get(text, text).casefold() if text else None
 
 
-def manifest_path_columns(manifest: str | Path) -> tuple[str, ...]:
-    """A manifest's path columns in order, as ``read_manifest`` takes them as input channels (header only)."""
-    frame = pd.read_csv(manifest, dtype=str, nrows=0, index_col=False)
-    return tuple(c for c in (str(c).strip() for c in frame.columns) if c == "path" or c.startswith("path_"))
-
-
 def run_channels(exp: Experiment, channels: int) -> ChannelNames:
     """The run's input channels by name: its recorded contrasts (--data-root runs); for a --manifest run the path
     columns of its manifest, read now from the file experiment.json names (neither experiment.json nor the cache
     entry records those names), else unknown, with why."""
+    recorded = exp.meta.get("channel_names")  # runs since it was recorded: the names training fed, in order
+    if isinstance(recorded, list) and len(recorded) == channels:
+        return ChannelNames(tuple(str(n) for n in recorded), f"{exp.out_dir}/experiment.json channel_names")
     manifest = exp.meta.get("manifest")
     if not manifest:
         return ChannelNames(tuple(exp.meta.get("contrasts") or ("t1ce",)), f"{exp.out_dir}/experiment.json contrasts")
     path = Path(exp.relocated(str(manifest)))
-    unknown = (f"{exp.out_dir} was trained on a manifest whose path columns name its channels; experiment.json and "
-               "the cache entry record only their number")
+    unknown = (f"{exp.out_dir} was trained on a manifest whose path columns name its channels; its experiment.json "
+               "(written before runs recorded channel_names) and the cache entry record only their number")
     if not path.is_file():
         return ChannelNames(None, f"{unknown}, and its manifest {manifest} is no longer there")
     try:
@@ -575,15 +573,17 @@ def input_records(args: argparse.Namespace, exp: Experiment,
 def check_file_count(records: Sequence[SubjectRecord], given: str, exp: Experiment, channels: int) -> None:
     """Refuses another number of files per subject than the run's channels; ``given`` says it, with ``{n}``."""
     if records and len(records[0].paths) != channels:
-        raise PredictError(f"{given.format(n=len(records[0].paths))}, but {exp.out_dir} was trained on {channel_text(exp, channels)}; give one file "
-                           "per channel, in the run's order")
+        raise PredictError(f"{given.format(n=len(records[0].paths))}, but {exp.out_dir} was trained on "
+                           f"{channel_text(exp, channels)}; give one file per channel, in the run's order")
 
 
 def default_contrasts(exp: Experiment, run: ChannelNames) -> tuple[tuple[str, ...], str]:
     """(--data-root's contrasts when --contrasts is not given, how they are named in messages): the run's."""
-    if exp.meta.get("manifest") and run.names is not None and None not in run.keys():
-        contrasts = tuple(name.strip()[len("path_"):].strip() for name in run.names)
-        return contrasts, f"The path columns of the run's manifest ({','.join(run.names)})"
+    if exp.meta.get("manifest"):
+        if run.names is not None and None not in run.keys():
+            contrasts = tuple(name.strip()[len("path_"):].strip() for name in run.names)
+            return contrasts, f"The path columns of the run's manifest ({','.join(run.names)})"
+        return ("t1ce",), "The default contrast (t1ce; the names of the run's channels are unknown)"
     contrasts = tuple(exp.meta.get("contrasts") or ("t1ce",))
     return contrasts, f"The run's recorded contrasts ({','.join(contrasts)})"
 
@@ -607,12 +607,12 @@ def run_class_subset(records: list[SubjectRecord], subset: tuple[str, ...], exp:
     """The --data-root subjects of the run's --classes, selected as training selected them (``select_classes``
     after ``class_order``): an LGG/HGG run of a BraTS+IXI root leaves IXI's Healthy out instead of refusing it."""
     kept = select_classes(records, class_order(records, subset))
-    if len(kept) < len(records):
-        kept_ids = {r.subject_id for r in kept}
-        left_out = Counter(r.label for r in records if r.subject_id not in kept_ids)
-        print(f"note: {exp.out_dir} was trained on --classes {','.join(subset)} (experiment.json options), so, as "
-              f"training did, {len(records) - len(kept)} --data-root subject(s) of other classes are left out: "
-              f"{', '.join(f'{label} ({n})' for label, n in sorted(left_out.items()))}", file=sys.stderr)
+    kept_ids = {r.subject_id for r in kept}
+    left_out = Counter(r.label for r in records if r.subject_id not in kept_ids)
+    print(f"note: {exp.out_dir} was trained on --classes {','.join(subset)} (its experiment.json options), so only "
+          f"--data-root subjects of those classes are listed, as training listed them"
+          + (f"; left out: {', '.join(f'{label} ({n})' for label, n in sorted(left_out.items()))}" if left_out else ""),
+          file=sys.stderr)
     if not kept:
         raise PredictError(f"--data-root {data_root} has no subject of the classes {exp.out_dir} was trained on "
                            f"(--classes {','.join(subset)}); point it at data of those classes")
@@ -1039,8 +1039,8 @@ def predict(args: argparse.Namespace) -> int:
         note = (f"; {result['n_in_run_cohort']} of them are in the run's training data, so this is no independent test"
                 if result["n_in_run_cohort"] else "")
         absent = result["classes_without_subjects"]
-        over = (f" over the class(es) with labelled subjects ({', '.join(result['macro_f1_classes'])}; no labelled "
-                f"subject of {', '.join(absent)}, so that class is left out of the mean)" if absent else "")
+        over = (f" over the classes with labelled subjects ({', '.join(result['macro_f1_classes'])}; left out of "
+                f"the mean for want of a labelled subject: {', '.join(absent)})" if absent else "")
         print(f"Score on {result['n_labelled']} labelled subject(s): accuracy {result['accuracy']:.3f}, "
               f"macro F1 {result['macro_f1']:.3f}{over}{note}")
     return 0

@@ -135,10 +135,10 @@ def test_the_default_arm_has_the_best_validation_score_and_says_so(ensemble, run
     validation = {model: grid.loc[grid["model"] == model, "best_val_macro_f1"].mean() for model in ARM_ORDER}
     best = sorted(ARM_ORDER, key=lambda m: (-round(validation[m], 12), ARM_ORDER.index(m)))[0]
     other = next(m for m in ARM_ORDER if m != best)
-    assert (f"Arm {best}:scratch: highest validation score, grid estimate: validation macro F1 {validation[best]:.2f} "
-            f"(mean over folds), test pooled macro F1 {scores[best]:.2f} over 2 folds; others: {other}:scratch grid "
-            f"validation {validation[other]:.2f}, test {scores[other]:.2f} (chosen on validation scores; the test "
-            "figure played no part)") in ensemble["out"]
+    assert (f"Arm {best}:scratch: highest validation score of the paper configuration (no arm was searched); grid "
+            f"estimate: validation macro F1 {validation[best]:.2f} (mean over folds), test pooled macro F1 "
+            f"{scores[best]:.2f} over 2 folds; others: {other}:scratch grid validation {validation[other]:.2f}, test "
+            f"{scores[other]:.2f} (chosen on validation scores; the test figure played no part)") in ensemble["out"]
     arm = ensemble["record"]["arm"]
     assert (arm["model"], arm["pretrained"], arm["estimate"]) == (best, False, "grid")
     assert arm["pooled_macro_f1"] == pytest.approx(scores[best], abs=1e-12)
@@ -205,13 +205,56 @@ def test_a_nested_arm_predicts_with_each_folds_selected_configuration(tmp_path):
     others = predict.arm_estimates(exp)[("r3d_18", True)]
     val_r3d = trials.loc[list(others.trials.values())].mean()
     assert val_mc3 > val_r3d and estimate.val_macro_f1 == pytest.approx(val_mc3, abs=1e-12)
-    assert reason == (f"highest validation score, nested estimate: validation macro F1 {val_mc3:.2f} (mean over "
-                      f"folds), test pooled macro F1 {mc3:.2f} over 3 folds; others: r3d_18:kinetics nested validation "
+    # Every arm was searched: ranked on the nested scores, each fold's best candidate for every arm alike.
+    assert reason == (f"highest nested validation score (every arm was searched, so every arm is ranked on each fold's "
+                      f"best candidate alike); nested estimate: validation macro F1 {val_mc3:.2f} (mean over folds of "
+                      f"each fold's best candidate; the paper configuration's {(0.70 + 0.72 + 0.92) / 3:.2f}), test "
+                      f"pooled macro F1 {mc3:.2f} over 3 folds; others: r3d_18:kinetics nested validation "
                       f"{val_r3d:.2f}, test {r3d:.2f} (chosen on validation scores; the test figure played no part)")
     # Its trials.csv predates the checkpoint column and no Tune run is left: refused with the command that fixes it.
     with pytest.raises(predict.PredictError, match=r"has no checkpoint column .* no Tune run with checkpoints was "
                                                    r"found .* Run `python tune_main.py --resume --output "):
         predict.fold_weights(exp, estimate)
+
+
+
+def test_an_arm_searched_alone_does_not_win_on_its_best_of_candidates_score(tmp_path):
+    """The nested fixture with r3d_18:kinetics not searched (its search trials and studies removed) and its paper
+    configuration at 0.85 in every fold: above mc3_18's paper configuration (0.78) but below mc3_18's nested score
+    (0.91, each fold's best of its candidates). Ranked on the nested score mc3_18 won by the selection alone."""
+    out = build_nested_search_dir(tmp_path / "run", studies=False)
+    trials = pd.read_csv(out / "trials.csv")
+    searched = (trials["experiment"] == "search") & (trials["model"] == "r3d_18")
+    gone = set(trials.loc[searched, "trial_name"])
+    trials = trials[~searched].copy()
+    trials.loc[trials["model"] == "r3d_18", "best_val_macro_f1"] = 0.85
+    trials.to_csv(out / "trials.csv", index=False)
+    for name in ("predictions.csv", "epochs.csv", "trial_subjects.csv"):
+        table = pd.read_csv(out / name)
+        table[~table["trial_name"].isin(gone)].to_csv(out / name, index=False)
+    meta = json.loads((out / "experiment.json").read_text())
+    meta["optuna_studies"] = [s for s in meta["optuna_studies"] if s["model"] != "r3d_18"]
+    (out / "experiment.json").write_text(json.dumps(meta))
+    exp = load_experiment(out)
+
+    estimates = predict.arm_estimates(exp)
+    mc3, r3d = estimates[("mc3_18", False)], estimates[("r3d_18", True)]
+    assert (mc3.kind, r3d.kind) == ("nested", "grid")
+    assert mc3.val_macro_f1 == pytest.approx((0.85 + 0.95 + 0.92) / 3) and mc3.val_macro_f1 > r3d.val_macro_f1
+    assert mc3.paper_val_macro_f1 == pytest.approx((0.70 + 0.72 + 0.92) / 3)
+    assert r3d.val_macro_f1 == r3d.paper_val_macro_f1 == pytest.approx(0.85)
+    estimate, reason = predict.choose_arm(exp, None)
+    assert estimate.arm == ("r3d_18", True) and estimate.kind == "grid"
+    assert reason.startswith("highest validation score of the paper configuration, the footing every arm shares "
+                             "(not every arm was searched: the nested score of mc3_18:scratch is each fold's best of "
+                             "several candidates, which would beat a single configuration by the selection alone); "
+                             "grid estimate: validation macro F1 0.85 (mean over folds)")
+    assert "; others: mc3_18:scratch paper-configuration validation 0.78 (nested 0.91), test " in reason
+    # Chosen, the searched arm still predicts with each fold's selected configuration.
+    chosen, reason = predict.choose_arm(exp, ("mc3_18", False))
+    assert chosen.kind == "nested" and chosen.trials == mc3.trials
+    assert reason.startswith("chosen with --arm (nested estimate: validation macro F1 0.91 (mean over folds of each "
+                             "fold's best candidate; the paper configuration's 0.78)")
 
 
 # ---------------------------------------------------------------------------------------------- 3. runs
@@ -373,6 +416,141 @@ def test_inputs_that_do_not_match_the_run_are_refused_with_the_file_and_the_fix(
     assert not Path(csv).exists()
 
 
+
+def manifest_run(run_dir: Path, to: Path, columns: list[str]) -> tuple[Path, Path]:
+    """The run's tables as a --manifest run with ``columns`` as path columns records them: experiment.json names its
+    manifest (beside ``to``) and a cache entry of len(columns) channels (meta.json only: inputs are checked before
+    any volume is read). (the run copy, its manifest)"""
+    entry = Path(json.loads((run_dir / "experiment.json").read_text())["cache"])
+    run = copy_tables(run_dir, to)
+    shutil.copytree(entry, run / "cache_entry", ignore=shutil.ignore_patterns("volumes.npy"))
+    meta = json.loads((run / "cache_entry" / "meta.json").read_text())
+    (run / "cache_entry" / "meta.json").write_text(json.dumps({**meta, "channels": len(columns)}))
+    manifest = write_manifest(to.with_name(f"{to.name}_training.csv"),
+                              [{"subject_id": "x", "label": "HGG", **{c: f"x_{c}.nii.gz" for c in columns}}])
+    record = json.loads((run / "experiment.json").read_text())
+    record.update(manifest=str(manifest), data_root=None, cache=str(run / "cache_entry"))
+    record["options"].update(manifest=str(manifest), data_root=None)
+    (run / "experiment.json").write_text(json.dumps(record))
+    return run, manifest
+
+
+def test_a_manifest_whose_path_columns_are_not_the_runs_channels_in_its_order_is_refused(run_dir, phantom_root,
+                                                                                          tmp_path, monkeypatch):
+    """Channel k of a manifest goes to the weights trained on the run's channel k: path_flair,path_t1ce given to a
+    run trained on path_t1ce,path_flair ran silently, every channel read by weights trained on another contrast."""
+    def no_preprocessing(*args, **kwargs):
+        raise AssertionError("the manifest's channels were not checked before its volumes were read")
+
+    monkeypatch.setattr(predict, "prepare_volumes", no_preprocessing)
+    files = sorted(str(p) for p in phantom_root.rglob("*_t1ce.nii.gz"))[:2]
+    csv = str(tmp_path / "p.csv")
+    run, training = manifest_run(run_dir, tmp_path / "run", ["path_t1ce", "path_flair"])
+    swapped = write_manifest(tmp_path / "swapped.csv",
+                             [{"subject_id": "s1", "path_flair": files[1], "path_t1ce": files[0]}])
+    code, _, err = run_cli([str(run), "--manifest", str(swapped), "--arm", "mc3_18:scratch", "--output", csv])
+    assert code == 2, err
+    assert (f"--manifest {swapped} has path columns path_flair, path_t1ce (in that order), but {run} was trained on "
+            f"path_t1ce, path_flair (the path columns of its manifest {training}, in that order): the run's contrasts "
+            "in another order.") in err
+    assert "Reorder the path columns to path_t1ce, path_flair, in that order" in err
+    other = write_manifest(tmp_path / "other.csv", [{"subject_id": "s1", "path_t1ce": files[0], "path_t2": files[1]}])
+    code, _, err = run_cli([str(run), "--manifest", str(other), "--arm", "mc3_18:scratch", "--output", csv])
+    assert code == 2 and "path_t1ce, path_t2 (in that order)" in err and "other contrasts than the run's" in err
+    assert "Rename (or replace) the path columns so that they are path_t1ce, path_flair, in that order" in err
+    # The run's contrasts in its order, spelt as RSNA does and in another case: past the check, to the weights (this
+    # copy's one-channel weights do not fit two channels, which is refused next, still before any volume is read).
+    spelt = write_manifest(tmp_path / "spelt.csv",
+                           [{"subject_id": "s1", "path_T1wCE": files[0], "path_FLAIR": files[1]}])
+    code, _, err = run_cli([str(run), "--manifest", str(spelt), "--arm", "mc3_18:scratch", "--output", csv])
+    assert code == 2 and "best_weights.pt does not fit mc3_18 with 2 input channel(s)" in err
+    # The run's manifest gone: its column names are recorded nowhere else, so the order cannot be checked; said.
+    training.unlink()
+    code, _, err = run_cli([str(run), "--manifest", str(swapped), "--arm", "mc3_18:scratch", "--output", csv])
+    assert code == 2 and "best_weights.pt does not fit mc3_18 with 2 input channel(s)" in err
+    assert (f"note: whether --manifest {swapped}'s path columns (path_flair, path_t1ce) are the run's channels in its "
+            f"order cannot be checked: {run} was trained on a manifest whose path columns name its channels; its "
+            f"experiment.json (written before runs recorded channel_names) and the cache entry record only their "
+            f"number, and its manifest {training} is no longer there") in err
+    # Runs record their channel names (tune_main.channel_names): checked without the run's manifest.
+    record = json.loads((run / "experiment.json").read_text())
+    (run / "experiment.json").write_text(json.dumps({**record, "channel_names": ["path_t1ce", "path_flair"]}))
+    code, _, err = run_cli([str(run), "--manifest", str(swapped), "--arm", "mc3_18:scratch", "--output", csv])
+    assert code == 2 and (f"but {run} was trained on path_t1ce, path_flair ({run}/experiment.json channel_names, in "
+                          "that order): the run's contrasts in another order.") in err
+
+    # A --data-root run (t1ce): a manifest's path column names another contrast.
+    flair = write_manifest(tmp_path / "flair.csv", [{"subject_id": "s1", "path_flair": files[0]}])
+    code, _, err = run_cli([str(run_dir), "--manifest", str(flair), "--output", csv])
+    assert code == 2
+    assert (f"--manifest {flair} has path columns path_flair (in that order), but {run_dir} was trained on t1ce "
+            f"({run_dir}/experiment.json channel_names, in that order): other contrasts than the run's.") in err
+    assert "Rename (or replace) the path columns so that they are path_t1ce, in that order" in err
+    assert not Path(csv).exists()
+
+
+def test_a_data_root_on_a_manifest_run_takes_its_manifests_channels_and_warns_about_others(run_dir, tmp_path, capsys):
+    """contrast_warning returned None for every manifest run, and --data-root defaulted to t1ce for them."""
+    root = tmp_path / "data"
+    subject = root / "HGG" / "BraTS19_CBICA_AAA_1"
+    subject.mkdir(parents=True)
+    for contrast in ("t1ce", "flair"):
+        (subject / f"BraTS19_CBICA_AAA_1_{contrast}.nii.gz").write_bytes(b"")  # listed, never opened here
+    run, _ = manifest_run(run_dir, tmp_path / "run", ["path_t1ce", "path_flair"])
+    exp = load_experiment(run)
+    args = predict.build_parser().parse_args([str(run), "--data-root", str(root), "--output", "p.csv"])
+    records, channels = predict.input_records(args, exp, 2)
+    assert [Path(p).name for p in records[0].paths] == ["BraTS19_CBICA_AAA_1_t1ce.nii.gz",
+                                                        "BraTS19_CBICA_AAA_1_flair.nii.gz"]
+    assert channels.as_json()["channels"] == ["t1ce", "flair"] and channels.check == "same as the run's"
+    assert channels.as_json()["run_channels"] == ["path_t1ce", "path_flair"]
+    assert "are not the contrasts" not in capsys.readouterr().err
+    args = predict.build_parser().parse_args([str(run), "--data-root", str(root), "--contrasts", "flair,t1ce",
+                                              "--output", "p.csv"])
+    records, channels = predict.input_records(args, exp, 2)
+    assert (f"warning: --contrasts flair,t1ce are not the contrasts {run} was trained on (path_t1ce, path_flair: the "
+            "path columns of its manifest") in capsys.readouterr().err
+    assert channels.check.startswith("differs from the run's")
+    assert "are not the contrasts" in predict.contrast_warning(["flair", "t1ce"], exp)
+
+
+def test_a_data_root_prediction_lists_the_runs_classes_as_training_did(run_dir, tmp_path, monkeypatch):
+    """A --classes LGG,HGG run on a BraTS + IXI root: training left IXI out, prediction listed its Healthy scans (for
+    a FLAIR run it refused the root for IXI's missing FLAIR, and its advice, --contrasts t1ce, fed T1ce)."""
+    root = tmp_path / "data"
+    for grade, sid in (("HGG", "BraTS19_CBICA_AAA_1"), ("LGG", "BraTS19_TCIA01_BBB_1")):
+        (root / grade / sid).mkdir(parents=True)
+        for contrast in ("t1ce", "flair"):
+            (root / grade / sid / f"{sid}_{contrast}.nii.gz").write_bytes(b"")  # listed, never opened here
+    (root / "IXI").mkdir()
+    (root / "IXI" / "IXI002-Guys-0828-T1.nii.gz").write_bytes(b"")
+    run = copy_tables(run_dir, tmp_path / "run")
+    record = json.loads((run / "experiment.json").read_text())
+    record["options"]["classes"] = ["lgg", "HGG"]  # as given on the command line: any spelling
+    (run / "experiment.json").write_text(json.dumps(record))
+    listed = []
+
+    def stop_before_reading(args, exp, records, *rest):
+        listed.append(sorted((Path(r.paths[0]).name, r.label) for r in records))
+        raise predict.PredictError("stopped before any volume is read")
+
+    monkeypatch.setattr(predict, "prepare_volumes", stop_before_reading)
+    code, _, err = run_cli([str(run), "--data-root", str(root), "--output", str(tmp_path / "p.csv")])
+    assert code == 2 and "stopped before any volume is read" in err, err
+    assert listed == [[("BraTS19_CBICA_AAA_1_t1ce.nii.gz", "HGG"), ("BraTS19_TCIA01_BBB_1_t1ce.nii.gz", "LGG")]]
+    assert (f"note: {run} was trained on --classes lgg,HGG (its experiment.json options), so only --data-root subjects "
+            "of those classes are listed, as training listed them") in err
+    # A FLAIR run of those classes: IXI (T1 only) is not listed, so the root is not refused for IXI's missing FLAIR.
+    code, _, err = run_cli([str(run), "--data-root", str(root), "--contrasts", "flair", "--output",
+                            str(tmp_path / "p.csv")])
+    assert code == 2 and "stopped before any volume is read" in err, err
+    assert listed[1] == [("BraTS19_CBICA_AAA_1_flair.nii.gz", "HGG"), ("BraTS19_TCIA01_BBB_1_flair.nii.gz", "LGG")]
+    # The provenance names the selection.
+    exp = load_experiment(run)
+    args = predict.build_parser().parse_args([str(run), "--data-root", str(root), "--output", "p.csv"])
+    assert predict.input_records(args, exp, 1)[1].as_json()["selected_classes"] == ["lgg", "HGG"]
+
+
 # ---------------------------------------------------------------------------------------------- 5. labels
 def test_given_labels_are_scored_with_sklearn_and_training_subjects_are_flagged(ensemble, run_dir,
                                                                                  other_arm_on_an_old_run):
@@ -384,6 +562,7 @@ def test_given_labels_are_scored_with_sklearn_and_training_subjects_are_flagged(
     assert (f"Score on 24 labelled subject(s): accuracy {accuracy:.3f}, macro F1 {macro_f1:.3f}; 24 of them are in the "
             "run's training data, so this is no independent test") in ensemble["out"]
     assert record["score"] == pytest.approx({"n_labelled": 24, "accuracy": accuracy, "macro_f1": macro_f1,
+                                             "macro_f1_classes": CLASSES, "classes_without_subjects": [],
                                              "n_in_run_cohort": 24})
     # Every phantom was training data of the run: flagged per row and warned about.
     assert table["in_run_cohort"].all()
@@ -394,6 +573,55 @@ def test_given_labels_are_scored_with_sklearn_and_training_subjects_are_flagged(
     assert "label" not in unlabelled["table"].columns and unlabelled["record"]["score"] is None
     assert "No labels given: no score." in unlabelled["out"] and "Score on" not in unlabelled["out"]
     assert list(unlabelled["table"]["in_run_cohort"]) == [True, True, False]
+
+
+
+def test_macro_f1_is_over_the_classes_with_labelled_subjects_and_names_the_others():
+    """Ten correctly predicted Healthy scans scored macro F1 0.333 for a three-class run (two F1s of 0 averaged in)."""
+    table = pd.DataFrame({"subject_id": [f"s{i}" for i in range(10)], "label": ["Healthy"] * 10,
+                          "pred": ["Healthy"] * 10, "in_run_cohort": [False] * 10})
+    result = predict.score(table, CLASSES)
+    assert result == {"n_labelled": 10, "accuracy": 1.0, "macro_f1": 1.0, "macro_f1_classes": ["Healthy"],
+                      "classes_without_subjects": ["LGG", "HGG"], "n_in_run_cohort": 0}
+    # A prediction of an absent class still costs its subject's class: Healthy F1 = 2 * 1 * 0.8 / 1.8.
+    table.loc[:1, "pred"] = "HGG"
+    assert predict.score(table, CLASSES)["macro_f1"] == pytest.approx(
+        f1_score(table["label"], table["pred"], labels=["Healthy"], average="macro", zero_division=0))
+    assert predict.score(table, CLASSES)["macro_f1"] == pytest.approx(16 / 18)
+
+
+def test_labelled_scans_of_one_class_are_scored_on_it_and_the_json_names_the_inputs_own_channels(
+        run_dir, phantom_root, tmp_path, ensemble, other_arm_on_an_old_run):
+    """The provenance's inputs.contrasts was the run's contrasts whatever was fed; now the input's own channel
+    names, beside the run's and what their comparison found."""
+    hgg = [r for r in load_records(DataSpec(data_root=str(phantom_root))) if r.label == "HGG"][:3]
+    manifest = write_manifest(tmp_path / "hgg.csv", [{"subject_id": f"new{i}", "label": "HGG", "path_T1wCE": r.paths[0]}
+                                                     for i, r in enumerate(hgg)])
+    csv = tmp_path / "p.csv"
+    code, out, err = run_cli([str(run_dir), "--manifest", str(manifest), "--output", str(csv), "--workers", "1"])
+    assert code == 0, err
+    table, _, record = outputs(csv)
+    macro_f1 = f1_score(table["label"], table["pred"], labels=["HGG"], average="macro", zero_division=0)
+    accuracy = accuracy_score(table["label"], table["pred"])
+    assert record["score"] == pytest.approx({"n_labelled": 3, "accuracy": accuracy, "macro_f1": macro_f1,
+                                             "macro_f1_classes": ["HGG"],
+                                             "classes_without_subjects": ["LGG", "Healthy"], "n_in_run_cohort": 3})
+    assert (f"Score on 3 labelled subject(s): accuracy {accuracy:.3f}, macro F1 {macro_f1:.3f} over the classes with "
+            "labelled subjects (HGG; left out of the mean for want of a labelled subject: LGG, Healthy)") in out
+    inputs = record["inputs"]
+    assert "contrasts" not in inputs
+    assert (inputs["channels"], inputs["run_channels"], inputs["channel_check"]) == (["path_T1wCE"], ["t1ce"],
+                                                                                     "same as the run's")
+    assert inputs["channels_from"] == f"the path columns of --manifest {manifest}"
+    assert inputs["run_channels_from"] == f"{run_dir}/experiment.json channel_names"
+    # --data-root without --contrasts: the run's contrasts, checked.
+    assert ensemble["record"]["inputs"]["channels"] == ["t1ce"]
+    assert ensemble["record"]["inputs"]["channel_check"] == "same as the run's"
+    # A bare `path` column names no contrast: not checked, and said so.
+    unnamed = other_arm_on_an_old_run["record"]["inputs"]
+    assert unnamed["channels"] == ["path"] and unnamed["channel_check"].startswith(
+        "not checked: a column `path` names no contrast")
+    assert "path columns (path) are the run's channels in its order cannot be checked" in other_arm_on_an_old_run["err"]
 
 
 def test_a_run_volume_under_another_file_name_is_flagged_with_the_run_subject_it_is(run_dir, phantom_root, tmp_path):

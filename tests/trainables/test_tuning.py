@@ -78,6 +78,7 @@ def test_grid_runs_one_trial_per_model_pretraining_and_fold(grid_run, phantom_ro
     record = json.loads((out / "experiment.json").read_text())
     assert sorted(record["planned_trials"]) == sorted(trials["trial_name"])
     assert record["classes"] == ["LGG", "HGG", "Healthy"]
+    assert record["channel_names"] == ["t1ce"]  # what prediction compares a new manifest's path columns with
 
 
 def test_a_run_records_source_site_cohort_and_fits_the_baselines_on_the_same_folds(grid_run):
