@@ -31,12 +31,17 @@ def class_metrics(y_true, y_pred, classes: list[str]) -> pd.DataFrame:
     """One row per class: precision, recall, specificity, f1, support (sklearn, zero_division=0).
 
     Specificity = TN / (TN + FP), one-vs-rest, from sklearn's multilabel confusion matrix; it is NaN
-    (undefined, not 0) when every sample belongs to the class.
+    (undefined, not 0) when every sample belongs to the class. Likewise a class with no sample in these
+    predictions has NaN recall, and NaN F1 and precision when it was never predicted either: sklearn's 0 would
+    count a fold that could not measure the class as a fold that failed it, in every mean over folds.
     """
     precision, recall, f1, support = precision_recall_fscore_support(
         y_true, y_pred, labels=classes, average=None, zero_division=0)
     mcm = multilabel_confusion_matrix(y_true, y_pred, labels=classes)
     tn, fp = mcm[:, 0, 0].astype(float), mcm[:, 0, 1].astype(float)
+    absent, unused = support == 0, (support == 0) & (fp == 0)
+    recall = np.where(absent, np.nan, recall)
+    f1, precision = np.where(unused, np.nan, f1), np.where(unused, np.nan, precision)
     with np.errstate(invalid="ignore", divide="ignore"):
         specificity = np.where(tn + fp > 0, tn / (tn + fp), np.nan)
     return pd.DataFrame({"class": classes, "precision": precision, "recall": recall,
@@ -44,11 +49,14 @@ def class_metrics(y_true, y_pred, classes: list[str]) -> pd.DataFrame:
 
 
 def overall_metrics(y_true, y_pred, classes: list[str]) -> dict[str, float]:
-    """Accuracy, macro F1 and weighted F1 over the given label set (zero_division=0)."""
+    """Accuracy, macro F1 and weighted F1 over the classes these predictions can measure (zero_division=0): those
+    with a sample or a prediction; a class with neither (absent from a fold) would add a 0 to the macro mean."""
+    seen = set(pd.Series(y_true)) | set(pd.Series(y_pred))
+    labels = [c for c in classes if c in seen]
     return {
         "accuracy": float(accuracy_score(y_true, y_pred)),
-        "macro_f1": float(f1_score(y_true, y_pred, labels=classes, average="macro", zero_division=0)),
-        "weighted_f1": float(f1_score(y_true, y_pred, labels=classes, average="weighted", zero_division=0)),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "weighted_f1": float(f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)),
     }
 
 

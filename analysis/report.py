@@ -289,7 +289,9 @@ def _what_ran(doc: Document, exp: Experiment, arms: list[Arm], partial: PartialR
 
 def _main_tables(doc, exp, comp, metrics, arms, partial, fig_macro, report_dir, confounds) -> None:
     doc.heading("Main results (paper protocol)", 2)
-    doc.para("Cells are **mean ± sample standard deviation (ddof = 1) over test folds**, as in the paper; "
+    doc.para("Cells are **mean ± sample standard deviation (ddof = 1) over test folds**, as in the paper (a class "
+             "with no test subject in a fold, and none predicted there, is undefined in that fold and left out of "
+             "its means, not counted as 0); "
              "*pooled* is the same metric on all out-of-fold predictions of the arm concatenated (less biased for "
              "the minority class than the fold mean). *Published* is the paper's value, *Difference* = our fold "
              f"mean − published. **Bold** with {tb.STAR} marks the best arm of a column (ours by fold mean; in the "

@@ -48,7 +48,7 @@ def test_specificity_undefined_is_nan_not_zero():
     got = class_metrics(["HGG", "HGG"], ["HGG", "HGG"], ["HGG", "LGG"]).set_index("class")
     assert math.isnan(got.loc["HGG", "specificity"])  # no negatives at all
     assert got.loc["LGG", "specificity"] == 1.0
-    assert got.loc["LGG", "f1"] == 0.0  # zero_division=0, the documented choice
+    assert math.isnan(got.loc["LGG", "f1"])  # no LGG sample and none predicted: nothing to measure, not a 0
 
 
 def _frame(matrices: list[list[list[int]]], model="m", pretrained=True) -> pd.DataFrame:
@@ -137,3 +137,24 @@ def test_published_values_match_display_names_despite_spacing():
     assert published("mc3_18", True, "f1", "LGG")[:2] == pytest.approx((0.8949, 0.033))
     assert math.isnan(published("resnet2d_18", True, "macro_f1")[0])  # not in the paper: blank, no failure
     assert math.isnan(published("mc3_18", True, "f1", "Meningioma")[0])
+
+
+def test_a_class_absent_from_a_fold_is_undefined_there_not_a_zero():
+    """A perfect classifier over three folds, the third without LGG: LGG's F1 is 1 over the two folds that hold it
+    and every fold's macro F1 is 1 (sklearn's zero_division=0 gave LGG 0.667 ± 0.577 and fold 2 macro F1 0.667)."""
+    from analysis.metrics import arm_metrics
+
+    classes = ["HGG", "LGG", "Healthy"]
+    rows = [{"model": "m", "pretrained": True, "fold": fold, "trial_name": f"t{fold}", "subject_id": f"{fold}-{c}-{i}",
+             "label": c, "pred": c} for fold in range(3) for c in classes for i in range(3) if (fold, c) != (2, "LGG")]
+    metrics = arm_metrics(pd.DataFrame(rows), classes, [("m", True)])
+    fold2 = metrics.per_fold_class[(metrics.per_fold_class["fold"] == 2)].set_index("class")
+    assert np.isnan(fold2.loc["LGG", ["precision", "recall", "f1"]].astype(float)).all()
+    assert fold2.loc["LGG", "specificity"] == 1.0 and fold2.loc["LGG", "support"] == 0
+    lgg_f1 = metrics.per_class.set_index(["class", "metric"]).loc[("LGG", "f1")]
+    assert (lgg_f1["mean"], lgg_f1["std"], lgg_f1["pooled"]) == (1.0, 0.0, 1.0)
+    assert metrics.per_fold_overall["macro_f1"].tolist() == [1.0, 1.0, 1.0]
+    # A class predicted but absent keeps sklearn's well-defined 0: its false positives are errors.
+    wrong = pd.DataFrame(rows).assign(pred=lambda f: np.where((f["fold"] == 2) & (f["label"] == "HGG"), "LGG", f["pred"]))
+    fold2 = arm_metrics(wrong, classes, [("m", True)]).per_fold_class.query("fold == 2").set_index("class")
+    assert fold2.loc["LGG", "f1"] == 0.0 and fold2.loc["LGG", "precision"] == 0.0 and np.isnan(fold2.loc["LGG", "recall"])
