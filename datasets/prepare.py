@@ -25,7 +25,8 @@ from datasets.sources import class_order, discover_brats_ixi, read_manifest
 from datasets.splits import (SplitPlan, audit_splits, check_class_counts, check_every_part_has_every_class,
                              check_groups_per_class, check_split_options, plan_splits)
 from datasets.stripping import StrippingCheck, check_stripping, require_consistent_stripping
-from datasets.validation import InvalidDataError, Problem, ValidationReport, require_valid, validate_records
+from datasets.validation import (CONTENT_DIGEST, InvalidDataError, Problem, ValidationReport, require_valid,
+                                 validate_records)
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +158,11 @@ def subject_table(records: list[SubjectRecord], report: ValidationReport) -> pd.
         rows.append({"subject_id": record.subject_id, "label": record.label, "group": record.group,
                      "source": record.source, "site": record.site,
                      "stripped": all(looks_stripped(report.profiles[p]) for p in record.paths),
-                     **{c: profile[c] for c in PROFILE_COLUMNS}})
-    return pd.DataFrame(rows, columns=["subject_id", "label", "group", "source", "site", "stripped", *PROFILE_COLUMNS])
+                     **{c: profile[c] for c in PROFILE_COLUMNS},
+                     # the first file's voxels, for prediction to recognise this subject's volume under any name
+                     CONTENT_DIGEST: profile.get(CONTENT_DIGEST, "")})
+    return pd.DataFrame(rows, columns=["subject_id", "label", "group", "source", "site", "stripped", *PROFILE_COLUMNS,
+                                       CONTENT_DIGEST])
 
 
 def _register(records: list[SubjectRecord], spec: DataSpec, config: PreprocessConfig, cache_root,

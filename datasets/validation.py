@@ -118,7 +118,7 @@ def inspect_volume(path: str | os.PathLike) -> tuple[str | None, dict | None]:
 # The profile key of ``content_digest``. validate_records refuses two subject ids whose files share one: the same scan
 # under two ids (a copy, a hard link, .nii beside .nii.gz, a re-save as another data type) would be two groups, so it
 # could be trained on in one part of a fold and tested on in another, which the split audit (ids and groups) cannot
-# see. Only datasets.validation reads it: subjects.csv takes datasets.acquisition.PROFILE_COLUMNS, not every key.
+# see. subjects.csv records each subject's first file's digest, so that prediction recognises a run volume by it.
 CONTENT_DIGEST = "content_sha256"
 
 

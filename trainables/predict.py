@@ -74,7 +74,7 @@ from datasets.records import SubjectRecord
 from datasets.rsna import SEQUENCE_ALIASES
 from datasets.sources import (BRATS_CONTRASTS, IXI_PATTERN, NIFTI_SUFFIXES, class_order, manifest_path_columns,
                               read_manifest)
-from datasets.validation import Problem, validate_records
+from datasets.validation import CONTENT_DIGEST, Problem, validate_records
 from datasets.volume_dataset import batch_to_video_layout
 from datasets.workers import Interrupted
 from models import build_model
@@ -738,22 +738,28 @@ def cohort_profiles(subjects: pd.DataFrame | None) -> pd.DataFrame | None:
     if subjects is None or not set(CONTENT_NUMERIC + CONTENT_TEXT) <= set(subjects.columns):
         return None
     known = subjects[subjects[list(CONTENT_NUMERIC)].notna().all(axis=1)]
-    return known[["subject_id", *CONTENT_NUMERIC, *CONTENT_TEXT]].reset_index(drop=True)
+    digest = [CONTENT_DIGEST] if CONTENT_DIGEST in known.columns else []  # runs since subjects.csv records it
+    return known[["subject_id", *CONTENT_NUMERIC, *CONTENT_TEXT, *digest]].reset_index(drop=True)
 
 
 def same_content(profile: dict | None, cohort: pd.DataFrame | None) -> list[str]:
-    """The run subjects whose recorded profile equals ``profile`` in every content field (sorted ids)."""
+    """The run subjects whose first file has the same voxels as ``profile``'s file (``CONTENT_DIGEST``, whatever
+    the header says), or whose recorded profile equals ``profile`` in every content field (sorted ids)."""
     if profile is None or cohort is None or cohort.empty:
         return []
+    by_digest = set()
+    if CONTENT_DIGEST in cohort.columns and profile.get(CONTENT_DIGEST):
+        by_digest = {str(s) for s in cohort.loc[cohort[CONTENT_DIGEST].astype(str) == profile[CONTENT_DIGEST],
+                                                "subject_id"]}
     try:
         mine = np.array([float(profile[c]) for c in CONTENT_NUMERIC])
     except (KeyError, TypeError, ValueError):
-        return []
+        return sorted(by_digest)
     equal = np.isclose(cohort[list(CONTENT_NUMERIC)].to_numpy(dtype=float), mine, rtol=CONTENT_RTOL,
                        atol=0).all(axis=1)
     for column in CONTENT_TEXT:
         equal &= (cohort[column].astype(str) == str(profile.get(column))).to_numpy()
-    return sorted(str(s) for s in cohort.loc[equal, "subject_id"])
+    return sorted(by_digest | {str(s) for s in cohort.loc[equal, "subject_id"]})
 
 
 def run_cohort_matches(records: Sequence[SubjectRecord], profiles: dict[str, dict | None],
@@ -761,9 +767,11 @@ def run_cohort_matches(records: Sequence[SubjectRecord], profiles: dict[str, dic
     """For each record, the run subject(s) it is (None: none found); ``profiles``: subject id -> the acquisition
     profile validation measured for the record's first file (the file subjects.csv profiled for the run's subjects).
 
-    Matched, in this order: 1. **id**: the subject id is in subjects.csv. 2. **content**: the first file's
+    Matched, in this order: 1. **id**: the subject id is in subjects.csv. 2. **content**: the first file's voxel
+    values (``datasets.validation.content_digest``, recorded in subjects.csv since the duplicate-scan check: the same
+    voxels whatever the file's name, format, data type, axis order or header) equal a cohort subject's, or its
     acquisition profile (matrix, voxel size, orientation, foreground volume, foreground median and 99th percentile,
-    zero and border-zero fractions) equals a cohort subject's in subjects.csv. 3. **name**: a file is named as the
+    zero and border-zero fractions; older runs) does. 3. **name**: a file is named as the
     run's layouts name a scan of a cohort subject (``<id>_flair.nii.gz``, ``<id>-T1_brain.nii``): another contrast
     of that subject, so the same anatomy and tumour.
 

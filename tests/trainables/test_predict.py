@@ -674,6 +674,24 @@ def test_a_run_volume_under_another_file_name_is_flagged_with_the_run_subject_it
     assert "a cohort volume copied under another name is not recognised" in err
 
 
+def test_a_run_volume_with_a_rewritten_header_is_recognised_by_its_voxels(run_dir, phantom_root, tmp_path):
+    """Another voxel size in the header changes every profile field that measures size, but not the voxels: the
+    digest subjects.csv records (content_sha256) still names the run subject."""
+    subjects = pd.read_csv(run_dir / "subjects.csv", dtype=str, keep_default_na=False)
+    assert subjects["content_sha256"].str.fullmatch(r"[0-9a-f]{64}").all()
+    cohort = {r.subject_id: Path(r.paths[0]) for r in load_records(DataSpec(data_root=str(phantom_root)))}
+    subject = sorted(s for s in cohort if s.startswith("BraTS"))[5]
+    image = nib.load(cohort[subject])
+    stretched = image.affine @ np.diag([1.1, 1.1, 1.1, 1.0])
+    nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj), stretched), str(tmp_path / "fixed_header.nii.gz"))
+    csv = tmp_path / "p.csv"
+    code, _, err = run_cli([str(run_dir), str(tmp_path / "fixed_header.nii.gz"), "--output", str(csv), "--workers", "1"])
+    assert code == 0, err
+    table, _, record = outputs(csv)
+    assert table["in_run_cohort"].tolist() == [True]
+    assert record["inputs"]["in_run_cohort_matches"] == {"fixed_header": {"run_subject_ids": [subject], "by": "content"}}
+
+
 def test_prediction_asks_cudnn_for_full_float32_and_gives_the_setting_back():
     """TF32 is cuDNN's default for float32 convolutions on recent GPUs; inside prediction it is off, after it as before."""
     conv = torch.backends.cudnn.conv
