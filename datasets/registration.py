@@ -296,25 +296,37 @@ def _template_grids(spacing: float):
     return fixed, grid
 
 
-def _read(path: str):
-    """The volume as a 3-D float ANTs image.
+# ITK's physical space is LPS; nibabel's affines map voxels to RAS.
+_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 
-    nibabel reads the data first because ITK returns a truncated .nii.gz without complaint, as if it
-    were complete (its unread voxels hold whatever was in memory).
+
+def _read(path: str):
+    """The volume as a 3-D float ANTs image, placed by nibabel's affine.
+
+    Read by nibabel, not ``ants.image_read``: ITK returns a truncated .nii.gz without complaint, as if it were
+    complete (its unread voxels hold whatever was in memory), and it chooses between a header's qform and sform
+    otherwise than nibabel, which validation, the acquisition profile and ``--register none`` use: with the two
+    disagreeing, or neither set, the brain could be registered mirrored (which an affine registration cannot undo).
     """
     import ants
 
     try:
         nifti = nib.load(path)
-        np.asanyarray(nifti.dataobj)
+        values = nifti.get_fdata(dtype=np.float32)  # scl_slope / scl_inter applied, as ITK did
     except (EOFError, zlib.error) as error:
         raise OSError(f"truncated or corrupt file ({type(error).__name__}: {error})") from error
-    image = ants.image_read(path, pixeltype="float")
-    if image.dimension == 4 and image.shape[3] == 1:
-        image = ants.slice_image(image, axis=3, idx=0)
-    if image.dimension != 3:
-        raise ValueError(f"expected a 3-D volume, got shape {image.shape}")
-    return image
+    if values.ndim == 4 and values.shape[3] == 1:
+        values = values[..., 0]
+    if values.ndim != 3:
+        raise ValueError(f"expected a 3-D volume, got shape {values.shape}")
+    linear = _RAS_TO_LPS @ nifti.affine[:3, :3]
+    spacing = np.linalg.norm(linear, axis=0)
+    direction = linear / spacing
+    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
+        raise ValueError("the header's voxel axes are not perpendicular (a sheared affine), which registration's "
+                         "image grid cannot hold; resample the volume to an orthogonal grid first")
+    return ants.from_numpy(np.ascontiguousarray(values), origin=tuple(_RAS_TO_LPS @ nifti.affine[:3, 3]),
+                           spacing=tuple(spacing), direction=direction)
 
 
 def _n4(image):

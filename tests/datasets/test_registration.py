@@ -231,3 +231,29 @@ def test_prepare_data_registers_before_caching_and_names_a_failure(tmp_path, mon
                            split, tmp_path / "cache", num_workers=1)
     sid = broken.name.split("-T1")[0]
     assert sid in skipped.excluded and sid not in set(skipped.cached.table["subject_id"])
+
+
+@pytest.mark.parametrize("headers", ["qform and sform disagree", "neither set"])
+def test_registration_reads_a_volume_where_validation_and_preprocessing_place_it(tmp_path, headers):
+    """ITK (ants.image_read) picked the qform where nibabel takes the sform, and mirrored a header without either:
+    the brain would have been registered as its mirror image. The ANTs image now follows nibabel's affine."""
+    from datasets.registration import _read
+
+    data = np.zeros((10, 12, 14), np.float32)
+    data[1, 2, 3] = 1
+    image = nib.Nifti1Image(data, None)
+    if headers == "qform and sform disagree":
+        sform = np.diag([-1.0, 1, 1, 1])
+        sform[0, 3] = 9
+        image.set_qform(np.eye(4), code=1)
+        image.set_sform(sform, code=2)
+    else:
+        image = nib.Nifti1Image(data, np.diag([2.0, 2, 2, 1]))
+        image.set_qform(None, code=0)
+        image.set_sform(None, code=0)
+    nib.save(image, str(tmp_path / "v.nii.gz"))
+    expected_ras = (nib.load(tmp_path / "v.nii.gz").affine @ [1, 2, 3, 1])[:3]
+    read = _read(str(tmp_path / "v.nii.gz"))
+    lps = np.array(read.origin) + np.array(read.direction) @ (np.array(read.spacing) * [1, 2, 3])
+    np.testing.assert_allclose(lps * [-1, -1, 1], expected_ras, atol=1e-5)
+    assert read.numpy()[1, 2, 3] == 1 and read.numpy().sum() == 1
