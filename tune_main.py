@@ -213,6 +213,9 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
         "demo_task": args.demo_task,  # with --resume: compared with the saved one, not ignored
     }
     options.update({k: v for k, v in given.items() if v is not None})
+    if (not args.resume and experiment == "demo" and given["models"]
+            and not set(options["search_models"]) & set(given["models"])):
+        options["search_models"] = given["models"][:1]  # the demo searches one arm: the first one asked for
     if args.set:
         options["overrides"] = {**options.get("overrides", {}), **parse_overrides(args.set)}
     options["output"] = str(output)
@@ -345,6 +348,9 @@ def refuse_changed_options(config: ExperimentConfig) -> None:
                 original = saved.get("storage") or str(config.output_path / "ray")
                 hint = (f". Its Tune runs (finished trials, checkpoints) are under --storage {original}: rerun with "
                         f"--storage {original}")
+            elif {"max_failures", "max_concurrent", "overrides"} & set(changed):
+                hint = (". A resumed run keeps its first --max-failures, --max-concurrent and checkpoint_every (Ray "
+                        "Tune restores them with the run), so a new value would be ignored")
             raise ValueError(f"{config.output_path} holds an experiment run with other options ({', '.join(changed)}); "
                              f"rerun with the same options to resume it, or choose another --output{hint}")
 

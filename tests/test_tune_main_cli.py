@@ -224,3 +224,39 @@ def test_tune_runs_and_tensorboard_name_this_experiments_retrain_runs_in_a_share
     empty = ExperimentConfig(experiment="paper", output=str(tmp_path / "out"), models=("mc3_18",), pretrained="none",
                              run_id="ab12cd34", storage=f"{root}/none-yet")  # before Tune made the folder
     assert tune_main.tune_runs(empty, searched=False) == {"paper": f"{root}/none-yet/paper-ab12cd34"}
+
+
+@pytest.mark.parametrize("changed, option", [(["--max-failures", "5"], "max_failures"),
+                                             (["--max-concurrent", "2"], "max_concurrent"),
+                                             (["--set", "checkpoint_every=5"], "overrides")])
+def test_resume_refuses_options_that_tuner_restore_would_ignore(tmp_path, capsys, changed, option):
+    """Ray 2.60's Tuner.restore keeps the RunConfig, TuneConfig and trial configs of the first run: a new
+    --max-failures, --max-concurrent or checkpoint_every would be recorded in experiment.json and then ignored."""
+    out = tmp_path / "run"
+    saved_run(out, data_root=str(tmp_path))
+    err = refused(["--resume", "--output", str(out), *changed], capsys)
+    assert f"other options ({option})" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--set", "epochs=7"], "--set epochs: give it as --epochs 7 instead"),
+    (["--set", "weights_dir=rel/w"], "--set weights_dir: give it as --weights-dir rel/w instead"),
+    (["--models", "mc3_18,r3d_18,mc3_18"], "--models names mc3_18 more than once"),
+    (["--experiment", "search", "--set", "weight_decay=0"],
+     "--set weight_decay=0: the search draws weight_decay on a log scale around this value, which needs it above 0"),
+])
+def test_options_that_would_be_ignored_or_fail_late_are_refused_first(tmp_path, capsys, argv, message):
+    base = ["--data-root", str(tmp_path), "--output", str(tmp_path / "out"), "--pretrained", "none"]
+    if "--experiment" not in argv:
+        base = ["--experiment", "paper", *base]
+    err = refused([*base, *argv], capsys)
+    assert message in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_demo_on_other_models_searches_the_first_of_them():
+    args = tune_main.build_parser().parse_args(["--experiment", "demo", "--models", "r3d_18,r2plus1d_18",
+                                                "--pretrained", "none"])
+    assert tune_main.config_from_args(args).search_models == ("r3d_18",)
+    args = tune_main.build_parser().parse_args(["--experiment", "demo", "--pretrained", "none"])
+    assert tune_main.config_from_args(args).search_models == ("mc3_18",)  # the default demo: unchanged

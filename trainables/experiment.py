@@ -21,15 +21,17 @@ DEMO_TASKS = ("tumour", "mgmt")  # the demo's synthetic data: BraTS/IXI three cl
 # The Tune runs an experiment may hold: the fixed grid and the nested search (the demo runs both).
 TUNE_RUNS = ("paper", "search")
 PRETRAINED_CHOICES = {"none": (False,), "kinetics": (True,), "both": (False, True)}
-# Training options that change how often state is saved, not what is computed: may differ on resume.
-EXECUTION_ONLY_OVERRIDES = {"checkpoint_every"}
-# Options that only change how a run is executed, not what it computes: they may differ on resume.
-# --storage is not one of them: the Tune runs (finished trials, checkpoints) live there, so another
+# Training options that may differ on resume without changing what is computed: none since Tuner.restore keeps
+# the configs its trials were created with (checkpoint_every with them), so a new value would be recorded but ignored.
+EXECUTION_ONLY_OVERRIDES: set[str] = set()
+# Options that only change how a run is executed, not what it computes, and that a resumed run really applies:
+# they may differ on resume. Not --max-failures or --max-concurrent: Tuner.restore keeps the run's own (Ray 2.60
+# restores the RunConfig and TuneConfig from tuner.pkl), so a new value would be ignored while experiment.json
+# recorded it. --storage is not one either: the Tune runs (finished trials, checkpoints) live there, so another
 # --storage would silently start every trial again beside an Optuna study that already holds them.
 # What ray.init accepts as a cluster: "auto", Ray Client's ray://HOST:PORT, or the GCS's HOST:PORT (IPv6 in brackets).
 ADDRESS_FORMAT = re.compile(r"auto|ray://\S+|(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):[0-9]{1,5}")
-EXECUTION_ONLY = {"address", "gpus_per_trial", "cpus_per_trial", "max_failures", "preprocess_workers",
-                  "max_concurrent", "report"}
+EXECUTION_ONLY = {"address", "gpus_per_trial", "cpus_per_trial", "preprocess_workers", "report"}
 # Not options: the experiment's identity, set once (see ``run_id`` below), and its folder, which holds the saved
 # record being compared (a renamed or copied folder is the same experiment).
 NOT_COMPARED = EXECUTION_ONLY | {"run_id", "output"}
@@ -67,7 +69,7 @@ class ExperimentConfig:
     epochs: int = 50
     patience: int | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
-    num_samples: int = 20  # Optuna suggestions per arm (each runs `folds` trials)
+    num_samples: int = 20  # trials per (arm, fold) Optuna study
     search_models: tuple[str, ...] | None = None  # arms searched in a demo; None: all arms
     demo_task: str = "tumour"  # which synthetic data a demo writes (DEMO_TASKS)
     # execution
@@ -95,6 +97,9 @@ class ExperimentConfig:
         unknown = [m for m in self.models if m not in MODEL_NAMES]
         if unknown or not self.models:
             raise ValueError(f"--models: unknown {unknown}; choose from {', '.join(MODEL_NAMES)}")
+        twice = sorted({m for m in self.models if self.models.count(m) > 1})
+        if twice:
+            raise ValueError(f"--models names {', '.join(twice)} more than once; list each model once")
         if self.demo_task not in DEMO_TASKS:
             raise ValueError(f"--demo-task must be one of {', '.join(DEMO_TASKS)}, got {self.demo_task!r}")
         if self.pretrained not in PRETRAINED_CHOICES:
@@ -134,6 +139,8 @@ class ExperimentConfig:
             option = f"--set {key}" if key in self.overrides else TRAINING_OPTIONS.get(key)
             raise ValueError(f"{option}: {error}" if option else str(error)) from None
         self._check_seeds(training_seed)
+        if self.experiment in ("search", "demo"):
+            self._check_search_space()
         if self.address and not ADDRESS_FORMAT.fullmatch(self.address):
             raise ValueError(f"--address {self.address}: not a Ray cluster address; give the head node's HOST:PORT as "
                              "`ray start --head` printed it (e.g. 10.0.0.1:6379), ray://HOST:PORT for Ray Client, or "
@@ -143,6 +150,23 @@ class ExperimentConfig:
                 f"--address {self.address} needs --storage: trials on other hosts write their results and checkpoints "
                 "to Ray Tune's storage, and the default (OUT/ray) is on this machine only. Give a folder that every "
                 "node mounts at the same path (e.g. --storage /shared/runs) or a URI (s3://bucket/runs).")
+
+    def _check_search_space(self) -> None:
+        """The search's ranges are centred on the training constants: build them now, not after the grid has run."""
+        from search_spaces.paper import SEARCH_SPACE, optuna_distributions
+
+        constants = self.training_constants()
+        for item in SEARCH_SPACE:
+            if item.log and not constants[item.name] > 0:
+                option = f"--set {item.name}" if item.name in self.overrides else item.name
+                raise ValueError(f"{option}={constants[item.name]}: the search draws {item.name} on a log scale "
+                                 "around this value, which needs it above 0; give a positive value, or run "
+                                 "--experiment paper to train with it unsearched")
+        try:
+            optuna_distributions(constants)
+        except ValueError as error:
+            raise ValueError(f"--set: the search space around {', '.join(sorted(self.overrides)) or 'the defaults'} "
+                             f"cannot be built ({error})") from None
 
     def _check_seeds(self, training_seed: int) -> None:
         """numpy takes seeds in [0, 2**32): training seeds it with seed * 1000 + fold, the inner splits with
@@ -222,6 +246,11 @@ def path_in_output(value: Any, output: Path) -> str | None:
     return path.relative_to(output).as_posix() if path == output or output in path.parents else None
 
 
+# Training options with an option of their own: --set would override it silently (and --set weights_dir would skip
+# its absolute path and the Kinetics check before the run).
+OWN_OPTIONS = {"epochs": "--epochs", "patience": "--patience", "weights_dir": "--weights-dir"}
+
+
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """``--set key=value``: values parsed as JSON where possible (1e-4, true, null), else kept as text."""
     overrides = {}
@@ -229,6 +258,9 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         key, sep, text = pair.partition("=")
         if not sep or not key:
             raise ValueError(f"--set expects key=value, got {pair!r}")
+        if key in OWN_OPTIONS:
+            raise ValueError(f"--set {key}: give it as {OWN_OPTIONS[key]} {text or 'VALUE'} instead (it has its own "
+                             "option, which --set would override without a word)")
         if key not in DEFAULT_CONFIG or key in {"model", "pretrained", "fold"}:
             allowed = sorted(set(DEFAULT_CONFIG) - {"model", "pretrained", "fold"})
             raise ValueError(f"--set {key}: not a training option; choose from {', '.join(allowed)}")
