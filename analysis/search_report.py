@@ -220,10 +220,12 @@ def _search_space(doc: Document, exp: Experiment) -> None:
     doc.heading("Search space", 3)
     grid = exp.paper_defaults
     rows = [{"Parameter": f"`{r['name']}`",
-             "Searched": f"{tb.fmt_hp(r['searched_low'])} - {tb.fmt_hp(r['searched_high'])}",
+             "Searched": (f"{tb.fmt_hp(r['searched_low'])} - {tb.fmt_hp(r['searched_high'])}"
+                          if r.get("searched", True) else "no"),
              "Scale": "log" if r["log"] else "linear",
              "Grid value": tb.fmt_hp(grid.get(r["name"], r["default"])), "Paper": tb.fmt_hp(r["paper"]),
              "Why this range": r["reason"] + ("" if (r["searched_low"], r["searched_high"]) == (r["low"], r["high"])
+                                              or not r.get("searched", True)
                                               else f" (moved with the --set value from {tb.fmt_hp(r['low'])} - "
                                                    f"{tb.fmt_hp(r['high'])})")}
             for r in space]

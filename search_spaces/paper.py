@@ -49,16 +49,36 @@ SEARCH_SPACE: tuple[SearchRange, ...] = (
 )
 
 
-def optuna_distributions(centres: dict[str, float] | None = None) -> dict[str, Any]:
-    """The space as Optuna distributions (a dict, so known results can be added as evaluated trials)."""
+def unsearched(constants: dict[str, Any] | None = None) -> dict[str, str]:
+    """Ranges of SEARCH_SPACE left out for these training constants, with why: without augmentation
+    (``--set augmentation=none``) the strength changes nothing, and TPE would spend a dimension on noise."""
+    constants = constants or {}
+    if constants.get("augmentation") == "none":
+        return {"aug_strength": "not searched: --set augmentation=none, so the strength has no effect"}
+    return {}
+
+
+def active_ranges(constants: dict[str, Any] | None = None) -> tuple[SearchRange, ...]:
+    """The ranges searched for these training constants (SEARCH_SPACE less :func:`unsearched`)."""
+    skipped = unsearched(constants)
+    return tuple(item for item in SEARCH_SPACE if item.name not in skipped)
+
+
+def optuna_distributions(centres: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The space as Optuna distributions (a dict, so known results can be added as evaluated trials); ``centres``
+    are the training constants (a --set value re-centres its range; augmentation none drops aug_strength)."""
     from optuna.distributions import FloatDistribution
 
     centres = centres or {}
-    return {item.name: FloatDistribution(*item.bounds(centres.get(item.name)), log=item.log) for item in SEARCH_SPACE}
+    return {item.name: FloatDistribution(*item.bounds(centres.get(item.name)), log=item.log)
+            for item in active_ranges(centres)}
 
 
-def space_table(centres: dict[str, float] | None = None) -> list[dict[str, Any]]:
+def space_table(centres: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     centres = centres or {}
+    skipped = unsearched(centres)
     return [{**asdict(item), "paper": PAPER_RECIPE[item.name], "default": PAPER_DEFAULTS[item.name],
              "searched_low": item.bounds(centres.get(item.name))[0],
-             "searched_high": item.bounds(centres.get(item.name))[1]} for item in SEARCH_SPACE]
+             "searched_high": item.bounds(centres.get(item.name))[1],
+             "searched": item.name not in skipped, **({"reason": skipped[item.name]} if item.name in skipped else {})}
+            for item in SEARCH_SPACE]

@@ -18,7 +18,7 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from datasets import PreparedData
-from search_spaces import SEARCH_SPACE, TPE_STARTUP_TRIALS, optuna_distributions
+from search_spaces import TPE_STARTUP_TRIALS, active_ranges, optuna_distributions
 from trainables.collect import lost_checkpoint_problem, missing_final_files
 from trainables.experiment import ExperimentConfig
 from trainables.nested_search import (STUDY_DATABASE, FoldStudies, OutputFolderStorage, PickledSearcher, StudyKey,
@@ -280,7 +280,7 @@ def run_search(config: ExperimentConfig, data: PreparedData, resources: dict[str
     grid_values = grid_values or {}
     folds = len(data.plan.folds)
     constants = config.training_constants()
-    searched = [item.name for item in SEARCH_SPACE]
+    searched = [item.name for item in active_ranges(constants)]  # aug_strength is fixed without augmentation
     fixed = {k: v for k, v in constants.items() if k not in searched}
     keys = [StudyKey(m, p, k) for m, p in arms for k in range(folds)]
     known = {key: grid_values.get((key.model, key.pretrained, key.fold)) for key in keys}

@@ -32,3 +32,12 @@ def test_ranges_follow_a_set_value():
     assert math.isclose(distributions["lr"].low, 3e-5) and math.isclose(distributions["lr"].high, 3e-3)
     assert (distributions["weight_decay"].low, distributions["weight_decay"].high) == (1e-5, 1e-1)
     assert (distributions["dropout"].low, distributions["dropout"].high) == (0.0, 0.8)
+
+
+def test_without_augmentation_the_strength_is_not_searched_and_the_table_says_why():
+    constants = {**PAPER_DEFAULTS, "augmentation": "none"}
+    assert set(optuna_distributions(constants)) == {"lr", "weight_decay", "dropout"}
+    rows = {row["name"]: row for row in space_table(constants)}
+    assert not rows["aug_strength"]["searched"] and rows["lr"]["searched"]
+    assert rows["aug_strength"]["reason"] == "not searched: --set augmentation=none, so the strength has no effect"
+    assert set(optuna_distributions({**PAPER_DEFAULTS, "augmentation": "heavy"})) >= {"aug_strength"}

@@ -449,6 +449,31 @@ def test_a_search_after_the_grid_hands_each_fold_study_its_grid_score(grid_run, 
         assert len(values) == 2 and values[1] == pytest.approx(new.metrics["val_macro_f1_best"])
 
 
+def test_a_search_without_augmentation_keeps_the_strength_fixed(phantom_root, tmp_path):
+    """aug_strength changes nothing without augmentation: its studies do not search it, and trials run the constant."""
+    import ray
+
+    from datasets import DataSpec, PreprocessConfig, SplitSpec, prepare_data
+    from trainables.experiment import ExperimentConfig
+    from trainables.tuning import run_search
+
+    out = tmp_path / "out"
+    config = ExperimentConfig(experiment="search", output=str(out), data_root=str(phantom_root),
+                              models=("mc3_18",), pretrained="none", folds=2, spacing=16.0, epochs=1, num_samples=2,
+                              overrides={"batch_size": 4, "augmentation": "none"})
+    data = prepare_data(DataSpec(data_root=str(phantom_root)), PreprocessConfig(spacing=16.0), SplitSpec(n_splits=2),
+                        out / "cache", splits_file=out / "splits.json", num_workers=1)
+    known = {("mc3_18", False, 0): (0.5, "grid-f0"), ("mc3_18", False, 1): (0.5, "grid-f1")}
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:
+        grid = run_search(config, data, {"cpu": 1}, [("mc3_18", False)], known)
+    finally:
+        ray.shutdown()
+    assert {(r.config["augmentation"], r.config["aug_strength"]) for r in grid} == {("none", PAPER_DEFAULTS["aug_strength"])}
+    for study in fold_studies(out).values():
+        assert all(set(t.params) == {"lr", "weight_decay", "dropout"} for t in study.trials)
+
+
 def test_run_paths_keep_a_storage_uri_intact(tmp_path):
     from trainables.experiment import ExperimentConfig
     from trainables.tuning import experiment_path
