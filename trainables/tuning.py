@@ -6,6 +6,7 @@ a GPU runs trials on CPUs instead of leaving them pending for ever.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import re
 from typing import Any, Callable
@@ -18,6 +19,7 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from datasets import PreparedData
+from datasets.atomic import write_text_atomic
 from search_spaces import TPE_STARTUP_TRIALS, active_ranges, optuna_distributions
 from trainables.collect import lost_checkpoint_problem, missing_final_files
 from trainables.experiment import ExperimentConfig
@@ -255,15 +257,28 @@ def grid_fold_values(grid: tune.ResultGrid) -> dict[tuple[str, bool, int], tuple
     return values
 
 
+# Beside the studies: which grid trial each study was handed when it was created (``run_search``). The hand-over
+# happens once; a grid trial that finished only in a later run was never handed over, whatever the grid holds now.
+GRID_HANDOFF_FILE = "optuna/grid_handoff.json"
+
+
 def search_studies(config: ExperimentConfig, arms: list[tuple[str, bool]], folds: int,
                    grid_values: dict[tuple[str, bool, int], tuple[float, str]]) -> list[dict[str, Any]]:
-    """Every (arm, fold) study as plain data, for experiment.json and the report."""
+    """Every (arm, fold) study as plain data, for experiment.json and the report. ``grid_trial``: the grid trial
+    the study was handed (GRID_HANDOFF_FILE, once the search exists), else the one it will be (``grid_values``)."""
     if not arms:
         return []
     url = study_storage(config)
+    handoff_file = config.output_path / GRID_HANDOFF_FILE
+    handed = json.loads(handoff_file.read_text()) if handoff_file.is_file() else None
+
+    def grid_trial(m: str, p: bool, k: int) -> str | None:
+        if handed is not None:
+            return handed.get(StudyKey(m, p, k).name)
+        return grid_values[(m, p, k)][1] if (m, p, k) in grid_values else None
+
     return [{"model": m, "pretrained": p, "fold": k, "storage": url, "study_name": StudyKey(m, p, k).name,
-             "grid_trial": grid_values[(m, p, k)][1] if (m, p, k) in grid_values else None}
-            for m, p in arms for k in range(folds)]
+             "grid_trial": grid_trial(m, p, k)} for m, p in arms for k in range(folds)]
 
 
 def run_search(config: ExperimentConfig, data: PreparedData, resources: dict[str, float],
@@ -309,6 +324,8 @@ def run_search(config: ExperimentConfig, data: PreparedData, resources: dict[str
                 study_name=key.name, storage=OutputFolderStorage(config.output_path))
             for key in keys}
         searcher = FoldStudies(studies, quota, fixed, METRIC, MODE)
+        write_text_atomic(config.output_path / GRID_HANDOFF_FILE,
+                          json.dumps({key.name: known[key][1] if known[key] else None for key in keys}, indent=2))
         return tune.Tuner(
             trainable, param_space={},
             tune_config=_tune_config(search_alg=searcher, num_samples=sum(max(q, 0) for q in quota.values()),

@@ -447,6 +447,12 @@ def test_a_search_after_the_grid_hands_each_fold_study_its_grid_score(grid_run, 
         assert values[0] == value and study.trials[0].params["lr"] == PAPER_DEFAULTS["lr"]
         (new,) = [r for r in grid if r.config["fold"] == fold]
         assert len(values) == 2 and values[1] == pytest.approx(new.metrics["val_macro_f1_best"])
+    # experiment.json names the grid trial each study was handed when it was created, not whatever the grid holds
+    # on a later run (a grid trial that failed then and finished since was never handed over).
+    later = {("r2plus1d_18", False, 0): (0.9, "grid-f0-rerun"), ("r2plus1d_18", False, 1): (0.9, "grid-f1-rerun")}
+    from trainables.tuning import search_studies
+    studies = search_studies(config, [("r2plus1d_18", False)], 2, later)
+    assert [s["grid_trial"] for s in studies] == ["grid-f0", "grid-f1"]
 
 
 def test_a_search_without_augmentation_keeps_the_strength_fixed(phantom_root, tmp_path):
