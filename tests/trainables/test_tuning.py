@@ -421,25 +421,32 @@ def test_nested_search_interrupted_and_resumed_runs_each_trial_once_in_its_fold_
         assert not set(mine.loc[mine["part"].isin(["train", "val"]), "subject_id"]) & set(splits[row.fold]["test"])
 
 
-def test_a_search_after_the_grid_hands_each_fold_study_its_grid_score(grid_run, phantom_root):
-    """As in the demo: every fold study records the grid's score of that fold and trains only new suggestions."""
+def _search_with_grid_scores(config, phantom_root: Path, known: dict):
+    """``run_search`` of the config's one model (scratch) on 2 folds at 16 mm, each fold study handed ``known``."""
     import ray
 
     from datasets import DataSpec, PreprocessConfig, SplitSpec, prepare_data
-    from trainables.experiment import ExperimentConfig
     from trainables.tuning import run_search
+
+    out = config.output_path
+    data = prepare_data(DataSpec(data_root=str(phantom_root)), PreprocessConfig(spacing=16.0), SplitSpec(n_splits=2),
+                        out / "cache", splits_file=out / "splits.json", num_workers=1)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:
+        return run_search(config, data, {"cpu": 1}, [(config.models[0], False)], known)
+    finally:
+        ray.shutdown()
+
+
+def test_a_search_after_the_grid_hands_each_fold_study_its_grid_score(grid_run, phantom_root):
+    """As in the demo: every fold study records the grid's score of that fold and trains only new suggestions."""
+    from trainables.experiment import ExperimentConfig
 
     out, _ = grid_run
     config = ExperimentConfig(experiment="demo", output=str(out), models=("r2plus1d_18",), pretrained="none",
                               folds=2, spacing=16.0, epochs=1, num_samples=2, overrides={"batch_size": 4})
-    data = prepare_data(DataSpec(data_root=str(phantom_root)), PreprocessConfig(spacing=16.0), SplitSpec(n_splits=2),
-                        out / "cache", splits_file=out / "splits.json", num_workers=1)
     known = {("r2plus1d_18", False, 0): (0.4321, "grid-f0"), ("r2plus1d_18", False, 1): (0.1234, "grid-f1")}
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    try:
-        grid = run_search(config, data, {"cpu": 1}, [("r2plus1d_18", False)], known)
-    finally:
-        ray.shutdown()
+    grid = _search_with_grid_scores(config, phantom_root, known)
     assert sorted(result.config["fold"] for result in grid) == [0, 1]  # one new suggestion per fold study
     for fold, value in ((0, 0.4321), (1, 0.1234)):
         study = fold_studies(out)[f"r2plus1d_18-scratch-fold{fold}"]
@@ -457,24 +464,14 @@ def test_a_search_after_the_grid_hands_each_fold_study_its_grid_score(grid_run, 
 
 def test_a_search_without_augmentation_keeps_the_strength_fixed(phantom_root, tmp_path):
     """aug_strength changes nothing without augmentation: its studies do not search it, and trials run the constant."""
-    import ray
-
-    from datasets import DataSpec, PreprocessConfig, SplitSpec, prepare_data
     from trainables.experiment import ExperimentConfig
-    from trainables.tuning import run_search
 
     out = tmp_path / "out"
     config = ExperimentConfig(experiment="search", output=str(out), data_root=str(phantom_root),
                               models=("mc3_18",), pretrained="none", folds=2, spacing=16.0, epochs=1, num_samples=2,
                               overrides={"batch_size": 4, "augmentation": "none"})
-    data = prepare_data(DataSpec(data_root=str(phantom_root)), PreprocessConfig(spacing=16.0), SplitSpec(n_splits=2),
-                        out / "cache", splits_file=out / "splits.json", num_workers=1)
-    known = {("mc3_18", False, 0): (0.5, "grid-f0"), ("mc3_18", False, 1): (0.5, "grid-f1")}
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    try:
-        grid = run_search(config, data, {"cpu": 1}, [("mc3_18", False)], known)
-    finally:
-        ray.shutdown()
+    grid = _search_with_grid_scores(config, phantom_root,
+                                    {("mc3_18", False, 0): (0.5, "grid-f0"), ("mc3_18", False, 1): (0.5, "grid-f1")})
     assert {(r.config["augmentation"], r.config["aug_strength"]) for r in grid} == {("none", PAPER_DEFAULTS["aug_strength"])}
     for study in fold_studies(out).values():
         assert all(set(t.params) == {"lr", "weight_decay", "dropout"} for t in study.trials)
