@@ -263,20 +263,13 @@ def require_class_counts(records: Sequence[SubjectRecord], classes: Sequence[str
     try:
         check_class_counts(counts, split_spec.scheme, split_spec.n_splits, split_spec.test_size,
                            split_spec.val_fraction, grouped)
-        if grouped:
-            _require_a_group_per_test_fold(records, classes, split_spec.n_splits, split_spec.scheme)
+        if grouped:  # a patient's scans never straddle parts: enough patients per class for every part
+            check_groups_per_class({c: len({r.group for r in records if r.label == c}) for c in classes},
+                                   split_spec.scheme, split_spec.n_splits)
     except ValueError as error:
         if after is None:
             raise
         raise ValueError(f"After the subjects that {after} left out (--skip-invalid): {error}") from None
-
-
-def _require_a_group_per_test_fold(records: Sequence[SubjectRecord], classes: Sequence[str], n_splits: int,
-                                   scheme: str = "kfold") -> None:
-    """A group (patient) never straddles parts, so a class needs subjects in enough groups for every fold's test,
-    inner training and inner validation parts (:func:`datasets.splits.fewest_groups`: --folds groups for kfold, 4
-    for 2 folds; 3 for shuffle). Else some part lacks the class, found only after preprocessing."""
-    check_groups_per_class({c: len({r.group for r in records if r.label == c}) for c in classes}, scheme, n_splits)
 
 
 def _left_out_by_preprocessing(cached: CachedDataset) -> set[str]:

@@ -21,13 +21,11 @@ DEMO_TASKS = ("tumour", "mgmt")  # the demo's synthetic data: BraTS/IXI three cl
 # The Tune runs an experiment may hold: the fixed grid and the nested search (the demo runs both).
 TUNE_RUNS = ("paper", "search")
 PRETRAINED_CHOICES = {"none": (False,), "kinetics": (True,), "both": (False, True)}
-# Training options that may differ on resume without changing what is computed: none since Tuner.restore keeps
-# the configs its trials were created with (checkpoint_every with them), so a new value would be recorded but ignored.
-EXECUTION_ONLY_OVERRIDES: set[str] = set()
 # Options that only change how a run is executed, not what it computes, and that a resumed run really applies:
 # they may differ on resume. Not --max-failures or --max-concurrent: Tuner.restore keeps the run's own (Ray 2.60
 # restores the RunConfig and TuneConfig from tuner.pkl), so a new value would be ignored while experiment.json
-# recorded it. --storage is not one either: the Tune runs (finished trials, checkpoints) live there, so another
+# recorded it; --set checkpoint_every neither, as the trials' configs are restored with them. --storage is not one
+# either: the Tune runs (finished trials, checkpoints) live there, so another
 # --storage would silently start every trial again beside an Optuna study that already holds them.
 # What ray.init accepts as a cluster: "auto", Ray Client's ray://HOST:PORT, or the GCS's HOST:PORT (IPv6 in brackets).
 ADDRESS_FORMAT = re.compile(r"auto|ray://\S+|(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):[0-9]{1,5}")
@@ -153,20 +151,15 @@ class ExperimentConfig:
 
     def _check_search_space(self) -> None:
         """The search's ranges are centred on the training constants: build them now, not after the grid has run."""
-        from search_spaces.paper import SEARCH_SPACE, optuna_distributions
+        from search_spaces.paper import SEARCH_SPACE
 
         constants = self.training_constants()
-        for item in SEARCH_SPACE:
+        for item in SEARCH_SPACE:  # linear ranges take any centre; a log range only a positive one
             if item.log and not constants[item.name] > 0:
                 option = f"--set {item.name}" if item.name in self.overrides else item.name
                 raise ValueError(f"{option}={constants[item.name]}: the search draws {item.name} on a log scale "
                                  "around this value, which needs it above 0; give a positive value, or run "
                                  "--experiment paper to train with it unsearched")
-        try:
-            optuna_distributions(constants)
-        except ValueError as error:
-            raise ValueError(f"--set: the search space around {', '.join(sorted(self.overrides)) or 'the defaults'} "
-                             f"cannot be built ({error})") from None
 
     def _check_seeds(self, training_seed: int) -> None:
         """numpy takes seeds in [0, 2**32): training seeds it with seed * 1000 + fold, the inner splits with
@@ -226,8 +219,6 @@ class ExperimentConfig:
         saved_output = Path(saved.get("output") or self.output_path)
 
         def computed(key: str, value: Any, output: Path) -> Any:
-            if key == "overrides" and isinstance(value, dict):
-                return {k: v for k, v in value.items() if k not in EXECUTION_ONLY_OVERRIDES}
             if key == "storage":  # no --storage is OUT/ray: giving that folder explicitly changes nothing
                 value = (value or str(output / "ray")).rstrip("/")
             inside = path_in_output(value, output) if key in PATH_OPTIONS else None

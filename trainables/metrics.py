@@ -46,13 +46,15 @@ class WeightedCrossEntropy(nn.Module):
         weights = class_weights(targets, n_classes)
         return cls(weights, float(weights[np.asarray(targets, dtype=int)].mean()))
 
+    def _weighted_nll(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, labels, weight=self.weight, reduction="sum")  # sum of w_y * nll
+
     def sums(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """sum(w_y nll) and sum(w_y) over the batch: their ratio, summed over a whole part, is its weighted mean."""
-        per_sample = F.cross_entropy(logits, labels, weight=self.weight, reduction="none")  # w_y * nll
-        return per_sample.sum(), self.weight[labels].sum()
+        return self._weighted_nll(logits, labels), self.weight[labels].sum()
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.sums(logits, labels)[0] / (len(labels) * self.mean_weight)
+        return self._weighted_nll(logits, labels) / (len(labels) * self.mean_weight)
 
 
 def classification_metrics(prefix: str, targets: Sequence[int], predictions: Sequence[int], classes: Sequence[str]) -> dict[str, float]:

@@ -553,7 +553,7 @@ def input_records(args: argparse.Namespace, exp: Experiment,
                            f"{channel_text(exp, channels)}; pass --contrasts with that many, in the run's order")
     verdict = compare_channels(given, run)
     if verdict == "different":
-        print(f"warning: {contrast_warning(contrasts, exp)}", file=sys.stderr)
+        print(f"warning: {contrast_warning(contrasts, exp, run)}", file=sys.stderr)
         check = "differs from the run's (--contrasts: predicted with a warning)"
     elif verdict == "same":
         check = "same as the run's"
@@ -619,11 +619,12 @@ def run_class_subset(records: list[SubjectRecord], subset: tuple[str, ...], exp:
     return kept
 
 
-def contrast_warning(contrasts: Sequence[str], exp: Experiment) -> str | None:
+def contrast_warning(contrasts: Sequence[str], exp: Experiment, run: ChannelNames | None = None) -> str | None:
     """--contrasts naming other contrasts than the run's (BraTS and RSNA spellings of one contrast count as one): the
     channel count fits, so the models would read them, but each channel was trained on another contrast. For a
-    manifest run, its manifest's path columns are the run's contrasts (None when the file is gone)."""
-    run = run_channels(exp, len(contrasts))
+    manifest run, its manifest's path columns are the run's contrasts (None when the file is gone). ``run``: the
+    run's channels when the caller has them already (else read again)."""
+    run = run or run_channels(exp, len(contrasts))
     if run.names is None:
         return None
     given = ChannelNames(tuple(contrasts), "--contrasts")
