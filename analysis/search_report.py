@@ -232,14 +232,21 @@ def _search_space(doc: Document, exp: Experiment) -> None:
     doc.table(pd.DataFrame(rows))
     samples = exp.meta.get("num_samples")
     if samples:
-        per_study = "per (arm, outer fold) study" if is_nested(exp) else "per arm"
-        text = (f"{samples} trial(s) {per_study}, the grid's configuration first; the sampler is Optuna's TPE "
-                f"(seeded), whose first {TPE_STARTUP_TRIALS} suggestions in a study are random draws from these "
-                "ranges.")
-        if samples <= TPE_STARTUP_TRIALS + 1:
-            text += (" With this many trials no study got past them: this was a random search around the grid's "
-                     "configuration, not a model-guided one.")
-        doc.para(text)
+        doc.para(search_effort_text(int(samples), is_nested(exp)))
+
+
+def search_effort_text(samples: int, nested: bool) -> str:
+    """How many trials each study ran and whether TPE ever guided one: its start-up trials count the grid's
+    configuration (the study's first, enqueued or handed over), so the 11th trial is the first TPE suggestion."""
+    per_study = "per (arm, outer fold) study" if nested else "per arm"
+    text = (f"{samples} trial(s) {per_study}, the grid's configuration first; the sampler is Optuna's TPE "
+            f"(seeded), which starts guiding a study once it holds {TPE_STARTUP_TRIALS} finished trials: the "
+            f"grid's configuration and {TPE_STARTUP_TRIALS - 1} random draws from these ranges (more draws where "
+            "trials failed).")
+    if samples <= TPE_STARTUP_TRIALS:
+        text += (" With this many trials no study got past them: this was a random search around the grid's "
+                 "configuration, not a model-guided one.")
+    return text
 
 
 def _nested_estimate(doc: Document, exp: Experiment, res: SearchResults, report_dir: Path) -> None:
@@ -322,8 +329,12 @@ def _studies(doc: Document, studies: list, report_dir: Path, nested: bool) -> No
                      else f"inner-validation macro F1 of fold {st.fold}")
         items = [f"{st.n_trials} trial(s), {st.n_complete} completed; objective = {objective}, maximised."]
         if st.best_value is not None:
-            items.append(f"Best value {tb.fmt(st.best_value)} with " + ", ".join(
-                f"{k}={tb.fmt_hp(v)}" for k, v in sorted(st.best_params.items())) + ".")
+            # Optuna's own pick: on a tie its storage's order decides, and a trial retrained since keeps its first
+            # score here; the selection the report scores breaks ties its own way (analysis.nested.choose).
+            items.append(f"Optuna's best trial: value {tb.fmt(st.best_value)} with " + ", ".join(
+                f"{k}={tb.fmt_hp(v)}" for k, v in sorted(st.best_params.items())) + "."
+                + (" The configuration this fold uses is the one under \"Configuration chosen in each fold\" "
+                   "(ties there go to the grid's configuration)." if nested and st.fold is not None else ""))
         doc.bullets(items + st.notes)
         if st.history_png is not None:
             doc.image(st.history_png, _rel(st.history_png, report_dir), f"Optimisation history, {st.label}.")

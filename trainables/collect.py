@@ -25,6 +25,7 @@ exception's type, message and where it was raised (trainables.errors), not Ray's
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -36,6 +37,8 @@ from trainables.errors import error_text, is_permanent_result_error, one_line
 from trainables.metrics import LOSS_PER_BATCH
 from trainables.fold_training import FINAL_WEIGHTS_FILE, OPTIONAL_OUTPUT_FILES, OUTPUT_FILES, read_checkpoint_file
 from trainables.ray_trainable import config_id, fold_of, trial_name
+
+log = logging.getLogger(__name__)
 
 KEY_COLUMNS = ["experiment", "model", "pretrained", "fold", "config_id", "trial_name"]
 HYPERPARAMETERS = ["lr", "weight_decay", "dropout", "augmentation", "aug_strength"]
@@ -158,39 +161,62 @@ def _with_origin(predictions: pd.DataFrame, subjects: pd.DataFrame | None) -> pd
         origin, on="subject_id", how="left", validate="many_to_one")
 
 
+def one_result_per_trial_name(results: Iterable[tune.Result]) -> list[tune.Result]:
+    """Each trial name once: a study can train one configuration twice on one fold (its enqueued grid point, when a
+    driver died between saving Optuna's study and Tune's state). Both trials compute the same thing, but two sets
+    of rows under one name would count that fold's test subjects twice wherever trials are picked by name. The
+    finished one is kept (of two finished ones, the smaller Tune trial id); the other is logged, not lost: its
+    folder stays in the Tune run."""
+    chosen: dict[str, tune.Result] = {}
+
+    def rank(result: tune.Result) -> tuple[bool, str]:
+        metrics = result.metrics or {}
+        finished = result.error is None and bool(metrics.get("fold_finished"))
+        return (not finished, str(metrics.get("trial_id", "")))
+
+    for result in results:
+        name = trial_name(result.config)
+        kept = chosen.setdefault(name, result)
+        if kept is not result:
+            chosen[name], dropped = sorted((kept, result), key=rank)
+            log.warning("Two Tune trials are named %s (one configuration trained twice on one fold); the tables keep "
+                        "Tune trial %s, not %s", name, (chosen[name].metrics or {}).get("trial_id", "?"),
+                        (dropped.metrics or {}).get("trial_id", "?"))
+    return list(chosen.values())
+
+
 def collect(result_grids: Iterable[tune.ResultGrid], planned: Iterable[str] = (),
             subjects: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
     """Test and validation predictions, epochs and trial statuses of every trial; ``subjects`` adds each
     subject's source and site."""
     predictions, val_predictions, epochs, trials, used = [], [], [], [], []
     seen = set()
-    for grid in result_grids:
-        for result in grid:
-            keys = _keys(result.config)
-            seen.add(keys["trial_name"])
-            outputs = _read_outputs(result)
-            summary = outputs.get("summary", {})
-            status, error = trial_status(result, finished=bool(summary))
-            if status == "INCOMPLETE":
-                missing = missing_final_files(result)
-                if missing:
-                    error = lost_checkpoint_text(result, missing)
-            metrics = result.metrics or {}
-            row = {**keys, **{k: result.config.get(k) for k in HYPERPARAMETERS}, "status": status, "error": error,
-                   "node_id": metrics.get("node_id", ""), "hostname": metrics.get("hostname", ""),
-                   "epochs_run": summary.get("epochs_run"), "best_epoch": summary.get("best_epoch"),
-                   "best_val_macro_f1": summary.get("best_val_macro_f1"), "n_train": summary.get("n_train"),
-                   "n_val": summary.get("n_val"), "n_test": summary.get("n_test"),
-                   "loss": summary.get("loss", LOSS_PER_BATCH if summary else ""),
-                   "checkpoint": checkpoint_location(result.checkpoint) if summary else ""}
-            trials.append(row)
-            if outputs:
-                predictions.append(outputs["predictions"].assign(**keys))
-                if outputs["val_predictions"] is not None:
-                    val_predictions.append(outputs["val_predictions"].assign(**keys))
-                epochs.append(outputs["epochs"].assign(**keys))
-                used += [{"trial_name": keys["trial_name"], "part": part, "subject_id": sid}
-                         for part, ids in summary.get("subjects", {}).items() for sid in ids]
+    for result in one_result_per_trial_name(result for grid in result_grids for result in grid):
+        keys = _keys(result.config)
+        seen.add(keys["trial_name"])
+        outputs = _read_outputs(result)
+        summary = outputs.get("summary", {})
+        status, error = trial_status(result, finished=bool(summary))
+        if status == "INCOMPLETE":
+            missing = missing_final_files(result)
+            if missing:
+                error = lost_checkpoint_text(result, missing)
+        metrics = result.metrics or {}
+        row = {**keys, **{k: result.config.get(k) for k in HYPERPARAMETERS}, "status": status, "error": error,
+               "node_id": metrics.get("node_id", ""), "hostname": metrics.get("hostname", ""),
+               "epochs_run": summary.get("epochs_run"), "best_epoch": summary.get("best_epoch"),
+               "best_val_macro_f1": summary.get("best_val_macro_f1"), "n_train": summary.get("n_train"),
+               "n_val": summary.get("n_val"), "n_test": summary.get("n_test"),
+               "loss": summary.get("loss", LOSS_PER_BATCH if summary else ""),
+               "checkpoint": checkpoint_location(result.checkpoint) if summary else ""}
+        trials.append(row)
+        if outputs:
+            predictions.append(outputs["predictions"].assign(**keys))
+            if outputs["val_predictions"] is not None:
+                val_predictions.append(outputs["val_predictions"].assign(**keys))
+            epochs.append(outputs["epochs"].assign(**keys))
+            used += [{"trial_name": keys["trial_name"], "part": part, "subject_id": sid}
+                     for part, ids in summary.get("subjects", {}).items() for sid in ids]
     for name in planned:
         if name not in seen:
             trials.append({"trial_name": name, "status": "MISSING", "error": "", "node_id": "", "hostname": ""})

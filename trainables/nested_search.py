@@ -188,7 +188,10 @@ class FoldStudies(PickledSearcher):
             # A trial Tune ran again after an ERROR was told FAIL then (OptunaSearch's private ``_completed_trials``,
             # Ray 2.60): OptunaSearch would only warn. Its score reaches the study by tell_resumed_results.
             if trial_id not in getattr(searcher, "_completed_trials", set()):
-                searcher.on_trial_complete(trial_id, result=result, error=error)
+                if _has_score(result, self.metric):
+                    searcher.on_trial_complete(trial_id, result=result, error=error)
+                else:  # without the result: OptunaSearch tells FAIL only when it has no value to tell
+                    searcher.on_trial_complete(trial_id, result=None, error=True)
             if self._running.get(key) == trial_id:
                 del self._running[key]
 
@@ -202,6 +205,16 @@ class FoldStudies(PickledSearcher):
         # resume runs beside its study's next one: a restored search keeps its studies, not its timing.
         self._running = {}
         close_abandoned_trials(self._studies)
+
+
+def _has_score(result: dict | None, metric: str | None) -> bool:
+    """Whether ``result`` ends a trial with a score a study can be told: a permanent failure ends as a finished Tune
+    trial whose last report holds NaN (``failure_metrics``). Optuna refuses to tell NaN as COMPLETE, and Ray's
+    OptunaSearch then only warns, leaving the Optuna trial RUNNING: TPE would count it as in flight, and a restore
+    would close it and queue its point again (a permanently failing grid configuration trained twice). Such a
+    trial is told FAIL instead."""
+    value = (result or {}).get(metric) if metric else None
+    return isinstance(value, (int, float)) and math.isfinite(value) and not (result or {}).get("fold_failed")
 
 
 def awaited_trials(searcher: OptunaSearch) -> set[int]:

@@ -22,7 +22,7 @@ from analysis.nested import (
     deploy_choice,
     estimate_columns,
 )
-from analysis.search_report import leak_sentence
+from analysis.search_report import leak_sentence, search_effort_text
 from analysis.tables import fmt, fmt_pm
 from analysis_fixtures import CLASSES, NESTED_ERROR_CONFIG, PAPER_CONFIG, fold_subjects, nested_trial_name
 
@@ -271,6 +271,9 @@ def test_nested_report_leads_with_the_estimate_and_labels_studies_by_fold(built_
     assert ("4 trial(s) per (arm, outer fold) study, the grid's configuration first" in md
             and "this was a random search around the grid's configuration, not a model-guided one" in md)
     assert "objective = inner-validation macro F1 of fold 2" in md
+    # Optuna's own best trial is named as such, and points to the fold's selection (which breaks ties its own way).
+    assert md.count("Optuna's best trial: value ") == 6
+    assert md.count("The configuration this fold uses is the one under \"Configuration chosen in each fold\"") == 6
     assert (report / "figures" / "search_nested_vs_default.png").is_file()
 
 
@@ -305,3 +308,35 @@ def test_malformed_nested_inputs(nested_dir):
     (nested_dir / "experiment.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="fold 'first'"):
         load_experiment(nested_dir)
+
+
+def test_tpe_guides_only_from_the_trial_after_the_grid_point_and_nine_random_draws_and_the_report_says_so():
+    """The grid's configuration is one of TPE's start-up trials: trials 2-10 repeat a RandomSampler with the same
+    seed, trial 11 is TPE's own, so a search of 10 trials per study is called random and one of 11 is not."""
+    import optuna
+
+    from search_spaces import PAPER_DEFAULTS, SEARCH_SPACE, TPE_STARTUP_TRIALS, optuna_distributions
+
+    distributions = optuna_distributions(PAPER_DEFAULTS)
+    grid_point = {item.name: PAPER_DEFAULTS[item.name] for item in SEARCH_SPACE}
+
+    def drawn(sampler) -> list[dict]:
+        study = optuna.create_study(direction="maximize", sampler=sampler)
+        study.enqueue_trial(grid_point)
+        for _ in range(TPE_STARTUP_TRIALS + 1):
+            trial = study.ask(distributions)
+            study.tell(trial, trial.params["lr"] * 1e3 - trial.params["dropout"])
+        return [t.params for t in study.trials]
+
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        tpe = drawn(optuna.samplers.TPESampler(seed=3, n_startup_trials=TPE_STARTUP_TRIALS))
+        random_draws = drawn(optuna.samplers.RandomSampler(seed=3))
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    assert tpe[:TPE_STARTUP_TRIALS] == random_draws[:TPE_STARTUP_TRIALS]
+    assert tpe[TPE_STARTUP_TRIALS] != random_draws[TPE_STARTUP_TRIALS]
+    assert "not a model-guided one" in search_effort_text(TPE_STARTUP_TRIALS, nested=True)
+    assert "not a model-guided one" not in search_effort_text(TPE_STARTUP_TRIALS + 1, nested=True)
+    assert "the grid's configuration and 9 random draws" in search_effort_text(4, nested=False)

@@ -80,3 +80,28 @@ def test_a_finished_trial_whose_final_checkpoint_lost_a_file_is_named_with_the_f
     # Not reported finished (stopped by Ctrl-C before its end): INCOMPLETE without an error, as before.
     trial.metrics["fold_finished"] = False
     assert collect([[trial]])["trials"]["error"].tolist() == [""]
+
+
+def test_one_configuration_trained_twice_on_a_fold_is_collected_once_preferring_the_finished_trial(tmp_path, caplog):
+    """A study's enqueued grid point can be trained twice (a driver died between the Optuna and Tune saves): two
+    trials share a name, and rows under both would count the fold's test subjects twice."""
+    unfinished = finished_trial(tmp_path / "a", fold=0, with_validation=True)
+    unfinished.metrics.update(trial_id="aaaa", fold_finished=False)
+    (tmp_path / "a" / "result.json").unlink()  # stopped before its end: no outputs
+    finished = finished_trial(tmp_path / "b", fold=0, with_validation=True)
+    finished.metrics.update(trial_id="bbbb", fold_finished=True)
+    other = finished_trial(tmp_path / "c", fold=1, with_validation=True)
+    with caplog.at_level("WARNING", logger="trainables.collect"):
+        tables = collect([[unfinished, other], [finished]])
+    assert sorted(tables["trials"]["status"]) == ["TERMINATED", "TERMINATED"]
+    assert tables["trials"]["trial_name"].is_unique
+    assert len(tables["predictions"]) == 4 and tables["predictions"].groupby("trial_name").size().tolist() == [2, 2]
+    assert f"Two Tune trials are named {trial_name(finished.config)}" in caplog.text
+    assert "keep Tune trial bbbb, not aaaa" in caplog.text
+    # Of two finished ones, the smaller Tune trial id, whatever the order they come in.
+    unfinished_too = finished_trial(tmp_path / "d", fold=0, with_validation=True)
+    unfinished_too.metrics.update(trial_id="0000", fold_finished=True)
+    (tmp_path / "d" / "predictions.csv").write_text("subject_id,label,pred,prob_Healthy,prob_tumour\n"
+                                                     "t0-0,Healthy,Healthy,0.99,0.01\nt0-1,tumour,tumour,0.01,0.99\n")
+    kept = collect([[finished, unfinished_too]])["predictions"]
+    assert kept["prob_tumour"].tolist() == [0.01, 0.99]

@@ -219,3 +219,21 @@ def test_a_trial_that_errored_and_finished_after_a_restore_gives_its_study_its_s
     # Every later run calls it again: nothing is added twice, and a NaN score (a permanent failure) is not told.
     assert tell_resumed_results(storage, names, {**scores, "trial1": math.nan}) == []
     assert states(database, KEYS[0]) == ["FAIL", "COMPLETE"] and states(database, KEYS[1]) == ["FAIL"]
+
+
+def test_a_permanent_failure_s_nan_score_is_told_as_a_failed_trial_and_frees_its_study(tmp_path):
+    """A trial that fails permanently finishes (no ERROR) with NaN as its score: Optuna refuses NaN as COMPLETE and
+    Ray's OptunaSearch only warns, which left the Optuna trial RUNNING (and a restore would train its point again)."""
+    database = tmp_path / "a.db"
+    searcher = router(database)
+    first = searcher.suggest("trial0")
+    assert first["fold"] == 0
+    searcher.on_trial_complete("trial0", {METRIC: math.nan, "fold_failed": True, "fold_finished": False})
+    assert states(database, KEYS[0]) == ["FAIL"]
+    # The study is free again, and a restore has nothing to close or queue again.
+    following = [searcher.suggest(f"trial{i}") for i in (1, 2, 3)]
+    assert [c["fold"] for c in following] == [1, 2, 0]
+    searcher.save(str(tmp_path / "searcher.pkl"))
+    restored = router(tmp_path / "blank.db")
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    assert states(database, KEYS[0]) == ["FAIL", "RUNNING"]
