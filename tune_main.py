@@ -529,9 +529,9 @@ def write_outputs(config: ExperimentConfig, grids: list, data, out: Path, search
             report = build_report(out)
             print(summary(report))
             if config.experiment == "demo":  # a newcomer's first numbers: say what they are before they alarm
-                print(f"Demo: synthetic phantoms at {config.spacing:g} mm, {config.epochs} epochs (sized for 2 CPU cores), to show "
-                      "the pipeline end to end; not a reproduction (the paper column, where shown, is the published "
-                      "result on real data at 2 mm and 50 epochs; README: Notes on the reproduction).")
+                print(f"Demo: synthetic phantoms at {config.spacing:g} mm, {config.epochs} epochs (sized for 2 CPU "
+                      "cores), to show the pipeline end to end; not a reproduction (the paper column, where shown, is "
+                      "the published result on real data at 2 mm and 50 epochs; README: Notes on the reproduction).")
             print(f"Report: {report / 'report.md'} and {report / 'report.html'}")
     print(f"TensorBoard: {tensorboard_command(config, searched)}")
     return 0 if failed.empty else 1
