@@ -158,10 +158,13 @@ def warnings(res: ConfoundResults, classes: list[str]) -> list[str]:
         items.append(f"**The cohort differs from the paper's** {paper}: this run has {res.cohort.text(classes)} "
                      f"(counted from {res.cohort.source}). A different class balance changes the weighted loss and "
                      "the meaning of macro F1; compare with the published values with care.")
+    source = _source_warning(res)
+    if source:
+        items.append(source)
     weak, total = sc.not_clearly_better(res.shortcut, ACQUISITION)
     if weak:
         items.append(f"**Possible shortcut**: {weak} of {total} deep-arm x class results are not clearly better than "
-                     f"the acquisition-only baseline, which sees no anatomy{_worse(res.shortcut, ACQUISITION)} (see "
+                     f"the acquisition-only baseline, which sees no anatomy beyond overall brain size{_worse(res.shortcut, ACQUISITION)} (see "
                      "*Shortcut check*).")
     weak, total = sc.not_clearly_better(res.shortcut, HISTOGRAM)
     if weak:
@@ -169,6 +172,24 @@ def warnings(res: ConfoundResults, classes: list[str]) -> list[str]:
                      "not clearly better than the intensity-histogram baseline, which sees only the brain's intensity "
                      f"distribution{_worse(res.shortcut, HISTOGRAM)} (see *Shortcut check*).")
     return items
+
+
+def _source_warning(res: ConfoundResults) -> str | None:
+    """A class whose every subject comes from one source (of several): where the scan was made gives it away."""
+    if res.sites is None:
+        return None
+    prefix = "only source of "
+    owned = {}
+    for row in res.sites[res.sites["level"] == "source"].itertuples(index=False):
+        classes = [flag.removeprefix(prefix) for flag in row.flag.split("; ") if flag.startswith(prefix)]
+        if classes:
+            owned[row.source or cf.UNKNOWN_SITE] = classes
+    if not owned:
+        return None
+    given = "; ".join(f"every {' and '.join(classes)} subject comes from `{source}`" for source, classes in owned.items())
+    return (f"**Source and label are confounded**: {given}, so these classes can be told apart by where a scan was "
+            "made (scanner, protocol, preprocessing) as well as by anatomy (see *Where each class comes from*, "
+            "*Shortcut check* and *Per-site results*).")
 
 
 def _worse(check, baseline: str) -> str:
@@ -209,6 +230,7 @@ def data_section(doc: Document, exp: Experiment, res: ConfoundResults) -> None:
         doc.bullets(res.unavailable)
     _cohort(doc, exp, res)
     _origins(doc, exp, res)
+    _acquisition(doc, exp)
     _stripping(doc, res)
     doc.heading("Spatial normalisation", 3)
     doc.para(f"Registration: {cf.registration_text(res.options)}.")
@@ -239,6 +261,20 @@ def _origins(doc: Document, exp: Experiment, res: ConfoundResults) -> None:
     doc.table(cf.sites_display(res.sites, exp.classes, "site"))
 
 
+def _acquisition(doc: Document, exp: Experiment) -> None:
+    doc.heading("Acquisition per class", 3)
+    table = (cf.acquisition_table(exp.subjects, exp.classes) if exp.subjects is not None and "label" in exp.subjects
+             else pd.DataFrame())
+    if table.empty:
+        doc.para("Cannot be shown: subjects.csv is missing or has no acquisition columns (runs from before they were "
+                 "recorded).")
+        return
+    doc.para("Subjects per class by the header of their first raw file, before preprocessing (subjects.csv): "
+             "orientation, voxel size, matrix and data type. **Flag**: a value that only one class has.")
+    doc.table(cf.acquisition_display(table, exp.classes))
+    doc.bullets(cf.acquisition_sentences(table))
+
+
 def _stripping(doc: Document, res: ConfoundResults) -> None:
     doc.heading("Skull stripping", 3)
     if res.stripping is None:
@@ -258,8 +294,8 @@ def _baseline_inputs(doc: Document, exp: Experiment, res: ConfoundResults) -> No
     if not res.baseline_arms:
         doc.para(f"No baselines: {res.baseline_note}.")
         return
-    doc.para("Two scikit-learn baselines were fitted on the deep arms' own outer folds. Neither sees anatomy, so a "
-             "deep arm has to beat them to show that it uses the brain (see *Shortcut check*).")
+    doc.para("Two scikit-learn baselines were fitted on the deep arms' own outer folds. Neither sees where anything is "
+             "(the acquisition baseline only overall brain size), so a deep arm has to beat them to show that it uses the brain (see *Shortcut check*).")
     doc.bullets(cf.baseline_descriptions([m for m, _ in res.baseline_arms], exp.baseline_selection))
     if exp.baseline_selection is None:
         doc.para("baseline_selection.csv is missing: the choice of C per fold cannot be shown.")

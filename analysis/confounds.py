@@ -24,8 +24,9 @@ PAPER_COHORT = {"HGG": 259, "LGG": 73, "Healthy": 259}
 COHORT_COLUMNS = ["class", "ours", "available", "max_per_class", "paper", "differs"]
 UNKNOWN_SITE = "(unknown)"
 REGISTER_TEXT = {
-    "none": "`--register none`: no spatial normalisation, as in the paper (volumes keep their own position, "
-            "orientation and field of view, which can differ by data source)",
+    "none": "`--register none`: no spatial normalisation to a template, as in the paper: each volume is only "
+            "turned to RAS, cropped to its brain and centred (see Preprocessing), so head size, pose within the "
+            "box and brain shape stay as acquired and can differ by data source",
     "mni": "`--register mni`: N4 bias-field correction and affine registration to MNI152 with ANTsPy before "
            "resampling (the paper did not register)",
 }
@@ -378,3 +379,75 @@ def selection_display(selection: pd.DataFrame) -> pd.DataFrame:
         "Candidates (C: inner-val macro F1)": selection["candidates"].str.replace(";", "; "),
         "n train / val / test": [f"{count(a)} / {count(b)} / {count(c)}" for a, b, c in
                                  zip(selection["n_train"], selection["n_val"], selection["n_test"])]})
+
+
+# ----------------------------------------------------------------------------------------- acquisition per class
+# Header fields of each subject's first raw file (subjects.csv) that a scanner or a data set fixes: where one
+# value is given by one class only and by all of it, that field alone tells the class apart.
+ACQUISITION_FIELDS = {"orientation": "Orientation", "voxel": "Voxel size (mm)", "matrix": "Matrix", "dtype": "Data type"}
+
+
+def acquisition_table(subjects: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
+    """One row per (field, value): subjects per class, flagged where the value alone identifies a class.
+
+    Empty when subjects.csv lacks the acquisition columns (runs from before they were recorded).
+    """
+    frame = subjects.copy()
+    columns = {"orientation": ["orientation"], "voxel": ["voxel_x", "voxel_y", "voxel_z"],
+               "matrix": ["shape_x", "shape_y", "shape_z"], "dtype": ["dtype"]}
+    rows = []
+    several = frame.loc[frame["label"].isin(classes), "label"].nunique() > 1  # a flag needs another class present
+    for field, needed in columns.items():
+        if not set(needed) <= set(frame.columns):
+            continue
+        if field == "voxel":
+            values = frame[needed].apply(lambda r: " x ".join(f"{float(v):g}" for v in r), axis=1)
+        elif field == "matrix":
+            values = frame[needed].apply(lambda r: " x ".join(str(int(v)) for v in r), axis=1)
+        else:
+            values = frame[needed[0]].astype(str)
+        for value in sorted(set(values)):
+            given = frame["label"][values == value]
+            counts = {f"n_{c}": int((given == c).sum()) for c in classes}
+            present = [c for c in classes if counts[f"n_{c}"]]
+            flag = f"only {present[0]}" if len(present) == 1 and several and len(set(values)) > 1 else ""
+            rows.append({"field": field, "value": value, **counts, "total": int(len(given)), "flag": flag})
+    return pd.DataFrame(rows, columns=["field", "value", *[f"n_{c}" for c in classes], "total", "flag"])
+
+
+def acquisition_display(table: pd.DataFrame, classes: list[str], per_field: int = 10) -> pd.DataFrame:
+    """The table for the report: per field its ``per_field`` most common values, the rest summed in one row."""
+    shown = []
+    for field, rows in table.groupby("field", sort=False):
+        rows = rows.sort_values("total", ascending=False, kind="stable")
+        rest = rows.iloc[per_field:]
+        shown.append(rows.iloc[:per_field])
+        if len(rest):
+            shown.append(pd.DataFrame([{"field": field, "value": f"{len(rest)} other values",
+                                        **{f"n_{c}": int(rest[f"n_{c}"].sum()) for c in classes},
+                                        "total": int(rest["total"].sum()),
+                                        "flag": f"{int((rest['flag'] != '').sum())} of them in one class only"
+                                        if (rest["flag"] != "").any() else ""}]))
+    table = pd.concat(shown, ignore_index=True) if shown else table
+    out = pd.DataFrame({"Field": table["field"].map(ACQUISITION_FIELDS), "Value": table["value"]})
+    for c in classes:
+        out[c] = table[f"n_{c}"].astype(str)
+    out["Total"] = table["total"].astype(str)
+    out["Flag"] = table["flag"].map(lambda f: f"**{f}**" if f else "")
+    return out.reset_index(drop=True)
+
+
+def acquisition_sentences(table: pd.DataFrame) -> list[str]:
+    """Per field, how many subjects carry a value that only one class has: for them the header gives the class."""
+    flagged = table[table["flag"] != ""]
+    if flagged.empty:
+        return ["Every orientation, voxel size, matrix and data type seen here occurs in more than one class."]
+    parts = []
+    for field, rows in flagged.groupby("field", sort=False):
+        total = int(table.loc[table["field"] == field, "total"].sum())
+        parts.append(f"{ACQUISITION_FIELDS[field].lower()}: {int(rows['total'].sum())} of {total} subjects ("
+                     + ", ".join(f"{r.value}: {r.flag}" for r in rows.itertuples(index=False)) + ")")
+    return ["Subjects whose header value occurs in one class only, so that it alone gives their class: "
+            + "; ".join(parts) + ". The deep models see volumes resampled to one voxel size and turned to RAS, but "
+            "resampling leaves traces of the original grid (sharpness, interpolation, the brain's box) that a network "
+            "can use; the acquisition-only baseline measures how far these fields go."]

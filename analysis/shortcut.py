@@ -24,8 +24,8 @@ SHORTCUT_COLUMNS = ["model", "pretrained", "baseline", "metric", "class", "n_sub
 # What failing to beat each baseline means, in the report's words.
 MEANING = {
     "acquisition_baseline": "that class's score may reflect the data source rather than anatomy",
-    "histogram_baseline": "the network has not learned more than intensity statistics (too few epochs, or a recipe "
-                          "that does not train)",
+    "histogram_baseline": "nothing shows that the network learned more than intensity statistics (an interval "
+                          "that reaches 0 is no evidence either way; see the training check for whether it trained)",
 }
 
 
@@ -169,7 +169,8 @@ def shortcut_display(check: pd.DataFrame) -> pd.DataFrame:
         "Deep arm": [arm_label(m, p) for m, p in zip(check["model"], check["pretrained"])],
         "Baseline": check["baseline"].map(display_name),
         "Metric": [f"F1 {c}" if m == "f1" else "Macro F1" for m, c in zip(check["metric"], check["class"])],
-        "Deep": check["deep"].map(fmt), "Baseline value": check["baseline_value"].map(fmt),
+        # Scored on the shared test predictions of all folds at once (pooled), as the bootstrap resamples them.
+        "Deep (pooled)": check["deep"].map(fmt), "Baseline (pooled)": check["baseline_value"].map(fmt),
         "Diff (deep − baseline) [95% CI]": [f"{d:+.4f} [{fmt(lo)}, {fmt(hi)}]" if np.isfinite(d) else ""
                                             for d, lo, hi in zip(check["diff"], check["low"], check["high"])],
         "Clearly better": [("yes" if b else "**no** (clearly worse)" if w else "**no**")

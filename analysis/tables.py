@@ -17,7 +17,8 @@ from analysis.names import Arm, arm_frames, arm_mask, arm_sort_key, display_name
 from analysis.paper import is_paper_task, published, table_for
 from analysis.partial import PartialResults, failed_folds
 
-STAR = "★"
+STAR = "★"  # the best arm of a column (by fold mean): no test behind it
+SIGNIFICANT = "†"  # Holm p < 0.05 in the pairwise tests: a glyph of its own, so a best-of-column mark never reads as one
 
 COMPARISON_COLUMNS = ["table", "model", "display_name", "pretrained", "class", "metric", "folds", "mean", "std", "pooled",
                       "paper_mean", "paper_std", "difference", "baseline", "winner", "paper_winner"]
@@ -48,8 +49,8 @@ def fmt_p(p) -> str:
     return "<0.0001" if p < 1e-4 else f"{p:.4f}"
 
 
-def mark(text: str, winner: bool) -> str:
-    return f"**{text}** {STAR}" if winner and text else text
+def mark(text: str, winner: bool, symbol: str = STAR) -> str:
+    return f"**{text}** {symbol}" if winner and text else text
 
 
 # ----------------------------------------------------------------------------- paper comparison
@@ -224,9 +225,10 @@ def pairwise_display(tests: pd.DataFrame) -> pd.DataFrame:
     for r in tests.itertuples(index=False):
         significant = np.isfinite(r.p_holm) and r.p_holm < 0.05
         rows.append({"Arm A": _arm_text(r.model_a, r.pretrained_a), "Arm B": _arm_text(r.model_b, r.pretrained_b),
-                     "Folds": str(r.folds), "Macro F1 A": fmt(r.mean_a), "Macro F1 B": fmt(r.mean_b),
+                     "Folds": str(r.folds), "Macro F1 A (fold mean)": fmt(r.mean_a),
+                     "Macro F1 B (fold mean)": fmt(r.mean_b),
                      "Mean diff (A − B)": fmt_diff(r.mean_diff), "t": fmt(r.t, 3), "df": str(r.df), "p": fmt_p(r.p),
-                     "p (Holm)": mark(fmt_p(r.p_holm), significant), "Note": r.note})
+                     "p (Holm)": mark(fmt_p(r.p_holm), significant, SIGNIFICANT), "Note": r.note})
     return pd.DataFrame(rows)
 
 

@@ -38,10 +38,11 @@ TPE_STARTUP_TRIALS = 10
 
 SEARCH_SPACE: tuple[SearchRange, ...] = (
     SearchRange("lr", 4e-6, 4e-4, True,
-                "one decade either side of the default 4e-5 (the paper's 1e-5 scaled to batch 4): Adam's step size "
-                "matters most on small 3-D data sets"),
+                "one decade either side of the grid's value (default 4e-5, the paper's 1e-5 scaled to batch 4): "
+                "Adam's step size matters most on small 3-D data sets"),
     SearchRange("weight_decay", 1e-5, 1e-1, True,
-                "two decades either side of the paper's 1e-3: with ~500 volumes regularisation strength is uncertain"),
+                "two decades either side of the grid's value (the paper's 1e-3): with the paper's ~600 volumes, or "
+                "fewer, regularisation strength is uncertain"),
     SearchRange("dropout", 0.0, 0.6, False,
                 "around the paper's 0.3 before the final layer; above 0.6 the 512-feature head starves"),
     SearchRange("aug_strength", 0.0, 2.0, False,

@@ -3,6 +3,7 @@ cohort and sites, warnings, and old experiment folders without any of the new in
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -15,8 +16,8 @@ from analysis.shortcut import paired_bootstrap
 from analysis_fixtures import CLASSES, COPYCAT_ARM, PERFECT_ARM
 
 ACQ_MEANING = "that class's score may reflect the data source rather than anatomy"
-HIST_MEANING = ("the network has not learned more than intensity statistics (too few epochs, or a recipe that does "
-                "not train)")
+HIST_MEANING = ("nothing shows that the network learned more than intensity statistics (an interval that reaches 0 "
+                "is no evidence either way; see the training check for whether it trained)")
 
 
 def _md(out) -> str:
@@ -210,7 +211,23 @@ def test_warnings_come_first_and_name_allow_unstripped(built_confound_report):
     warnings = md[md.index("## Warnings"):md.index("## What ran")]
     assert "`--allow-unstripped`" in warnings and "Healthy 6 of 30" in warnings and "confound" in warnings
     assert "The cohort differs from the paper's" in warnings and "30 HGG / 15 LGG / 30 Healthy" in warnings
-    assert "Registration: `--register none`: no spatial normalisation, as in the paper" in md
+    assert "Registration: `--register none`: no spatial normalisation to a template, as in the paper" in md
+    # The source confound is a warning too, not only a table row further down.
+    assert ("**Source and label are confounded**: every HGG and LGG subject comes from `brats`; every Healthy "
+            "subject comes from `ixi`, so these classes can be told apart by where a scan was made") in warnings
+
+
+def test_no_source_warning_where_every_source_gives_every_class():
+    from analysis.confound_report import _source_warning
+    from analysis.confounds import sites_table
+
+    origins = pd.DataFrame({"source": ["a", "a", "b", "b"], "site": ["s1", "s2", "s3", "s3"],
+                            "label": ["x", "y", "x", "y"]})
+    res = SimpleNamespace(sites=sites_table(origins, ["x", "y"]))
+    assert _source_warning(res) is None
+    one_sided = origins.assign(label=["x", "x", "y", "y"])
+    assert _source_warning(SimpleNamespace(sites=sites_table(one_sided, ["x", "y"]))).startswith(
+        "**Source and label are confounded**: every x subject comes from `a`; every y subject comes from `b`,")
 
 
 def test_stripped_run_has_no_stripping_warning(confound_dir):
@@ -354,3 +371,29 @@ def test_the_cohort_counts_the_subjects_left_after_skip_invalid_not_the_draw():
     assert cohort.differs
     assert cohort.source == ("subjects.csv (the subjects the folds were drawn from); the `--max-per-class` draw in "
                              "experiment.json had 1 more HGG, left out afterwards (--skip-invalid)")
+
+
+def test_acquisition_per_class_flags_header_values_that_only_one_class_has():
+    from analysis.confounds import acquisition_display, acquisition_sentences, acquisition_table
+
+    subjects = pd.DataFrame({
+        "label": ["x", "x", "y", "y", "y"],
+        "orientation": ["LPS", "LPS", "LPS", "PSR", "PSR"],
+        "voxel_x": [1.0, 1.0, 0.9375, 0.9375, 0.9375], "voxel_y": [1.0, 1.0, 0.9375, 0.9375, 0.9375],
+        "voxel_z": [1.0, 1.0, 1.2, 1.2, 1.2],
+        "shape_x": [240] * 5, "shape_y": [240] * 5, "shape_z": [155] * 5, "dtype": ["int16"] * 5})
+    table = acquisition_table(subjects, ["x", "y"]).set_index(["field", "value"])
+    assert table.loc[("orientation", "LPS"), ["n_x", "n_y", "flag"]].tolist() == [2, 1, ""]
+    assert table.loc[("orientation", "PSR"), ["n_x", "n_y", "flag"]].tolist() == [0, 2, "only y"]
+    assert table.loc[("voxel", "0.9375 x 0.9375 x 1.2"), "flag"] == "only y"
+    assert table.loc[("voxel", "1 x 1 x 1"), "flag"] == "only x"
+    assert table.loc[("matrix", "240 x 240 x 155"), "flag"] == ""  # one value for everyone tells nothing
+    (sentence,) = acquisition_sentences(table.reset_index())
+    assert "orientation: 2 of 5 subjects (PSR: only y); voxel size (mm): 5 of 5 subjects" in sentence
+    # Many values: the report shows the commonest and sums the rest in one row.
+    many = subjects.assign(shape_z=[150, 151, 152, 153, 153])
+    shown = acquisition_display(acquisition_table(many, ["x", "y"]), ["x", "y"], per_field=2)
+    matrix = shown[shown["Field"] == "Matrix"]
+    assert matrix["Value"].tolist() == ["240 x 240 x 153", "240 x 240 x 150", "2 other values"]
+    assert matrix.iloc[2][["x", "y", "Total", "Flag"]].tolist() == ["1", "1", "2", "**2 of them in one class only**"]
+    assert "Every orientation" in acquisition_sentences(acquisition_table(subjects.assign(label="x"), ["x", "y"]))[0]

@@ -271,6 +271,9 @@ def test_nested_report_leads_with_the_estimate_and_labels_studies_by_fold(built_
     assert ("4 trial(s) per (arm, outer fold) study, the grid's configuration first" in md
             and "this was a random search around the grid's configuration, not a model-guided one" in md)
     assert "objective = inner-validation macro F1 of fold 2" in md
+    # A demo report says, before any number, that its subjects are generated phantoms.
+    assert md.index("**Synthetic data**: this is the demo.") < md.index("## What ran")
+    assert "Experiment: `demo` (synthetic phantoms, see *Warnings*)." in md
     # Optuna's own best trial is named as such, and points to the fold's selection (which breaks ties its own way).
     assert md.count("Optuna's best trial: value ") == 6
     assert md.count("The configuration this fold uses is the one under \"Configuration chosen in each fold\"") == 6

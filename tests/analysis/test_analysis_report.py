@@ -79,6 +79,7 @@ def test_paper_values_and_differences(built_paper_report):
     assert "0.8949 ± 0.0330" in md  # published LGG F1 of pre-trained MC3, beside ours
     assert f"{13 / 18 - 0.8949:+.4f}" in md
     assert "★" in md and "Table 5" in md
+    assert "Synthetic data" not in md and "Experiment: `paper`." in md  # only the demo is said to be synthetic
 
 
 def test_a_baseline_above_every_arm_does_not_take_the_star_from_the_best_arm():
