@@ -355,3 +355,17 @@ def test_without_the_models_package_the_report_says_published_values_are_left_ou
         names._model_tables.cache_clear()
     monkeypatch.undo()
     assert published("mc3_18", True, "macro_f1")[0] == pytest.approx(0.9345)
+
+
+def test_only_a_demo_is_called_synthetic_and_by_the_generator_of_its_task():
+    from types import SimpleNamespace
+
+    from analysis.report import synthetic_data_warning
+
+    (tumour,) = synthetic_data_warning(SimpleNamespace(experiment="demo", meta={"demo_task": "tumour"}))
+    assert "`datasets.synthetic` (BraTS/IXI-shaped" in tumour
+    (mgmt,) = synthetic_data_warning(SimpleNamespace(experiment="demo", meta={"demo_task": "mgmt"}))
+    assert "`datasets.synthetic_rsna` (RSNA-MICCAI-shaped DICOM series" in mgmt
+    (older,) = synthetic_data_warning(SimpleNamespace(experiment="demo", meta={}))  # before --demo-task existed
+    assert "BraTS/IXI-shaped" in older
+    assert synthetic_data_warning(SimpleNamespace(experiment="paper", meta={"demo_task": "tumour"})) == []
