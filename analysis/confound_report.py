@@ -164,8 +164,8 @@ def warnings(res: ConfoundResults, classes: list[str]) -> list[str]:
     weak, total = sc.not_clearly_better(res.shortcut, ACQUISITION)
     if weak:
         items.append(f"**Possible shortcut**: {weak} of {total} deep-arm x class results are not clearly better than "
-                     f"the acquisition-only baseline, which sees no anatomy beyond overall brain size{_worse(res.shortcut, ACQUISITION)} (see "
-                     "*Shortcut check*).")
+                     "the acquisition-only baseline, which sees no anatomy beyond overall brain size"
+                     f"{_worse(res.shortcut, ACQUISITION)} (see *Shortcut check*).")
     weak, total = sc.not_clearly_better(res.shortcut, HISTOGRAM)
     if weak:
         items.append(f"**Nothing shown beyond intensity statistics**: {weak} of {total} deep-arm x class results are "
@@ -175,15 +175,19 @@ def warnings(res: ConfoundResults, classes: list[str]) -> list[str]:
 
 
 def _source_warning(res: ConfoundResults) -> str | None:
-    """A class whose every subject comes from one source (of several): where the scan was made gives it away."""
+    """A class whose every subject comes from one source (of several): where the scan was made gives it away.
+
+    Read from the counts of the sites table's source rows (one ``n_<class>`` column per class)."""
     if res.sites is None:
         return None
-    prefix = "only source of "
-    owned = {}
-    for row in res.sites[res.sites["level"] == "source"].itertuples(index=False):
-        classes = [flag.removeprefix(prefix) for flag in row.flag.split("; ") if flag.startswith(prefix)]
-        if classes:
-            owned[row.source or cf.UNKNOWN_SITE] = classes
+    sources = res.sites[res.sites["level"] == "source"]
+    if len(sources) < 2:
+        return None
+    owned: dict[str, list[str]] = {}
+    for column in (c for c in sources.columns if c.startswith("n_")):
+        giving = sources[sources[column] > 0]
+        if len(giving) == 1:
+            owned.setdefault(giving["source"].iloc[0] or cf.UNKNOWN_SITE, []).append(column.removeprefix("n_"))
     if not owned:
         return None
     given = "; ".join(f"every {' and '.join(classes)} subject comes from `{source}`" for source, classes in owned.items())
