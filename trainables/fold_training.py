@@ -378,6 +378,15 @@ def _evaluate(model: nn.Module, part: DeviceVolumes, criterion: WeightedCrossEnt
     return float((loss_sum / weight_sum).item()), probs, part.targets_host
 
 
+def training_order(size: int, seed: int, epoch: int) -> torch.Tensor:
+    """The permutation of the training part that epoch ``epoch`` trains in (and recalibrates BatchNorm in).
+
+    From (seed, epoch) alone, on its own generator: a resumed run sees the same order, and nothing else that
+    draws from the global RNG moves it.
+    """
+    return torch.randperm(size, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+
+
 def recalibrate_batch_norm(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
     """Set every BatchNorm's running statistics to the sample-weighted mean over ``batches`` (inputs on the device).
 
@@ -615,13 +624,10 @@ def _train_fold(config: dict[str, Any], data: PreparedData, output_dir: Path, re
     loader_options = {"num_workers": config["num_workers"], "pin_memory": device.type == "cuda"}
     if not train_on_device:  # heavy: TorchIO on the CPU, per sample
         train_set = VolumeDataset(volumes, train_idx, train_y, data.spacing, transform=build_augmentation(kind, strength))
-        # Own generators: the loaders' worker seeds come from (seed, epoch), not from the global RNG.
-        bn_loader = DataLoader(VolumeDataset(volumes, train_idx, train_y, data.spacing), batch_size=batch_size,
-                               shuffle=False, generator=torch.Generator(), **loader_options)
+        plain_train_set = VolumeDataset(volumes, train_idx, train_y, data.spacing)
 
     def training_batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        # The shuffle order depends on (seed, epoch) only, so a resumed run sees the same order.
-        order = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(config["seed"] * 7919 + epoch))
+        order = training_order(len(train_idx), config["seed"], epoch)
         if train_on_device:
             train, order, augment = on_device["train"], order.to(device), None
             if augment_on_device:
@@ -636,18 +642,27 @@ def _train_fold(config: dict[str, Any], data: PreparedData, output_dir: Path, re
             for batch, labels in loader:
                 yield batch.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
-    def recalibrate_bn() -> None:
-        """BatchNorm statistics from the un-augmented training part (momentum None: the exact mean over it).
+    def recalibrate_bn(epoch: int) -> None:
+        """BatchNorm statistics from the un-augmented training part, in the epoch's own shuffled batches.
 
-        Under the same autocast as training, so the statistics describe the activations the layers will see.
+        The shuffled order matters: the stored order is sorted by subject id, so its batches hold one source
+        and mostly one class (every IXI id after every BraTS id), and averaging their variances would leave out
+        the variance between sources and classes that every training batch contains. Under the same autocast as
+        training, so the statistics describe the activations the layers will see.
         """
+        order = training_order(len(train_idx), config["seed"], epoch)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             if train_on_device:
                 train = on_device["train"]
-                recalibrate_batch_norm(model, (train.batch(slice(s, s + batch_size))[0]
+                order = order.to(device)
+                recalibrate_batch_norm(model, (train.batch(order[s:s + batch_size])[0]
                                                for s in range(0, len(train), batch_size)))
             else:
-                recalibrate_batch_norm(model, (batch.to(device, non_blocking=True) for batch, _ in bn_loader))
+                # Own generator: the loader's worker seeds come from (seed, epoch), not from the global RNG.
+                loader = DataLoader(plain_train_set, batch_size=batch_size, sampler=order.tolist(),
+                                    generator=torch.Generator().manual_seed(config["seed"] * 7919 + epoch),
+                                    **loader_options)
+                recalibrate_batch_norm(model, (batch.to(device, non_blocking=True) for batch, _ in loader))
 
     pretrained = config["pretrained"]
     model = build_model(config["model"], num_classes=len(classes), in_channels=data.cached.meta["channels"],
@@ -693,7 +708,7 @@ def _train_fold(config: dict[str, Any], data: PreparedData, output_dir: Path, re
         for batch, labels in training_batches(state.epoch):
             loss_sum += train_step_loss(model, batch, labels, criterion, optimizer, amp_dtype, scaler).double() * len(labels)
         if config["bn_recalibration"]:
-            recalibrate_bn()
+            recalibrate_bn(state.epoch)
         val_loss, val_probs, val_y = _evaluate(model, on_device["val"], criterion, amp_dtype, batch_size)
         metrics = {"epoch": state.epoch, "train_loss": loss_sum.item() / len(train_idx), "val_loss": val_loss,
                    **classification_metrics("val", val_y, val_probs.argmax(1), classes),
