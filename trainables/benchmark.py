@@ -65,7 +65,7 @@ from models import MODEL_NAMES, PAPER_MODEL_NAMES, build_model
 from search_spaces import PAPER_DEFAULTS
 from trainables.cuda_mps import DEFAULT_PIPE_DIRECTORY, MpsUnavailable, log_tail, private_mps, system_mps_running
 from trainables.fold_training import (amp_setup, cuda_settings, make_optimizer, tensor_bytes, train_step,
-                                      train_step_loss)
+                                      train_step_loss, unsupported_gpu)
 from trainables.metrics import WeightedCrossEntropy
 
 # The profiler's C++ side (kineto) prints start/stop trace lines for every profiled step, and on a machine without
@@ -82,14 +82,18 @@ MB = 2**20
 
 # Dense (no sparsity) peak TFLOP/s by CUDA device name: (mixed precision bf16/fp16, float32 as cuDNN
 # runs it: TF32 on Ampere and later, where PyTorch allows TF32 convolutions by default; plain fp32 before).
-# First match wins, so the PCIe H100 comes before the SXM one. Figures from NVIDIA's data sheets.
+# First match wins, so the PCIe and NVL cards come before the SXM ones of their name. Figures from NVIDIA's data sheets.
 PEAK_TFLOPS = [
     (r"H100.*PCIe", 756.0, 378.0),
+    (r"H100.*NVL", 835.0, 418.0),
     (r"H100", 989.0, 494.0),
+    (r"H200.*NVL", 835.0, 418.0),
     (r"H200", 989.0, 494.0),
     (r"A100", 312.0, 156.0),
     (r"\bL4\b", 121.0, 60.0),
     (r"\bT4\b", 65.0, 8.1),
+    (r"V100S", 130.0, 16.4),
+    (r"V100.*PCIE", 112.0, 14.0),
     (r"V100", 125.0, 15.7),
 ]
 
@@ -186,12 +190,28 @@ class StepVariant:
             raise ValueError(f"memory_format must be one of {', '.join(MEMORY_FORMATS)}, got {self.memory_format!r}")
 
 
+def in_memory_format(model: nn.Module, memory_format: torch.memory_format) -> nn.Module:
+    """``model`` with its 3-D convolutions' weights in ``memory_format`` (and 2-D ones in ``channels_last``).
+
+    ``Module.to(memory_format=torch.channels_last_3d)`` also converts every 4-D tensor and fails on them
+    ("required rank 5 tensor"), so the 2-D slice baseline could not be measured that way.
+    """
+    if memory_format is torch.contiguous_format:
+        return model
+    for module in model.modules():
+        if isinstance(module, nn.Conv3d):
+            module.to(memory_format=memory_format)
+        elif isinstance(module, nn.Conv2d):
+            module.to(memory_format=torch.channels_last)
+    return model
+
+
 def _setup(model_name: str, shape: tuple[int, int, int], batch_size: int, channels: int,
            device: torch.device, amp: bool, variant: StepVariant = StepVariant()):
     torch.manual_seed(0)
     cuda_settings(device)  # what a trial sets: cuDNN autotuning for the fixed shape
     memory_format = MEMORY_FORMATS[variant.memory_format]
-    model = build_model(model_name, num_classes=3, in_channels=channels).to(device, memory_format=memory_format)
+    model = in_memory_format(build_model(model_name, num_classes=3, in_channels=channels).to(device), memory_format)
     optimizer = make_optimizer(model, {"lr": 1e-5, "weight_decay": 1e-3}, device)  # the trial's (fused on CUDA)
     criterion = WeightedCrossEntropy([0.8, 0.5, 0.7], mean_weight=2 / 3).to(device)  # the trials' loss
     amp_dtype, scaler = amp_setup(device, amp)
@@ -348,7 +368,12 @@ def _concurrent_rows(rows: list[dict], counts: list[int], args: argparse.Namespa
                             for row in rows for processes in counts]
                 except RuntimeError as error:
                     if not mps:
-                        raise
+                        # The in-process rows are kept. A GPU in EXCLUSIVE_PROCESS compute mode (common on shared
+                        # clusters) admits one process, and this one already holds a context from those rows.
+                        notes.append(f"concurrent trial processes: not measured: {error}; if the GPU's compute "
+                                     f"mode is EXCLUSIVE_PROCESS (`nvidia-smi --query-gpu=compute_mode "
+                                     f"--format=csv`), only one process may use it at a time")
+                        continue
                     # Read while the daemon's folder still exists: its log says why the client was refused.
                     notes.append(f"CUDA MPS: the daemon started but a trial process failed under it ({error}); "
                                  f"{log_tail(env)}")
@@ -514,6 +539,10 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print(f"error: --device {args.device}: PyTorch sees no CUDA device here (torch {torch.__version__}, CUDA "
               f"build {torch.version.cuda or 'none'}); leave --device out to benchmark the CPU", file=sys.stderr)
+        return 2
+    problem = unsupported_gpu(device)
+    if problem:
+        print(f"error: --device {device}: {problem}", file=sys.stderr)
         return 2
     precisions = SWITCH[args.amp]
     if device.type != "cuda":

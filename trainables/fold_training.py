@@ -174,6 +174,35 @@ def cuda_settings(device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+def unsupported_gpu(device: torch.device) -> str | None:
+    """Why this torch build has no kernels for the GPU ``device``, or None (a CPU, a supported GPU).
+
+    A torch wheel carries kernels for a list of GPU architectures (the CUDA 13 builds, torch 2.14.1 among them,
+    dropped Volta, sm_70). On a GPU outside the list the first kernel fails with "no kernel image is available
+    for execution on the device": a crash that Tune would retry on every trial. A cubin runs on its own major
+    version at the same or a higher minor; PTX (``compute_XY``) is compiled for any later GPU at load time.
+    """
+    if device.type != "cuda":
+        return None
+    archs = torch.cuda.get_arch_list()
+    capability = torch.cuda.get_device_capability(device)
+    for arch in archs:
+        kind, _, number = arch.partition("_")
+        digits = number.rstrip("abcdefghijklmnopqrstuvwxyz")  # sm_90a: arch-specific features of sm_90
+        if not digits.isdigit() or len(digits) < 2:
+            continue
+        major, minor = int(digits[:-1]), int(digits[-1])
+        if (kind == "sm" and major == capability[0] and minor <= capability[1]) or \
+                (kind == "compute" and (major, minor) <= capability):
+            return None
+    if not archs:  # a build that does not say: let the first kernel tell
+        return None
+    return (f"{torch.cuda.get_device_name(device)} (sm_{capability[0]}{capability[1]}) is not among the GPU "
+            f"architectures this torch {torch.__version__} was built for ({', '.join(archs)}), so no kernel can run "
+            f"on it. Install a torch build that includes sm_{capability[0]}{capability[1]} (the wheels for an "
+            f"older CUDA at https://download.pytorch.org/whl/ still carry Volta's sm_70), or use another GPU")
+
+
 def amp_setup(device: torch.device, enabled: bool) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
     """bf16 only where the GPU computes it natively (an emulated bf16 is slower than fp16), else fp16 + GradScaler.
 
@@ -602,6 +631,9 @@ def _train_fold(config: dict[str, Any], data: PreparedData, output_dir: Path, re
                 best_weights_store: WeightStore | str | os.PathLike | None) -> FoldResult:
     output_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    problem = unsupported_gpu(device)
+    if problem:
+        raise PermanentTrialError(problem)
     cuda_settings(device)
     if best_weights_store is None:
         best_weights_store = output_dir / ("best_weights" if reporter is not None else "checkpoint")

@@ -186,6 +186,12 @@ def test_memory_format_and_compile_rows(tmp_path):
     assert weight.is_contiguous(memory_format=torch.channels_last_3d) and not weight.is_contiguous()
     with pytest.raises(ValueError, match="memory_format must be one of contiguous, channels_last_3d, got 'nhwc'"):
         benchmark.StepVariant("nhwc")
+    # The 2-D slice baseline: Module.to(memory_format=channels_last_3d) failed on its 4-D weights
+    # ("required rank 5 tensor"); its 2-D convolutions take channels_last instead.
+    model, *_ = benchmark._setup("resnet18_2d", (8, 8, 8), 2, 2, torch.device("cpu"), False,
+                                 benchmark.StepVariant("channels_last_3d"))
+    conv2d = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv2d.weight.is_contiguous(memory_format=torch.channels_last) and not conv2d.weight.is_contiguous()
 
 
 def test_checkpoint_bytes_of_a_tiny_model_by_hand():
@@ -213,6 +219,10 @@ def test_peak_table_knows_gpus_by_name_only_on_cuda(monkeypatch):
                                       ("NVIDIA H100 PCIe", "bfloat16", 756.0), ("NVIDIA H200", "bfloat16", 989.0),
                                       ("NVIDIA A100-SXM4-80GB", "float16", 312.0), ("NVIDIA L4", "bfloat16", 121.0),
                                       ("Tesla T4", "float16", 65.0), ("Tesla V100-SXM2-16GB", "float16", 125.0),
+                                      # PCIe and NVL cards share their SXM sibling's name: listed first
+                                      ("NVIDIA H100 NVL", "bfloat16", 835.0), ("NVIDIA H200 NVL", "bfloat16", 835.0),
+                                      ("Tesla V100-PCIE-32GB", "float16", 112.0),
+                                      ("Tesla V100S-PCIE-32GB", "float32", 16.4),
                                       ("NVIDIA L40S", "bfloat16", None), ("Some GPU", "float16", None)]:
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
         assert benchmark.peak_tflops(torch.device("cuda"), precision) == expected, name

@@ -286,6 +286,32 @@ def test_amp_uses_bf16_only_where_the_gpu_has_it_natively(monkeypatch):
     assert calls == []
 
 
+@pytest.mark.parametrize("archs, capability, supported", [
+    (["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"], (7, 0), False),  # this torch build on a V100
+    (["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"], (7, 5), True),   # a T4
+    (["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"], (8, 9), True),   # sm_86's cubin runs on an L4
+    (["sm_80", "sm_90a"], (9, 0), True),                                        # H100 with arch-specific cubins
+    (["sm_80", "compute_80"], (9, 0), True),                                    # PTX, compiled at load time
+    (["sm_80", "sm_86"], (9, 0), False),                                        # no Hopper cubin, no PTX
+])
+def test_a_gpu_the_torch_build_has_no_kernels_for_is_named_before_training(monkeypatch, tmp_path, archs, capability,
+                                                                           supported):
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: archs)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-16GB")
+    problem = fold_training.unsupported_gpu(torch.device("cuda"))
+    assert (problem is None) == supported, problem
+    assert fold_training.unsupported_gpu(torch.device("cpu")) is None
+    if not supported:
+        assert problem.startswith(f"Tesla V100-SXM2-16GB (sm_{capability[0]}{capability[1]}) is not among the GPU "
+                                  f"architectures this torch {torch.__version__} was built for ({', '.join(archs)})")
+        # A trial stops at once with that message (not retried by Tune), before any data reaches the device.
+        from trainables.errors import PermanentTrialError
+        with pytest.raises(PermanentTrialError, match=r"Install a torch build that includes sm_"):
+            train_fold({"model": "mc3_18", "fold": 0, "epochs": 1}, None, tmp_path, device="cuda")
+        assert list(tmp_path.iterdir()) == []
+
+
 PATIENCE = {**LEARNING, "epochs": 6, "patience": 1, "fold": 2}
 
 
