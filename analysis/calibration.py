@@ -4,7 +4,8 @@ Definitions (the same for two-class and multi-class runs, on each arm's pooled o
 
 - Brier score = mean over classes of the one-vs-rest Brier score, sklearn's brier_score_loss of
   (label == class) against prob_<class>. For two classes this equals the usual binary Brier score of
-  either class (both classes have the same squared error); it is half the "multi-class Brier" sum.
+  either class (both classes have the same squared error); it is 1/K of the K-class "multi-class Brier" sum
+  (a half for two classes, a third for LGG / HGG / Healthy).
 - Expected calibration error (ECE) on the top-class confidence c = max_k prob_k, whose prediction is
   the argmax class: 10 equal-width bins closed on the right, [0, 0.1], (0.1, 0.2], ..., (0.9, 1.0] (the
   binning of sklearn.calibration.calibration_curve, strategy="uniform", which draws the reliability figure,

@@ -352,7 +352,8 @@ def _statistics(doc, tests, boot, result_arms, classes, n_boot, seed, n_folds) -
     J = int(tests["folds"].max()) if len(tests) else n_folds
     doc.para("Nadeau-Bengio corrected resampled t-test on the paired per-fold differences d of macro F1: "
              "t = mean(d) / sqrt(var(d, ddof = 1) × (1/J + n_test/n_train)), df = J − 1, two-sided p; n_test/n_train "
-             "is the mean over the pair's trials in trials.csv. p-values are Holm-corrected over all pairs "
+             "is the mean over the pair's trials in trials.csv, with n_train the subjects each model was fitted on "
+             "(the fold's training part less its inner validation part, which only chose the epoch). p-values are Holm-corrected over all pairs "
              f"(family-wise error); **bold** {tb.SIGNIFICANT} marks Holm p < 0.05 (the {tb.STAR} of the result tables "
              "marks a column's best fold mean and involves no test). A positive difference favours arm A.")
     doc.para("**Caveat:** " + POWER_CAVEAT.format(J=J, df=max(J - 1, 0)))
@@ -370,6 +371,9 @@ def _statistics(doc, tests, boot, result_arms, classes, n_boot, seed, n_folds) -
 
 
 DATA_LINE = "Data: each arm's pooled outer-test (out-of-fold) predictions."
+POOLED_AUC_CAVEAT = ("A pooled AUC ranks together the probabilities of the folds' separately trained models: a "
+                     "fold whose scores sit on another scale than the others' can pull it below every fold's own "
+                     "AUC, which the per-fold numbers do not mix.")
 
 
 def _binary_section(doc, summary, report, result_arms, classes, fig_pr, report_dir, n_boot, seed) -> None:
@@ -391,7 +395,7 @@ def _binary_section(doc, summary, report, result_arms, classes, fig_pr, report_d
     doc.para(f"{DATA_LINE} Bootstrap: {n_boot} resamples of subjects (with replacement, a subject's rows together), "
              f"seed {seed}; percentile 95% CI of the ROC AUC (scikit-learn roc_auc_score). Resamples with a single "
              "label value have no AUC and are left out (counted in tables/binary_auc.csv). Average precision is "
-             "scikit-learn's average_precision_score.")
+             "scikit-learn's average_precision_score. " + POOLED_AUC_CAVEAT)
     rows = []
     for r in summary.itertuples(index=False):
         rows.append({**tb.arm_cells(r.model, r.pretrained),
@@ -454,7 +458,7 @@ def _figures(doc, exp, result_arms, arms, auc, roc_notes, fig_conf, fig_heat, fi
                   "Precision, recall, specificity and F1 per class and arm: means over the outer test folds "
                   "(paper-protocol predictions); the colour scale spans the values shown.")
     doc.heading("ROC curves (one-vs-rest)", 3)
-    doc.para("AUC from the prob_ columns: pooled over folds, and mean ± std of the per-fold AUCs.")
+    doc.para("AUC from the prob_ columns: pooled over folds, and mean ± std of the per-fold AUCs. " + POOLED_AUC_CAVEAT)
     doc.table(tb.auc_display(auc, result_arms, classes), empty="No paper-protocol predictions.")
     if roc_notes:
         doc.bullets(sorted(set(roc_notes)))
