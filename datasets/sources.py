@@ -50,11 +50,20 @@ def _ixi_preference(path: Path) -> tuple[int, int]:
     return (0 if match.group(3) else 1, 0 if path.name.endswith(".gz") else 1)
 
 
+def _visible(path: Path, root: Path) -> bool:
+    """False inside a hidden folder or macOS's ``__MACOSX`` (an unzipped archive's resource forks), where a copy
+    of a subject (``__MACOSX/HGG/<id>``) or a stray folder (``.ipynb_checkpoints``) would become a duplicate id or
+    a subject without files and stop the run."""
+    return not any(part.startswith(".") or part == "__MACOSX" for part in path.relative_to(root).parts)
+
+
 def _ixi_files(root: Path) -> dict[str, Path]:
     """One T1 file per IXI subject: BET's ``..._brain`` output preferred to the raw head of the same subject."""
     chosen: dict[str, Path] = {}
     odd: list[Path] = []
     for path in sorted(root.rglob("*.nii*")):  # one walk of the tree, which holds every BraTS file too
+        if not _visible(path, root):
+            continue
         match = IXI_PATTERN.match(path.name)
         name = path.name.casefold()
         if match is None:
@@ -94,8 +103,8 @@ def discover_brats_ixi(data_root: str | os.PathLike, contrasts: Sequence[str] = 
     if not contrasts:
         raise ValueError("contrasts must name at least one contrast, e.g. ('t1ce',)")
     records: list[SubjectRecord] = []
-    for grade_dir in sorted(p for p in root.rglob("*") if p.is_dir() and p.name in BRATS_GRADES):
-        for subject_dir in sorted(p for p in grade_dir.iterdir() if p.is_dir()):
+    for grade_dir in sorted(p for p in root.rglob("*") if p.is_dir() and p.name in BRATS_GRADES and _visible(p, root)):
+        for subject_dir in sorted(p for p in grade_dir.iterdir() if p.is_dir() and _visible(p, root)):
             sid = subject_dir.name
             paths = tuple(str(_find_nifti(subject_dir, f"{sid}_{c}")) for c in contrasts)
             records.append(SubjectRecord(sid, grade_dir.name, paths, group=sid, source="brats", site=brats_site(sid)))
@@ -152,7 +161,7 @@ def read_manifest(manifest: str | os.PathLike, require_label: bool = True) -> li
     records = []
     for label, (_, row) in zip(labels, frame.iterrows()):
         sid = row["subject_id"].strip()
-        paths = tuple(str((manifest.parent / row[c].strip()).resolve()) if row[c].strip() else "" for c in path_columns)
+        paths = tuple(str((manifest.parent / row[c].strip()).resolve()) for c in path_columns)
         group = row["group"].strip() if "group" in frame.columns and row["group"].strip() else sid
         site = row["site"].strip() if "site" in frame.columns else ""
         records.append(SubjectRecord(sid, label, paths, group=group, source="manifest", site=site))
@@ -180,6 +189,11 @@ def _read_manifest_table(manifest: Path, require_label: bool = True) -> pd.DataF
                          f"with {expected}") from None
     frame.columns = [str(c).strip() for c in frame.columns]
     path_columns = channel_columns(frame.columns)
+    misspelt = [c for c in frame.columns if c not in path_columns and (c.casefold() == "path" or
+                                                                      c.casefold().startswith("path_"))]
+    if misspelt:  # a "Path_FLAIR" column would otherwise drop that channel without a word
+        raise ValueError(f"Manifest {manifest}: column(s) {', '.join(misspelt)} look like input files but path "
+                         "columns are spelled in lower case (path, or path_<contrast>); rename them")
     missing = [c for c in ("subject_id", "label")[:2 if require_label else 1] if c not in frame.columns]
     if missing or not path_columns:
         need = missing + ([] if path_columns else ["path (or path_<contrast>)"])
@@ -191,6 +205,12 @@ def _read_manifest_table(manifest: Path, require_label: bool = True) -> pd.DataF
     if no_id:
         raise ValueError(f"Manifest {manifest}: line(s) {', '.join(map(str, no_id[:10]))} have no subject_id; give "
                          "every row an id, or delete empty rows")
+    for column in path_columns:
+        no_file = [i + 2 for i, cell in enumerate(frame[column]) if not str(cell).strip()]
+        if no_file:
+            raise ValueError(f"Manifest {manifest}: line(s) {', '.join(map(str, no_file[:10]))} have no file in column "
+                             f"{column}; every subject needs a file in every path column (leave a subject out, or "
+                             "drop the column for all)")
     return frame
 
 

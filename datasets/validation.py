@@ -60,6 +60,12 @@ class InvalidDataError(ValueError):
     """Raised when a run would train on invalid data; the message lists every problem."""
 
 
+# Above this share of negative voxels among the non-zero ones a volume counts as already normalised. MR magnitude
+# images have none; interpolation ringing at the brain's edge after a registration leaves a few percent at most,
+# while a z-scored or [-1, 1]-scaled brain has about half.
+NEGATIVE_SHARE_LIMIT = 0.10
+
+
 def check_volume(path: str | os.PathLike) -> str | None:
     """Return why ``path`` is not a usable 3-D volume, or None when it is."""
     return inspect_volume(path)[0]
@@ -112,6 +118,14 @@ def inspect_volume(path: str | os.PathLike) -> tuple[str | None, dict | None]:
         return f"non-finite voxels ({int((~np.isfinite(data)).sum())} NaN/Inf)", None
     if data.min() == data.max():
         return f"constant image (every voxel is {float(data.min()):g})", None
+    nonzero = data[data != 0]
+    negative = float((nonzero < 0).mean()) if nonzero.size else 0.0
+    if negative > NEGATIVE_SHARE_LIMIT:
+        # Preprocessing takes voxels <= 0 for background (inputs are skull-stripped), so a z-scored brain would
+        # lose its darker half to the background and train without a word.
+        return (f"{negative:.0%} of the non-zero voxels are negative: the intensities look normalised already "
+                "(z-scored?), and preprocessing takes voxels <= 0 for background, so that share of the brain would "
+                "be lost; give the volumes before intensity normalisation (as scanned, or bias-corrected)"), None
     return None, {**volume_profile(image, data), CONTENT_DIGEST: content_digest(image, data)}
 
 

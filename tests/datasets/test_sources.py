@@ -79,3 +79,29 @@ def test_site_is_parsed_from_brats_and_ixi_ids_and_read_from_a_manifest(tmp_path
     pd.DataFrame({"subject_id": ["a", "b"], "label": ["x", "y"], "path": ["IXI/IXI002-Guys-0828-T1.nii.gz"] * 2,
                   "site": ["Leeds", ""]}).to_csv(tmp_path / "m.csv", index=False)
     assert [(r.source, r.site) for r in read_manifest(tmp_path / "m.csv")] == [("manifest", "Leeds"), ("manifest", "")]
+
+
+def test_hidden_and_macosx_folders_are_not_subjects(tmp_path):
+    """An unzipped archive's ``__MACOSX/HGG/<id>`` copy made the real id a duplicate; ``.ipynb_checkpoints`` under
+    a grade folder became a subject without files. Both stopped the run."""
+    write_ellipsoid(tmp_path / "HGG/BraTS19_A_1/BraTS19_A_1_t1ce.nii.gz")
+    write_ellipsoid(tmp_path / "__MACOSX/HGG/BraTS19_A_1/BraTS19_A_1_t1ce.nii.gz")
+    (tmp_path / "HGG/.ipynb_checkpoints").mkdir()
+    write_ellipsoid(tmp_path / ".trash/IXI002-Guys-0828-T1.nii.gz")
+    records = discover_brats_ixi(tmp_path)
+    assert [(r.subject_id, r.paths) for r in records] == [
+        ("BraTS19_A_1", (str(tmp_path / "HGG/BraTS19_A_1/BraTS19_A_1_t1ce.nii.gz"),))]
+
+
+def test_a_capitalised_path_column_or_an_empty_path_cell_is_named(tmp_path):
+    write_ellipsoid(tmp_path / "a.nii.gz")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("subject_id,label,path_t1ce,Path_FLAIR\ns1,HGG,a.nii.gz,a.nii.gz\n")
+    # Before: Path_FLAIR was not a channel, and the run trained on T1ce alone without a word.
+    with pytest.raises(ValueError, match=r"column\(s\) Path_FLAIR look like input files but path columns are "
+                                         r"spelled in lower case \(path, or path_<contrast>\); rename them"):
+        read_manifest(manifest)
+    manifest.write_text("subject_id,label,path_t1ce,path_flair\ns1,HGG,a.nii.gz,a.nii.gz\ns2,LGG,a.nii.gz,\n")
+    # Before: the empty cell became the manifest's folder, reported as '-: not a NIfTI image'.
+    with pytest.raises(ValueError, match=r"line\(s\) 3 have no file in column path_flair"):
+        read_manifest(manifest)

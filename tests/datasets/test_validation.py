@@ -42,13 +42,20 @@ def planted_tree(tmp_path):
     nib.save(nib.Nifti1Image(data, np.eye(4)), str(bad["nan"]))
     bad["constant"] = root / "IXI/IXI002-HH-0002-T1.nii.gz"
     nib.save(nib.Nifti1Image(np.full((6, 6, 6), 3.0, np.float32), np.eye(4)), str(bad["constant"]))
+    bad["zscored"] = root / "LGG/Z1/Z1_t1ce.nii.gz"  # normalised over the brain: half of it below zero
+    write_ellipsoid(bad["zscored"])
+    image = nib.load(str(bad["zscored"]))
+    brain = np.asarray(image.dataobj)
+    brain[brain != 0] = (brain[brain != 0] - brain[brain != 0].mean()) / brain[brain != 0].std()
+    nib.save(nib.Nifti1Image(brain, image.affine), str(bad["zscored"]))
     bad["missing"] = root / "LGG/M1/M1_t1ce.nii.gz"
     bad["missing"].parent.mkdir(parents=True)  # folder without its file
     return root, bad
 
 
 REASONS = {"truncated": "unreadable or truncated", "notnifti": "not a NIfTI image", "empty": "empty file",
-           "4d": "not 3-D", "nan": "non-finite voxels", "constant": "constant image", "missing": "file not found"}
+           "4d": "not 3-D", "nan": "non-finite voxels", "constant": "constant image", "missing": "file not found",
+           "zscored": "% of the non-zero voxels are negative: the intensities look normalised already"}
 
 
 def test_check_names_every_bad_file_and_fails(planted_tree, capsys):
@@ -56,7 +63,7 @@ def test_check_names_every_bad_file_and_fails(planted_tree, capsys):
     assert main(["check", "--data-root", str(root)]) == 1
     out = capsys.readouterr().out
     assert "4 valid subjects: LGG 1, HGG 2, Healthy 1" in out
-    assert "7 invalid:" in out
+    assert "8 invalid:" in out
     for kind, path in bad.items():
         line = next(l for l in out.splitlines() if str(path) in l)
         assert REASONS[kind] in line, (kind, line)
@@ -65,7 +72,7 @@ def test_check_names_every_bad_file_and_fails(planted_tree, capsys):
 def test_skip_invalid_lists_and_exits_zero(planted_tree, capsys):
     root, _ = planted_tree
     assert main(["check", "--data-root", str(root), "--skip-invalid"]) == 0
-    assert "7 subject(s) will be left out" in capsys.readouterr().out
+    assert "8 subject(s) will be left out" in capsys.readouterr().out
 
 
 def test_duplicate_ids_and_unknown_labels_from_a_manifest(tmp_path, capsys, caplog):
@@ -107,3 +114,16 @@ def test_results_are_cached_per_file_and_rechecked_when_it_changes(tmp_path):
 
 def test_a_good_volume_has_no_problem(tmp_path):
     assert check_volume(write_ellipsoid(tmp_path / "ok.nii.gz")) is None
+
+
+@pytest.mark.parametrize("negative, reason", [(3, "30% of the non-zero voxels are negative"), (1, None)])
+def test_an_already_normalised_volume_is_refused_by_its_share_of_negative_voxels(tmp_path, negative, reason):
+    """10 non-zero voxels in a 6^3 box, ``negative`` of them below zero: 30% is a normalised brain, 10% (the
+    limit, as interpolation ringing may leave) is not."""
+    data = np.zeros((6, 6, 6), np.float32)
+    data[1, 1:, 1:3] = 50.0  # 10 voxels
+    data[1, 1:1 + negative, 1] = -5.0
+    path = tmp_path / "v.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
+    problem = check_volume(path)
+    assert (problem is None) if reason is None else problem.startswith(reason), problem
