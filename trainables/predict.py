@@ -701,12 +701,14 @@ CONTENT_RTOL = 1e-9  # the same measurement read back from subjects.csv: equal u
 # segmentation), the RSNA sequence names; IXI's <id>-T1[_brain] is datasets.sources.IXI_PATTERN.
 SCAN_SUFFIXES = frozenset({*BRATS_CONTRASTS, "seg", *SEQUENCE_ALIASES})
 MATCH_KINDS = {"id": "same id", "content": "the same volume, by content",
-               "name": "another scan of that subject, by file name"}
+               "name": "another scan of that subject, by file name",
+               "group": "the same group (patient), by the manifest's group column"}
 
 
 @dataclass(frozen=True)
 class CohortMatch:
-    """Why a new subject counts as one of the run's: ``by`` "id", "content" or "name" (see ``run_cohort_matches``)."""
+    """Why a new subject counts as one of the run's: ``by`` "id", "content", "name" or "group" (see
+    ``run_cohort_matches``)."""
 
     run_subjects: tuple[str, ...]  # the run's subject id(s) it matches
     by: str
@@ -774,7 +776,8 @@ def run_cohort_matches(records: Sequence[SubjectRecord], profiles: dict[str, dic
     acquisition profile (matrix, voxel size, orientation, foreground volume, foreground median and 99th percentile,
     zero and border-zero fractions; older runs) does. 3. **name**: a file is named as the
     run's layouts name a scan of a cohort subject (``<id>_flair.nii.gz``, ``<id>-T1_brain.nii``): another contrast
-    of that subject, so the same anatomy and tumour.
+    of that subject, so the same anatomy and tumour. 4. **group**: the new manifest's ``group`` (patient) is a cohort
+    subject's group: another scan (a later time point) of that patient.
 
     Why these: bare FILES get their id from the file name, so a cohort volume copied or renamed (or BraTS's
     ``<id>_t1ce.nii.gz``, id ``<id>_t1ce``) passes the id check. The run keeps no path or checksum of its cohort's
@@ -794,6 +797,10 @@ def run_cohort_matches(records: Sequence[SubjectRecord], profiles: dict[str, dic
     if subjects is None:
         return [None] * len(records)
     ids = set(subjects["subject_id"])
+    # A group given in the new manifest (another time point of a run patient) is that patient: same anatomy and
+    # tumour. Records without one have their own id as group, which the id check has already compared.
+    groups = (subjects.groupby(subjects["group"].astype(str))["subject_id"].apply(list).to_dict()
+              if "group" in subjects.columns else {})
     cohort = cohort_profiles(subjects)
     matches: list[CohortMatch | None] = []
     for record in records:
@@ -803,6 +810,8 @@ def run_cohort_matches(records: Sequence[SubjectRecord], profiles: dict[str, dic
             matches.append(CohortMatch(tuple(same), "content"))
         elif named := sorted(ids & scan_names(record)):
             matches.append(CohortMatch(tuple(named), "name"))
+        elif record.group != record.subject_id and (kin := sorted(groups.get(record.group, ()))):
+            matches.append(CohortMatch(tuple(kin), "group"))
         else:
             matches.append(None)
     return matches

@@ -724,3 +724,25 @@ def test_ctrl_c_while_new_volumes_are_preprocessed_exits_130_without_a_traceback
     assert re.search(r"Preprocessing interrupted after 2 of \d+ volumes \(volumes preprocessed for prediction are "
                      r"not cached\); rerunning the same command preprocesses them again\.", caplog.text)
     assert not csv.exists()
+
+
+def test_a_new_scan_of_a_run_patient_is_matched_by_the_manifest_s_group():
+    """``P1_t1`` (group P1) beside a run whose ``P1_t0`` is in group P1: the same patient and tumour, though its id,
+    file name and voxels are new. Records without a group (group = own id) are not matched by it."""
+    from types import SimpleNamespace
+
+    from datasets.records import SubjectRecord
+    from trainables import predict
+
+    run = SimpleNamespace(subjects=pd.DataFrame({"subject_id": ["P1_t0", "P2_t0", "P1_t0b"],
+                                                 "group": ["P1", "P2", "P1"], "label": ["HGG", "LGG", "HGG"]}))
+    records = [SubjectRecord("P1_t1", "", ("/new/a.nii.gz",), group="P1", source="manifest"),
+               SubjectRecord("P3_t0", "", ("/new/b.nii.gz",), group="P3", source="manifest"),
+               SubjectRecord("P2", "", ("/new/c.nii.gz",), group="P2", source="files")]  # a bare file named P2
+    matches = predict.run_cohort_matches(records, {}, run)
+    assert matches[0] == predict.CohortMatch(("P1_t0", "P1_t0b"), "group")
+    assert matches[1] is None
+    assert matches[2] is None  # its group is only its file name
+    assert predict.cohort_warning(records, matches).startswith(
+        "1 of 3 subject(s) are in the run's own subjects.csv (P1_t1 = run subject P1_t0 / P1_t0b (the same group "
+        "(patient), by the manifest's group column)): they were training data")
