@@ -527,8 +527,18 @@ def input_records(args: argparse.Namespace, exp: Experiment,
         taken = f"the run's {run.text()} channel" if run.names is not None else "the run's single channel"
         why = "" if run.names is not None else f" ({run.source})"
         note = f"bare FILES name no contrast: each volume is read as {taken}{why}, which is not checked"
+        records = [file_record(f) for f in args.files]
+        by_id: dict[str, list[str]] = {}
+        for path, record in zip(args.files, records):
+            by_id.setdefault(record.subject_id, []).append(path)
+        same = {sid: paths for sid, paths in by_id.items() if len(set(paths)) > 1}
+        if same:  # p1/t1ce.nii.gz and p2/t1ce.nii.gz: validation would refuse both as one duplicated subject
+            sid, paths = next(iter(same.items()))
+            raise PredictError(f"FILES {', '.join(paths)} would all be subject {sid}: a bare FILE's id is its name "
+                               f"without the suffix ({len(same)} such name(s)). Rename them, or write a manifest "
+                               "with subject_id and path columns and pass --manifest")
         print(f"note: {note}", file=sys.stderr)
-        return [file_record(f) for f in args.files], InputChannels(given, run, f"not checked: {note}")
+        return records, InputChannels(given, run, f"not checked: {note}")
     if args.manifest:
         records = read_manifest(args.manifest, require_label=False)
         given = ChannelNames(manifest_path_columns(args.manifest), f"the path columns of --manifest {args.manifest}")

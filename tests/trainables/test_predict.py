@@ -380,6 +380,15 @@ def test_inputs_that_do_not_match_the_run_are_refused_with_the_file_and_the_fix(
                             "--workers", "1"])
     assert code == 0 and "left out (--skip-invalid), 1 subject(s) failed validation" in err
     assert list(pd.read_csv(tmp_path / "kept.csv")["subject_id"]) == [Path(files[0]).name.removesuffix(".nii.gz")]
+    # Two bare FILES with one name in two folders: before, both were refused as one duplicated subject, and the fix
+    # offered (distinct ids) could not be given to bare files.
+    (tmp_path / "p1").mkdir()
+    (tmp_path / "p2").mkdir()
+    twins = [shutil.copy(files[0], tmp_path / "p1" / "t1ce.nii.gz"), shutil.copy(files[1], tmp_path / "p2" / "t1ce.nii.gz")]
+    code, _, err = run_cli([str(run_dir), *map(str, twins), "--output", csv])
+    assert code == 2
+    assert (f"FILES {twins[0]}, {twins[1]} would all be subject t1ce: a bare FILE's id is its name without the suffix "
+            "(1 such name(s)). Rename them, or write a manifest with subject_id and path columns and pass --manifest") in err
     # A label that is not a class of the run cannot be scored.
     labelled = write_manifest(tmp_path / "labelled.csv", [{"subject_id": "s1", "label": "tumour", "path": files[0]}])
     code, _, err = run_cli([str(run_dir), "--manifest", str(labelled), "--output", csv])
