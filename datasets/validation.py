@@ -243,7 +243,8 @@ def _listed(sizes) -> str:
 # 2: the affine is checked (singular or non-finite). 3: single slices, zero voxel sizes, RGB/complex data.
 # 4: implausible voxel sizes (outside VOXEL_SIZE_RANGE_MM: a header in metres or micrometres).
 # 5: the profile holds the content digest (CONTENT_DIGEST), which the duplicate-scan check needs.
-CHECK_VERSION = 5
+# 6: volumes already intensity-normalised (over NEGATIVE_SHARE_LIMIT of the non-zero voxels negative).
+CHECK_VERSION = 6
 
 
 class _CheckCache:

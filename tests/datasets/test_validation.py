@@ -127,3 +127,28 @@ def test_an_already_normalised_volume_is_refused_by_its_share_of_negative_voxels
     nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
     problem = check_volume(path)
     assert (problem is None) if reason is None else problem.startswith(reason), problem
+
+
+def test_a_valid_verdict_cached_before_the_normalisation_check_is_redone(tmp_path, monkeypatch):
+    """The validation cache trusts a "valid" entry of its own version; one written before the check existed
+    (version 5) would let a z-scored volume through on every rerun."""
+    import json
+
+    from datasets import validation
+
+    path = tmp_path / "HGG/Z1/Z1_t1ce.nii.gz"
+    write_ellipsoid(path)
+    image = nib.load(str(path))
+    data = np.asarray(image.dataobj)
+    data[data != 0] -= data[data != 0].mean()
+    nib.save(nib.Nifti1Image(data, image.affine), str(path))
+    records = [SubjectRecord("Z1", "HGG", (str(path),), "Z1")]
+    cache = tmp_path / "validation.json"
+    monkeypatch.setattr(validation, "NEGATIVE_SHARE_LIMIT", 1.0)  # as the check before version 6 saw it
+    assert validate_records(records, ("HGG",), cache).valid
+    monkeypatch.undo()
+    written = json.loads(cache.read_text())
+    assert written["version"] == validation.CHECK_VERSION == 6
+    cache.write_text(json.dumps({**written, "version": 5}))
+    problems = validate_records(records, ("HGG",), cache).problems
+    assert len(problems) == 1 and "of the non-zero voxels are negative" in problems[0].reason
