@@ -437,7 +437,8 @@ def run_experiment(config: ExperimentConfig) -> int:
     except (InvalidDataError, ValueError, FileNotFoundError, DiskFullError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"Data: {len(data.cached.table)} subjects, classes {', '.join(data.classes)}, cache {data.cache_dir}; "
+    positive = f" (positive: {data.classes[1]}; --classes sets the order)" if len(data.classes) == 2 else ""
+    print(f"Data: {len(data.cached.table)} subjects, classes {', '.join(data.classes)}{positive}, cache {data.cache_dir}; "
           f"{config.split} with {len(data.plan.folds)} folds, splits in {out / 'splits.json'}", flush=True)
     write_csv_atomic(data.subjects, out / "subjects.csv")
     try:

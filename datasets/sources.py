@@ -253,8 +253,11 @@ def class_order(records: Sequence[SubjectRecord], classes: Sequence[str] | None 
     present = {r.label for r in records if r.label}
     if present <= set(PAPER_CLASSES):
         return tuple(c for c in PAPER_CLASSES if c in present)
-    if present <= set(MGMT_CLASSES):
-        return tuple(c for c in MGMT_CLASSES if c in present)
+    # Any case ("Methylated", "MGMT" spreadsheets vary): sorted, "Methylated" would come first and the
+    # unmethylated class would silently become the positive one of every two-class score.
+    by_case = {label.casefold(): label for label in present}
+    if len(by_case) == len(present) and set(by_case) <= set(MGMT_CLASSES):
+        return tuple(by_case[c] for c in MGMT_CLASSES if c in by_case)
     return tuple(sorted(present))
 
 

@@ -105,3 +105,15 @@ def test_a_capitalised_path_column_or_an_empty_path_cell_is_named(tmp_path):
     # Before: the empty cell became the manifest's folder, reported as '-: not a NIfTI image'.
     with pytest.raises(ValueError, match=r"line\(s\) 3 have no file in column path_flair"):
         read_manifest(manifest)
+
+
+@pytest.mark.parametrize("labels, expected", [
+    (["Methylated", "Unmethylated"], ("Unmethylated", "Methylated")),  # sorted, Methylated came first
+    (["METHYLATED", "unmethylated"], ("unmethylated", "METHYLATED")),
+    (["tumour", "control"], ("control", "tumour")),                    # other labels: sorted, as documented
+])
+def test_mgmt_labels_in_any_case_keep_methylated_as_the_positive_second_class(labels, expected):
+    from datasets.records import SubjectRecord
+
+    records = [SubjectRecord(f"s{i}", label, ("x.nii.gz",), f"s{i}") for i, label in enumerate(labels)]
+    assert class_order(records) == expected

@@ -207,7 +207,7 @@ def test_resume_without_a_saved_experiment_says_so(tmp_path, capsys):
     assert "--resume:" in err and "experiment.json is missing" in err
 
 
-def test_a_binary_manifest_runs_end_to_end_with_its_own_labels(phantom_root, tmp_path):
+def test_a_binary_manifest_runs_end_to_end_with_its_own_labels(phantom_root, tmp_path, capsys):
     """Any label set from a CSV manifest: here tumour vs healthy, through training, predictions and report."""
     rows = [{"subject_id": p.name.split("_t1ce")[0], "label": "tumour", "path": str(p)}
             for p in sorted(phantom_root.rglob("*_t1ce.nii.gz"))]
@@ -219,6 +219,8 @@ def test_a_binary_manifest_runs_end_to_end_with_its_own_labels(phantom_root, tmp
     argv = ["--experiment", "paper", "--manifest", str(manifest), "--classes", "healthy,tumour", "--output", str(out),
             "--models", "mc3_18", "--pretrained", "none", "--folds", "2", *[a for a in TINY if a != "--no-report"]]
     assert tune_main.main(argv) == 0
+    # The positive class of the two-class scores is said before training, with how to change it.
+    assert "classes Healthy, tumour (positive: tumour; --classes sets the order)" in capsys.readouterr().out
     predictions = pd.read_csv(out / "predictions.csv")
     assert len(predictions) == len(rows)  # every subject tested once over the two folds
     # Labels matching a paper class whatever their case take the paper's spelling (here and in --classes).
