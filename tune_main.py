@@ -355,6 +355,25 @@ def refuse_changed_options(config: ExperimentConfig) -> None:
                              f"rerun with the same options to resume it, or choose another --output{hint}")
 
 
+def recorded_classes(config: ExperimentConfig) -> list[str] | None:
+    """The class order the experiment in --output was started with (experiment.json), None for a new one."""
+    saved_file = config.output_path / "experiment.json"
+    return read_experiment_record(saved_file).get("classes") if saved_file.is_file() else None
+
+
+def class_order_problem(recorded: list[str] | None, classes: tuple[str, ...], output: Path) -> str | None:
+    """Why ``classes`` (this data's) cannot continue the experiment started with ``recorded``, or None.
+
+    A checkpoint's output k is the run's k-th class: under another order its trials would go on training and be
+    scored with the classes swapped, without an error.
+    """
+    if recorded is None or list(recorded) == list(classes):
+        return None
+    return (f"{output} was started with the classes {', '.join(recorded)}, but its data now gives "
+            f"{', '.join(classes)}: its checkpoints' outputs follow the first. Restore the data it was started "
+            "with, or start a new --output")
+
+
 def interrupted(grid) -> bool:
     """Tune returns normally on Ctrl-C; unfinished trials without an error tell us it was stopped.
 
@@ -421,9 +440,13 @@ def run_experiment(config: ExperimentConfig) -> int:
 
     out = config.output_path
     out.mkdir(parents=True, exist_ok=True)
+    recorded = recorded_classes(config)
+    # A resumed run keeps the class order it was started with, also where this version would order the same
+    # labels otherwise (as it does for MGMT labels in any case since 2026-11-25).
+    classes = config.classes or recorded
     try:
         data = prepare_data(
-            DataSpec(config.data_root, config.manifest, tuple(config.contrasts), config.classes, config.skip_invalid,
+            DataSpec(config.data_root, config.manifest, tuple(config.contrasts), classes, config.skip_invalid,
                      config.allow_unstripped, config.max_per_class),
             config.preprocess_config(),
             config.split_spec(),
@@ -440,6 +463,10 @@ def run_experiment(config: ExperimentConfig) -> int:
     positive = f" (positive: {data.classes[1]}; --classes sets the order)" if len(data.classes) == 2 else ""
     print(f"Data: {len(data.cached.table)} subjects, classes {', '.join(data.classes)}{positive}, cache {data.cache_dir}; "
           f"{config.split} with {len(data.plan.folds)} folds, splits in {out / 'splits.json'}", flush=True)
+    problem = class_order_problem(recorded, data.classes, out)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     write_csv_atomic(data.subjects, out / "subjects.csv")
     try:
         fit_baselines(data, config, out)

@@ -245,6 +245,35 @@ def test_a_binary_manifest_runs_end_to_end_with_its_own_labels(phantom_root, tmp
     report = (out / "report" / "report.md").read_text()
     assert "chosen by Youden's J (sensitivity + specificity - 1, from scikit-learn roc_curve)" in report
     assert "Sensitivity (validation threshold)" in report
+    # Started in another class order (as a version that ordered these labels otherwise would have): continuing
+    # would score its checkpoints' outputs with the classes swapped, so the rerun stops before Ray starts.
+    record_file = out / "experiment.json"
+    record = json.loads(record_file.read_text())
+    record_file.write_text(json.dumps({**record, "classes": ["tumour", "Healthy"]}))
+    capsys.readouterr()
+    assert tune_main.main(argv) == 2
+    assert (f"error: {out} was started with the classes tumour, Healthy, but its data now gives Healthy, tumour: its "
+            "checkpoints' outputs follow the first") in capsys.readouterr().err
+
+
+def test_a_resumed_run_keeps_the_class_order_it_was_started_with(phantom_root, tmp_path):
+    """Without --classes the order comes from experiment.json, so a version that orders the same labels otherwise
+    (MGMT labels in any case, since 2026-11-25) continues an older run in that run's order."""
+    from datasets import DataSpec, PreprocessConfig, SplitSpec, prepare_data
+
+    config = tune_main.config_from_args(tune_main.build_parser().parse_args(
+        ["--experiment", "paper", "--data-root", str(phantom_root), "--output", str(tmp_path / "out")]))
+    assert tune_main.recorded_classes(config) is None  # a new experiment
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "experiment.json").write_text(json.dumps({"classes": ["HGG", "Healthy", "LGG"]}))
+    recorded = tune_main.recorded_classes(config)
+    assert recorded == ["HGG", "Healthy", "LGG"]
+    data = prepare_data(DataSpec(str(phantom_root), classes=config.classes or recorded), PreprocessConfig(spacing=16.0),
+                        SplitSpec(n_splits=2), tmp_path / "cache", num_workers=1)
+    assert data.classes == ("HGG", "Healthy", "LGG")
+    assert tune_main.class_order_problem(recorded, data.classes, tmp_path) is None
+    assert tune_main.class_order_problem(recorded, ("LGG", "HGG", "Healthy"), tmp_path).startswith(
+        f"{tmp_path} was started with the classes HGG, Healthy, LGG, but its data now gives LGG, HGG, Healthy")
 
 
 def test_changed_options_on_the_same_output_are_refused(grid_run, capsys):
