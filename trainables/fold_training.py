@@ -47,6 +47,7 @@ import math
 import numbers
 import os
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -168,6 +169,10 @@ def augmentation_seed(seed: int, fold: int, epoch: int) -> int:
     return ((seed * 1000 + fold) * 1_000_003 + epoch) % (2**63)
 
 
+# torch.cuda.get_arch_list() entries: sm_86 (a cubin), compute_90 (PTX), sm_90a / sm_100f (feature-specific cubins).
+CUDA_ARCH = re.compile(r"^(sm|compute)_(\d{2,3})([a-z]?)$")
+
+
 def cuda_settings(device: torch.device) -> None:
     """cuDNN autotuning on a GPU: every batch of a trial has the same shape, so its fastest kernels are found once."""
     if device.type == "cuda":
@@ -175,28 +180,29 @@ def cuda_settings(device: torch.device) -> None:
 
 
 def unsupported_gpu(device: torch.device) -> str | None:
-    """Why this torch build has no kernels for the GPU ``device``, or None (a CPU, a supported GPU).
+    """Why this torch build has no kernels for the GPU ``device``, or None (a CPU, a supported GPU, a ROCm build).
 
     A torch wheel carries kernels for a list of GPU architectures (the CUDA 13 builds, torch 2.14.1 among them,
     dropped Volta, sm_70). On a GPU outside the list the first kernel fails with "no kernel image is available
     for execution on the device": a crash that Tune would retry on every trial. A cubin runs on its own major
-    version at the same or a higher minor; PTX (``compute_XY``) is compiled for any later GPU at load time.
+    version at the same or a higher minor (``sm_90a``, arch-specific, on exactly 9.0); PTX (``compute_XY``) is
+    compiled for any later GPU at load time.
     """
-    if device.type != "cuda":
+    if device.type != "cuda" or torch.version.hip:  # ROCm lists gfx names, and its devices are "cuda" too
         return None
-    archs = torch.cuda.get_arch_list()
     capability = torch.cuda.get_device_capability(device)
-    for arch in archs:
-        kind, _, number = arch.partition("_")
-        digits = number.rstrip("abcdefghijklmnopqrstuvwxyz")  # sm_90a: arch-specific features of sm_90
-        if not digits.isdigit() or len(digits) < 2:
-            continue
-        major, minor = int(digits[:-1]), int(digits[-1])
-        if (kind == "sm" and major == capability[0] and minor <= capability[1]) or \
-                (kind == "compute" and (major, minor) <= capability):
-            return None
-    if not archs:  # a build that does not say: let the first kernel tell
+    archs = torch.cuda.get_arch_list()
+    parsed = [m.groups() for m in map(CUDA_ARCH.match, archs) if m]
+    if not parsed:  # a build that does not say: let the first kernel tell
         return None
+    for kind, digits, suffix in parsed:
+        arch = (int(digits[:-1]), int(digits[-1]))
+        if suffix == "a":
+            if kind == "sm" and arch == capability:
+                return None
+        elif (kind == "sm" and arch[0] == capability[0] and arch[1] <= capability[1]) or \
+                (kind == "compute" and arch <= capability):
+            return None
     return (f"{torch.cuda.get_device_name(device)} (sm_{capability[0]}{capability[1]}) is not among the GPU "
             f"architectures this torch {torch.__version__} was built for ({', '.join(archs)}), so no kernel can run "
             f"on it. Install a torch build that includes sm_{capability[0]}{capability[1]} (the wheels for an "

@@ -529,8 +529,8 @@ def input_records(args: argparse.Namespace, exp: Experiment,
         note = f"bare FILES name no contrast: each volume is read as {taken}{why}, which is not checked"
         records = [file_record(f) for f in args.files]
         by_id: dict[str, list[str]] = {}
-        for path, record in zip(args.files, records):
-            by_id.setdefault(record.subject_id, []).append(path)
+        for record in records:  # resolved: a/x.nii.gz and ./a/x.nii.gz are one file, which validation names
+            by_id.setdefault(record.subject_id, []).append(record.paths[0])
         same = {sid: paths for sid, paths in by_id.items() if len(set(paths)) > 1}
         if same:  # p1/t1ce.nii.gz and p2/t1ce.nii.gz: validation would refuse both as one duplicated subject
             sid, paths = next(iter(same.items()))
@@ -807,8 +807,9 @@ def run_cohort_matches(records: Sequence[SubjectRecord], profiles: dict[str, dic
     if subjects is None:
         return [None] * len(records)
     ids = set(subjects["subject_id"])
-    # A group given in the new manifest (another time point of a run patient) is that patient: same anatomy and
-    # tumour. Records without one have their own id as group, which the id check has already compared.
+    # A manifest's group (another time point of a run patient) is that patient: same anatomy and tumour. Without a
+    # group column a manifest row's group is its id, which may be a run patient's group name all the same; a bare
+    # FILE's is only its file name, and is not compared.
     groups = (subjects.groupby(subjects["group"].astype(str))["subject_id"].apply(list).to_dict()
               if "group" in subjects.columns else {})
     cohort = cohort_profiles(subjects)
@@ -820,7 +821,7 @@ def run_cohort_matches(records: Sequence[SubjectRecord], profiles: dict[str, dic
             matches.append(CohortMatch(tuple(same), "content"))
         elif named := sorted(ids & scan_names(record)):
             matches.append(CohortMatch(tuple(named), "name"))
-        elif record.group != record.subject_id and (kin := sorted(groups.get(record.group, ()))):
+        elif record.source == "manifest" and (kin := sorted(groups.get(record.group, ()))):
             matches.append(CohortMatch(tuple(kin), "group"))
         else:
             matches.append(None)

@@ -293,6 +293,9 @@ def test_amp_uses_bf16_only_where_the_gpu_has_it_natively(monkeypatch):
     (["sm_80", "sm_90a"], (9, 0), True),                                        # H100 with arch-specific cubins
     (["sm_80", "compute_80"], (9, 0), True),                                    # PTX, compiled at load time
     (["sm_80", "sm_86"], (9, 0), False),                                        # no Hopper cubin, no PTX
+    (["sm_80", "sm_100a"], (10, 3), False),                                     # arch-specific: exactly 10.0
+    (["sm_80", "sm_100f"], (10, 3), True),                                      # family-specific: 10.x
+    (["gfx90a", "gfx942"], (9, 4), True),                                       # names it cannot read: let it run
 ])
 def test_a_gpu_the_torch_build_has_no_kernels_for_is_named_before_training(monkeypatch, tmp_path, archs, capability,
                                                                            supported):
@@ -301,6 +304,9 @@ def test_a_gpu_the_torch_build_has_no_kernels_for_is_named_before_training(monke
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-16GB")
     problem = fold_training.unsupported_gpu(torch.device("cuda"))
     assert (problem is None) == supported, problem
+    monkeypatch.setattr(torch.version, "hip", "6.2", raising=False)  # ROCm: its devices are "cuda" too
+    assert fold_training.unsupported_gpu(torch.device("cuda")) is None
+    monkeypatch.setattr(torch.version, "hip", None, raising=False)
     assert fold_training.unsupported_gpu(torch.device("cpu")) is None
     if not supported:
         assert problem.startswith(f"Tesla V100-SXM2-16GB (sm_{capability[0]}{capability[1]}) is not among the GPU "

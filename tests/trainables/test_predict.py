@@ -387,6 +387,7 @@ def test_inputs_that_do_not_match_the_run_are_refused_with_the_file_and_the_fix(
     twins = [shutil.copy(files[0], tmp_path / "p1" / "t1ce.nii.gz"), shutil.copy(files[1], tmp_path / "p2" / "t1ce.nii.gz")]
     code, _, err = run_cli([str(run_dir), *map(str, twins), "--output", csv])
     assert code == 2
+    twins = [Path(t).resolve() for t in twins]
     assert (f"FILES {twins[0]}, {twins[1]} would all be subject t1ce: a bare FILE's id is its name without the suffix "
             "(1 such name(s)). Rename them, or write a manifest with subject_id and path columns and pass --manifest") in err
     # A label that is not a class of the run cannot be scored.
@@ -747,11 +748,13 @@ def test_a_new_scan_of_a_run_patient_is_matched_by_the_manifest_s_group():
                                                  "group": ["P1", "P2", "P1"], "label": ["HGG", "LGG", "HGG"]}))
     records = [SubjectRecord("P1_t1", "", ("/new/a.nii.gz",), group="P1", source="manifest"),
                SubjectRecord("P3_t0", "", ("/new/b.nii.gz",), group="P3", source="manifest"),
-               SubjectRecord("P2", "", ("/new/c.nii.gz",), group="P2", source="files")]  # a bare file named P2
+               SubjectRecord("P2", "", ("/new/c.nii.gz",), group="P2", source="files"),  # a bare file named P2
+               SubjectRecord("P2", "", ("/new/d.nii.gz",), group="P2", source="manifest")]  # named after its patient
     matches = predict.run_cohort_matches(records, {}, run)
     assert matches[0] == predict.CohortMatch(("P1_t0", "P1_t0b"), "group")
     assert matches[1] is None
     assert matches[2] is None  # its group is only its file name
-    assert predict.cohort_warning(records, matches).startswith(
+    assert matches[3] == predict.CohortMatch(("P2_t0",), "group")
+    assert predict.cohort_warning(records[:3], matches[:3]).startswith(
         "1 of 3 subject(s) are in the run's own subjects.csv (P1_t1 = run subject P1_t0 / P1_t0b (the same group "
         "(patient), by the manifest's group column)): they were training data")
