@@ -460,7 +460,10 @@ def run_experiment(config: ExperimentConfig) -> int:
     except (InvalidDataError, ValueError, FileNotFoundError, DiskFullError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    positive = f" (positive: {data.classes[1]}; --classes sets the order)" if len(data.classes) == 2 else ""
+    from analysis.binary import positive_class  # the two-class analysis's own rule, said before training
+
+    positive = (f" (positive: {positive_class(list(data.classes))}; --classes sets the order)"
+                if len(data.classes) == 2 else "")
     print(f"Data: {len(data.cached.table)} subjects, classes {', '.join(data.classes)}{positive}, cache {data.cache_dir}; "
           f"{config.split} with {len(data.plan.folds)} folds, splits in {out / 'splits.json'}", flush=True)
     problem = class_order_problem(recorded, data.classes, out)

@@ -413,13 +413,15 @@ def _evaluate(model: nn.Module, part: DeviceVolumes, criterion: WeightedCrossEnt
     return float((loss_sum / weight_sum).item()), probs, part.targets_host
 
 
-def training_order(size: int, seed: int, epoch: int) -> torch.Tensor:
-    """The permutation of the training part that epoch ``epoch`` trains in (and recalibrates BatchNorm in).
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """A CPU generator seeded from (seed, epoch) alone: a resumed run draws the same, and nothing else that draws
+    from the global RNG moves it. For the epoch's order and its DataLoaders' worker seeds."""
+    return torch.Generator().manual_seed(seed * 7919 + epoch)
 
-    From (seed, epoch) alone, on its own generator: a resumed run sees the same order, and nothing else that
-    draws from the global RNG moves it.
-    """
-    return torch.randperm(size, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+
+def training_order(size: int, seed: int, epoch: int) -> torch.Tensor:
+    """The permutation of the training part that epoch ``epoch`` trains in (and recalibrates BatchNorm in)."""
+    return torch.randperm(size, generator=epoch_generator(seed, epoch))
 
 
 def recalibrate_batch_norm(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
@@ -676,7 +678,7 @@ def _train_fold(config: dict[str, Any], data: PreparedData, output_dir: Path, re
                 yield train.batch(order[start:start + batch_size], augment)
         else:
             loader = DataLoader(train_set, batch_size=batch_size, sampler=order.tolist(),
-                                generator=torch.Generator().manual_seed(config["seed"] * 7919 + epoch), **loader_options)
+                                generator=epoch_generator(config["seed"], epoch), **loader_options)
             for batch, labels in loader:
                 yield batch.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
@@ -698,8 +700,7 @@ def _train_fold(config: dict[str, Any], data: PreparedData, output_dir: Path, re
             else:
                 # Own generator: the loader's worker seeds come from (seed, epoch), not from the global RNG.
                 loader = DataLoader(plain_train_set, batch_size=batch_size, sampler=order.tolist(),
-                                    generator=torch.Generator().manual_seed(config["seed"] * 7919 + epoch),
-                                    **loader_options)
+                                    generator=epoch_generator(config["seed"], epoch), **loader_options)
                 recalibrate_batch_norm(model, (batch.to(device, non_blocking=True) for batch, _ in loader))
 
     pretrained = config["pretrained"]
