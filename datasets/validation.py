@@ -6,6 +6,7 @@ experiment on the same data does not decompress hundreds of volumes again.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import zlib
@@ -126,7 +127,8 @@ def inspect_volume(path: str | os.PathLike) -> tuple[str | None, dict | None]:
         return (f"{negative:.0%} of the non-zero voxels are negative: the intensities look normalised already "
                 "(z-scored?), and preprocessing takes voxels <= 0 for background, so that share of the brain would "
                 "be lost; give the volumes before intensity normalisation (as scanned, or bias-corrected)"), None
-    return None, {**volume_profile(image, data), CONTENT_DIGEST: content_digest(image, data)}
+    return None, {**volume_profile(image, data), CONTENT_DIGEST: content_digest(image, data),
+                  FOREGROUND_BOX: foreground_box_mm(image.affine, data)}
 
 
 # The profile key of ``content_digest``. validate_records refuses two subject ids whose files share one: the same scan
@@ -159,6 +161,26 @@ def content_digest(image, data: np.ndarray) -> str:
 
 
 AFFINE_FIX = "fix the header's qform/sform, e.g. with nibabel or fslorient"
+
+# The profile key of ``foreground_box_mm``: where each file's non-zero voxels lie in world space, so that the channels of
+# one subject can be checked to cover the same head (``channel_placement_problem``).
+FOREGROUND_BOX = "foreground_box_mm"
+
+
+def foreground_box_mm(affine: np.ndarray, data: np.ndarray) -> list[float]:
+    """The world-space (scanner mm) axis-aligned box around the non-zero voxels: [x0, y0, z0, x1, y1, z1].
+
+    Voxel edges, not centres (a one-voxel object has a size), through the affine's eight corners, so an oblique or
+    reoriented grid gives the box around its rotated foreground."""
+    mask = data != 0
+    low, high = [], []
+    for axis in range(3):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        low.append(hit[0] - 0.5)
+        high.append(hit[-1] + 0.5)
+    corners = np.array(list(itertools.product(*zip(low, high))), dtype=float)  # the box's 8 corners, in voxels
+    world = corners @ np.asarray(affine, dtype=float)[:3, :3].T + np.asarray(affine, dtype=float)[:3, 3]
+    return [round(float(v), 3) for v in (*world.min(axis=0), *world.max(axis=0))]
 
 
 def _voxel_sizes_without_orientation(path: Path, image) -> tuple[float, ...] | None:
@@ -244,7 +266,8 @@ def _listed(sizes) -> str:
 # 4: implausible voxel sizes (outside VOXEL_SIZE_RANGE_MM: a header in metres or micrometres).
 # 5: the profile holds the content digest (CONTENT_DIGEST), which the duplicate-scan check needs.
 # 6: volumes already intensity-normalised (over NEGATIVE_SHARE_LIMIT of the non-zero voxels negative).
-CHECK_VERSION = 6
+# 7: the profile holds the foreground's world-space box (FOREGROUND_BOX), which the channel placement check needs.
+CHECK_VERSION = 7
 
 
 class _CheckCache:
@@ -276,7 +299,7 @@ class _CheckCache:
         cached = self.entries.get(file)
         if isinstance(cached, dict) and cached.get("stamp") == stamp:
             reason, profile = cached.get("reason"), cached.get("profile")
-            if reason is not None or (isinstance(profile, dict) and CONTENT_DIGEST in profile):
+            if reason is not None or (isinstance(profile, dict) and {CONTENT_DIGEST, FOREGROUND_BOX} <= set(profile)):
                 return reason, profile
         reason, profile = inspect_volume(file)
         self.entries[file] = {"stamp": stamp, "reason": reason, "profile": profile}
@@ -323,6 +346,8 @@ def validate_records(
                     problem = Problem(record.subject_id, file, reason)
                     break
                 report.profiles[file] = profile
+            else:
+                problem = channel_placement_problem(record, report.profiles)
         verdicts.append(problem)
     # The same scan in two files (a copy, a hard link, .nii and .nii.gz, ...), among the subjects valid so far.
     usable = [record for record, problem in zip(records, verdicts) if problem is None]
@@ -335,6 +360,50 @@ def validate_records(
             report.problems.append(problem)
     cache.save()
     return report
+
+
+# Below this overlap of two channels' foreground boxes (as a share of the smaller box) a subject's channels are taken
+# to sit in different places. Co-registered contrasts of one head overlap almost wholly; series with other fields of
+# view (a sagittal FLAIR down to the neck beside an axial T1 of the brain) still hold the smaller box nearly whole,
+# which is why the share is of the smaller box. A header whose origin was reset (a corner instead of the centre)
+# moves the head by half its field of view, about 100 mm, which leaves an eighth of the box or less.
+CHANNEL_OVERLAP_MIN = 0.5
+
+
+def box_overlap(first: Sequence[float], second: Sequence[float]) -> float:
+    """The volume two [x0, y0, z0, x1, y1, z1] boxes share, as a share of the smaller one (0 to 1)."""
+    first, second = np.asarray(first, dtype=float), np.asarray(second, dtype=float)
+    shared = np.clip(np.minimum(first[3:], second[3:]) - np.maximum(first[:3], second[:3]), 0, None).prod()
+    smaller = min((first[3:] - first[:3]).prod(), (second[3:] - second[:3]).prod())
+    return float(shared / smaller) if smaller > 0 else 0.0
+
+
+def channel_placement_problem(record: SubjectRecord, profiles: dict[str, dict]) -> Problem | None:
+    """Why a multi-contrast subject's channels cannot be stacked, or None.
+
+    Preprocessing resamples every channel onto the first one's grid through their headers. A channel that its header
+    places elsewhere (origin reset, another scanner's coordinates, the wrong subject's file) comes out mostly or
+    wholly zero there, and nothing else would say so."""
+    boxes = [(profiles.get(file) or {}).get(FOREGROUND_BOX) for file in record.paths]
+    if len(boxes) < 2 or boxes[0] is None:
+        return None
+    for channel, (file, box) in enumerate(zip(record.paths[1:], boxes[1:]), start=2):
+        if box is None:
+            continue
+        share = box_overlap(boxes[0], box)
+        if share < CHANNEL_OVERLAP_MIN:
+            return Problem(record.subject_id, file, (
+                f"channel {channel}'s brain lies elsewhere in world space than channel 1's ({record.paths[0]}): "
+                f"their non-zero boxes share {share:.0%} of the smaller one (co-registered contrasts share almost "
+                f"all; under {CHANNEL_OVERLAP_MIN:.0%} is refused), so resampling it onto channel 1's grid would "
+                f"leave it mostly empty (boxes in mm: {_box_text(boxes[0])} and {_box_text(box)}); fix the header "
+                "that is off (if the volumes are already co-registered on one grid, copy channel 1's affine, e.g. "
+                "fslcpgeom), or register the channels to each other first"))
+    return None
+
+
+def _box_text(box: Sequence[float]) -> str:
+    return "[" + ", ".join(f"{low:g}..{high:g}" for low, high in zip(box[:3], box[3:])) + "]"
 
 
 # Other subjects named in one refusal for a shared scan; the rest are counted.

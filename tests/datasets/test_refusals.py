@@ -147,7 +147,7 @@ def test_results_cached_by_an_older_check_are_not_trusted(tmp_path):
     record = SubjectRecord("bad", "HGG", (str(path),), "bad")
     report = validate_records([record], ("HGG",), cache)
     assert [p.reason for p in report.problems] == [f"affine is singular (voxel sizes 0, 1, 1): {AFFINE_FIX}"]
-    assert json.loads(cache.read_text())["version"] == validation.CHECK_VERSION == 6
+    assert json.loads(cache.read_text())["version"] == validation.CHECK_VERSION == 7
 
 
 def test_a_single_slice_an_rgb_volume_and_a_zero_voxel_size_are_named_with_the_fix(tmp_path):

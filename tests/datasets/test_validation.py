@@ -148,7 +148,74 @@ def test_a_valid_verdict_cached_before_the_normalisation_check_is_redone(tmp_pat
     assert validate_records(records, ("HGG",), cache).valid
     monkeypatch.undo()
     written = json.loads(cache.read_text())
-    assert written["version"] == validation.CHECK_VERSION == 6
+    assert written["version"] == validation.CHECK_VERSION == 7
     cache.write_text(json.dumps({**written, "version": 5}))
     problems = validate_records(records, ("HGG",), cache).problems
     assert len(problems) == 1 and "of the non-zero voxels are negative" in problems[0].reason
+
+
+def test_the_foreground_box_is_in_world_mm_through_the_affine():
+    """Voxels 2-4, 3-8 and 1 along the three axes (edges 1.5-4.5, 2.5-8.5, 0.5-1.5), 2 mm voxels; then with the
+    first axis running the other way (x = 30 - 2 i), as in an LPS-stored volume: the box's low corner comes from the
+    high voxel edge."""
+    from datasets.validation import foreground_box_mm
+
+    data = np.zeros((10, 12, 8), np.float32)
+    data[2:5, 3:9, 1] = 7.0
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = [-10.0, 5.0, 0.0]
+    assert foreground_box_mm(affine, data) == [-7.0, 10.0, 1.0, -1.0, 22.0, 3.0]
+    flipped = affine.copy()
+    flipped[0, 0], flipped[0, 3] = -2.0, 30.0
+    # x = 30 - 2 i: edges i = 1.5 and 4.5 give x 27 and 21, and the box runs from the smaller
+    assert foreground_box_mm(flipped, data) == [21.0, 10.0, 1.0, 27.0, 22.0, 3.0]
+    # the array reversed along i as well: voxels 5-7, edges 4.5-7.5, x from 15 to 21
+    assert foreground_box_mm(flipped, data[::-1].copy()) == [15.0, 10.0, 1.0, 21.0, 22.0, 3.0]
+
+
+@pytest.mark.parametrize("first, second, share", [
+    ([0, 0, 0, 10, 10, 10], [5, 0, 0, 15, 10, 10], 0.5),  # half of either
+    ([0, 0, 0, 10, 10, 10], [2, 2, 2, 4, 4, 4], 1.0),  # nested: all of the smaller one
+    ([0, 0, 0, 10, 10, 10], [5, 5, 5, 25, 25, 25], 125 / 1000),  # an eighth of the smaller one
+    ([0, 0, 0, 10, 10, 10], [10, 0, 0, 20, 10, 10], 0.0),  # touching faces share no volume
+])
+def test_box_overlap_is_the_share_of_the_smaller_box(first, second, share):
+    from datasets.validation import box_overlap
+
+    assert box_overlap(first, second) == pytest.approx(share)
+    assert box_overlap(second, first) == pytest.approx(share)
+
+
+def _second_channel(path, data, affine):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(data, dtype=np.float32), affine), str(path))
+    return path
+
+
+@pytest.mark.parametrize("variant", ["origin moved 100 mm", "stored flipped", "half the slices", "same grid"])
+def test_a_channel_its_header_places_away_from_the_first_is_refused_by_name(tmp_path, variant):
+    """Channel 2 of a two-contrast subject: placed 100 mm off (an origin reset) it is refused, naming its file; stored
+    in another axis order, or covering half the brain (a slab), or on the same grid, it is not."""
+    first = write_ellipsoid(tmp_path / "S1_t1.nii.gz", seed=0)
+    image = nib.load(str(first))
+    data = np.asarray(image.dataobj) * 0.5 + 20 * (np.asarray(image.dataobj) > 0)  # another contrast, same brain
+    affine = image.affine.copy()
+    if variant == "origin moved 100 mm":
+        affine[:3, 3] += 100.0
+    elif variant == "stored flipped":  # the first axis reversed in the array and in the affine: the same place
+        affine[:3, 3] += affine[:3, 0] * (data.shape[0] - 1)
+        affine[:3, 0] *= -1
+        data = data[::-1]
+    elif variant == "half the slices":  # the slab's own header places it where those slices are
+        data = data[:, :, 5:15]
+        affine[:3, 3] += affine[:3, 2] * 5
+    second = _second_channel(tmp_path / "S1_flair.nii.gz", data, affine)
+    report = validate_records([SubjectRecord("S1", "HGG", (str(first), str(second)), "S1")], ("HGG",))
+    if variant == "origin moved 100 mm":
+        assert not report.valid and len(report.problems) == 1
+        problem = report.problems[0]
+        assert problem.path == str(second) and problem.subject_id == "S1"
+        assert problem.reason.startswith(f"channel 2's brain lies elsewhere in world space than channel 1's ({first})")
+        assert "share 0% of the smaller one" in problem.reason and "fslcpgeom" in problem.reason
+    else:
+        assert report.ok and [r.subject_id for r in report.valid] == ["S1"], report.format()
