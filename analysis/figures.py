@@ -139,7 +139,8 @@ def learning_curve_figure(epochs: pd.DataFrame, arm: Arm, path: Path) -> Path | 
         return None
     panels = [("Loss", [("train_loss", "train", "tab:blue"), ("val_loss", "validation", "tab:orange")]),
               ("Validation score", [("val_macro_f1", "macro F1", "tab:green"), ("val_accuracy", "accuracy", "tab:purple")])]
-    n_folds = sel["fold"].nunique()
+    reached = sel.groupby("epoch")["fold"].nunique()
+    drops = _fold_count_drops(reached)
     with matplotlib.rc_context(RC):
         fig = Figure(figsize=(9.0, 3.4), layout="constrained")
         axes = fig.subplots(1, 2)
@@ -158,13 +159,33 @@ def learning_curve_figure(epochs: pd.DataFrame, arm: Arm, path: Path) -> Path | 
                 if ok.any():
                     ax.fill_between(x[ok], lo[ok], hi[ok], color=colour, alpha=0.2, linewidth=0)
                 drawn = True
+            for epoch, count in drops:  # past here the mean is over fewer folds: say so where it happens
+                ax.axvline(epoch - 0.5, color="grey", linestyle=":", linewidth=1)
+                ax.annotate(f"{count} fold{'s' if count > 1 else ''}", (epoch - 0.5, 1.0), xycoords=("data", "axes fraction"),
+                            xytext=(2, -10), textcoords="offset points", fontsize=7, color="grey")
             ax.set_xlabel("Epoch")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_title(title)
             if drawn:
                 ax.legend()
-        fig.suptitle(f"{arm_label(*arm)}: mean ± 1 std over {n_folds} fold(s)")
+        fig.suptitle(learning_curve_title(arm, reached))
         return save_figure(fig, path)
+
+
+def _fold_count_drops(reached: pd.Series) -> list[tuple[int, int]]:
+    """(epoch, folds) at each epoch where fewer folds reach it than reached the one before (early stopping)."""
+    return [(int(epoch), int(count)) for epoch, count, before in zip(reached.index[1:], reached.to_numpy()[1:],
+                                                                     reached.to_numpy()[:-1]) if count < before]
+
+
+def learning_curve_title(arm: Arm, reached: pd.Series) -> str:
+    """The figure's title: over how many folds each part of the curves is a mean (``reached``: epoch -> folds)."""
+    start = int(reached.iloc[0])
+    drops = _fold_count_drops(reached)
+    if not drops:
+        return f"{arm_label(*arm)}: mean ± 1 std over {start} fold(s)"
+    later = "; ".join(f"{count} from epoch {epoch}" for epoch, count in drops)
+    return f"{arm_label(*arm)}: mean ± 1 std over the folds that reached each epoch ({start} at first; {later})"
 
 
 def macro_f1_figure(metrics: ArmMetrics, arms: list[Arm], path: Path, paper_lookup) -> Path | None:

@@ -159,11 +159,12 @@ def build_report(out_dir: str | Path, bootstrap_samples: int = 2000, seed: int =
     tc.section(doc, learn_folds, learn_arms, bootstrap_samples)
     cr.shortcut_section(doc, confounds, classes, bootstrap_samples, seed)
     cr.per_site_section(doc, confounds, classes)
-    _statistics(doc, tests, boot, result_arms, classes, bootstrap_samples, seed, exp.n_folds)
+    _statistics(doc, tests, boot, result_arms, classes, bootstrap_samples, seed, exp.n_folds, partial)
     if binary:
         _binary_section(doc, bin_summary, bin_report, result_arms, classes, fig_pr, report_dir, bootstrap_samples, seed)
     _calibration_section(doc, calibration, fig_rel, report_dir)
-    _figures(doc, exp, result_arms, arms, auc, roc_notes, fig_conf, fig_heat, fig_roc, fig_learn, report_dir, classes)
+    _figures(doc, exp, result_arms, arms, auc, roc_notes, fig_conf, fig_heat, fig_roc, fig_learn, report_dir, classes,
+             partial)
     if search is not None:
         sr.search_section(doc, exp, search, report_dir)
     _partial(doc, exp, partial)
@@ -188,7 +189,8 @@ def _bootstrap(preds: pd.DataFrame, classes: list[str], arms: list[Arm], n: int,
         ci["n_resamples"] = n
         ci["seed"] = seed
         frames.append(ci)
-    columns = ["model", "pretrained", "metric", "class", "pooled", "low", "high", "n_subjects", "n_resamples", "seed"]
+    columns = ["model", "pretrained", "metric", "class", "pooled", "low", "high", "n_subjects", "n_resamples",
+               "n_undefined_resamples", "seed"]
     return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
 
 
@@ -346,7 +348,7 @@ def _main_tables(doc, exp, comp, metrics, arms, partial, fig_macro, report_dir, 
                                                           "published value (red cross).")
 
 
-def _statistics(doc, tests, boot, result_arms, classes, n_boot, seed, n_folds) -> None:
+def _statistics(doc, tests, boot, result_arms, classes, n_boot, seed, n_folds, partial) -> None:
     doc.heading("How much of a difference is real", 2)
     doc.heading("Pairwise comparison of arms on macro F1", 3)
     J = int(tests["folds"].max()) if len(tests) else n_folds
@@ -359,15 +361,19 @@ def _statistics(doc, tests, boot, result_arms, classes, n_boot, seed, n_folds) -
     doc.para("**Caveat:** " + POWER_CAVEAT.format(J=J, df=max(J - 1, 0)))
     zero_var = tests[tests["note"].str.contains("zero variance|identical scores", regex=True)] if len(tests) else tests
     if len(zero_var):
-        doc.para("Where the difference is identical on every fold the variance is zero: t is reported as ±inf and "
-                 f"p = 0 (or undefined when the difference is 0), which says more about having {J} folds than about "
-                 "certainty.")
+        doc.para("Where the difference is identical on every fold the sample variance is zero: t is reported as "
+                 f"±inf, but p is left undefined and the pair is not tested (nor counted in Holm's correction), since "
+                 f"an identical difference on {J} folds says more about having {J} folds than about certainty.")
     doc.table(tb.pairwise_display(tests), empty="Fewer than two arms have results: no comparison.")
     doc.heading("Bootstrap 95% confidence intervals", 3)
     doc.para(f"Subject-level percentile bootstrap ({n_boot} resamples, seed {seed}) on each arm's pooled out-of-fold "
              "predictions: subjects are drawn with replacement and the metric recomputed; cells are "
-             "pooled value [2.5 %, 97.5 %]. The intervals reflect test-set sampling only, not training variability.")
-    doc.table(tb.bootstrap_display(boot, result_arms, classes), empty="No paper-protocol predictions.")
+             "pooled value [2.5 %, 97.5 %] over the arm's *Subjects* (its test subjects in the *Folds* it has). A draw "
+             "with no subject of a class, and no prediction of it, cannot measure that class: it is left out of that "
+             "class's interval and of the draw's macro mean, as the main tables leave such a class out of a fold "
+             "(counted per arm and class in tables/bootstrap_ci.csv, n_undefined_resamples). The intervals reflect "
+             "test-set sampling only, not training variability.")
+    doc.table(tb.bootstrap_display(boot, result_arms, classes, partial), empty="No paper-protocol predictions.")
 
 
 DATA_LINE = "Data: each arm's pooled outer-test (out-of-fold) predictions."
@@ -439,7 +445,7 @@ def _calibration_section(doc, calibration, fig_rel, report_dir) -> None:
 
 
 def _figures(doc, exp, result_arms, arms, auc, roc_notes, fig_conf, fig_heat, fig_roc, fig_learn, report_dir,
-             classes) -> None:
+             classes, partial) -> None:
     doc.heading("Figures", 2)
     doc.heading("Confusion matrices (paper Figs 4-6)", 3)
     if not fig_conf:
@@ -459,7 +465,9 @@ def _figures(doc, exp, result_arms, arms, auc, roc_notes, fig_conf, fig_heat, fi
                   "(paper-protocol predictions); the colour scale spans the values shown.")
     doc.heading("ROC curves (one-vs-rest)", 3)
     doc.para("AUC from the prob_ columns: pooled over folds, and mean ± std of the per-fold AUCs. " + POOLED_AUC_CAVEAT)
-    doc.table(tb.auc_display(auc, result_arms, classes), empty="No paper-protocol predictions.")
+    subjects = {arm: int(sel["subject_id"].nunique()) for arm, sel in arm_frames(exp.select_main(exp.predictions),
+                                                                                    result_arms)}
+    doc.table(tb.auc_display(auc, result_arms, classes, partial, subjects), empty="No paper-protocol predictions.")
     if roc_notes:
         doc.bullets(sorted(set(roc_notes)))
     for arm in result_arms:
@@ -477,7 +485,9 @@ def _figures(doc, exp, result_arms, arms, auc, roc_notes, fig_conf, fig_heat, fi
             drawn = True
             doc.image(path, _rel(path, report_dir), f"Learning curves, {arm_label(*arm)}: training loss on the fold's (augmented) training part, "
                       "validation loss and macro F1 on its inner validation part (never the test part), per "
-                      "epoch; mean ± 1 sample std (ddof = 1) over folds. Each fold's test part was scored once, "
+                      "epoch; mean ± 1 sample std (ddof = 1) over the folds that reached that epoch (a fold "
+                      "stopped early drops out; dotted lines and the title say where). Each fold's test part was "
+                      "scored once, "
                       "with the weights of its epoch of best validation macro F1.")
     missing = [arm_label(*a) for a in arms if fig_learn.get(a) is None]
     if exp.epochs is not None and missing:

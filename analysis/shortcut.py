@@ -12,6 +12,8 @@ subjects' difficulty cancels out of the difference.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 
@@ -54,17 +56,19 @@ def _per_subject_counts(label: np.ndarray, pred: np.ndarray, row_subject: np.nda
 
 
 def _f1(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
-    """2TP / (2TP + FP + FN), 0 where the class is neither present nor predicted (sklearn's zero_division=0)."""
+    """2TP / (2TP + FP + FN); NaN where the class is neither present nor predicted (undefined, as in
+    analysis.metrics: not a 0 that a draw without the class would pull the interval down with)."""
     denominator = 2 * tp + fp + fn
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(denominator > 0, 2 * tp / np.where(denominator > 0, denominator, 1), 0.0)
+        return np.where(denominator > 0, 2 * tp / np.where(denominator > 0, denominator, 1), np.nan)
 
 
 def _scores(weights: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """(resamples, 1 + classes): macro F1, then F1 per class, for subject weights (resamples, subjects)."""
+    """(resamples, 1 + classes): macro F1 over the defined classes, then F1 per class, for subject weights
+    (resamples, subjects)."""
     tp, fp, fn = (weights @ counts[:, i, :] for i in range(3))
     f1 = _f1(tp, fp, fn)
-    return np.concatenate([f1.mean(axis=1, keepdims=True), f1], axis=1)
+    return np.concatenate([np.nanmean(f1, axis=1, keepdims=True), f1], axis=1)
 
 
 def paired_bootstrap(deep: pd.DataFrame, base: pd.DataFrame, classes: list[str], n_resamples: int, seed: int,
@@ -99,7 +103,11 @@ def paired_bootstrap(deep: pd.DataFrame, base: pd.DataFrame, classes: list[str],
                                                           size=n_resamples).astype(float)
         diffs = _scores(weights, counts["deep"]) - _scores(weights, counts["base"])
         tail = 100 * (1 - confidence) / 2
-        low, high = np.percentile(diffs, [tail, 100 - tail], axis=0)
+        # over the draws where both sides define the metric (a class absent from a draw, and not predicted by one
+        # of the two, has no difference there); every draw defines macro F1
+        with warnings.catch_warnings():  # a class never defined in any draw: NaN, said as "no interval" below
+            warnings.simplefilter("ignore", RuntimeWarning)
+            low, high = np.nanpercentile(diffs, [tail, 100 - tail], axis=0)
     rows = []
     for i, (metric, cls) in enumerate(names):
         rows.append({"metric": metric, "class": cls, "n_subjects": len(subjects), "n_rows": len(both),

@@ -40,7 +40,9 @@ def corrected_resampled_ttest(differences, test_train_ratio: float) -> Corrected
     """Nadeau-Bengio corrected resampled t-test on paired per-fold differences d_j.
 
     t = mean(d) / sqrt(var(d, ddof=1) * (1/J + n_test/n_train)), df = J - 1, two-sided p (scipy.stats.t).
-    Zero variance: t = +-inf and p = 0 when mean(d) != 0 (every fold agrees exactly), NaN when mean(d) == 0.
+    Zero variance (every fold's difference the same): t = +-inf when mean(d) != 0, but p is NaN, not 0. The variance
+    is an estimate from J - 1 degrees of freedom, and three equal differences do not make it zero; a p of 0 would be
+    marked significant and take Holm's smallest multiplier from every other pair.
     """
     d = np.asarray(differences, dtype=float)
     d = d[~np.isnan(d)]
@@ -60,8 +62,9 @@ def corrected_resampled_ttest(differences, test_train_ratio: float) -> Corrected
         if abs(mean) <= 1e-12:
             return CorrectedTTest(mean, 0.0, J, test_train_ratio, np.nan, J - 1, np.nan,
                                   "identical scores on every fold: no difference and no variance, t undefined")
-        return CorrectedTTest(mean, 0.0, J, test_train_ratio, float(np.copysign(np.inf, mean)), J - 1, 0.0,
-                              "the difference is the same on every fold (zero variance): t = +-inf, p = 0 by convention")
+        return CorrectedTTest(mean, 0.0, J, test_train_ratio, float(np.copysign(np.inf, mean)), J - 1, np.nan,
+                              "the difference is the same on every fold (zero variance): t = +-inf, p undefined "
+                              "and not tested")
     t = mean / np.sqrt(corrected_var)
     p = float(2.0 * sps.t.sf(abs(t), df=J - 1))
     return CorrectedTTest(mean, float(np.sqrt(var)), J, test_train_ratio, float(t), J - 1, p, "")
@@ -155,19 +158,27 @@ def bootstrap_f1_ci(arm_df: pd.DataFrame, classes: list[str], n_resamples: int =
     def statistic(idx: np.ndarray) -> np.ndarray:
         idx = idx.astype(int)
         rows = row_of_subject[idx] if one_row_each else np.concatenate([rows_by_subject[i] for i in idx])
-        f1 = precision_recall_fscore_support(y_true[rows], y_pred[rows], labels=labels, average=None,
-                                             zero_division=0)[2]
-        # sklearn's macro F1 is exactly the unweighted mean of these per-class F1 (same labels, same
-        # zero_division); taking it from the same call halves the cost of 2000 resamples.
-        return np.concatenate([[f1.mean()], f1])
+        _, _, f1, support = precision_recall_fscore_support(y_true[rows], y_pred[rows], labels=labels, average=None,
+                                                            zero_division=0)
+        # The point estimates' rule (analysis.metrics): a class with no subject in the draw and never predicted there
+        # is undefined, not 0, and the macro mean is over the classes that are defined. A draw of 20 subjects with 2
+        # LGG holds none in 12% of draws; counting those as F1 = 0 would pull the interval's low end to 0.
+        f1 = np.where((support == 0) & (np.bincount(y_pred[rows], minlength=len(labels)) == 0), np.nan, f1)
+        return np.concatenate([[np.nanmean(f1)], f1])
 
     point = statistic(np.arange(len(subjects)))
+    undefined = np.zeros(len(point), dtype=int)
     if len(subjects) < 2:
         low = high = np.full_like(point, np.nan)
     else:
-        result = sps.bootstrap((np.arange(len(subjects)),), statistic, n_resamples=n_resamples, vectorized=False,
-                               method="percentile", confidence_level=confidence, rng=np.random.default_rng(seed))
-        low, high = np.asarray(result.confidence_interval.low), np.asarray(result.confidence_interval.high)
+        with np.errstate(invalid="ignore"):  # percentiles are taken below, over the defined resamples only
+            result = sps.bootstrap((np.arange(len(subjects)),), statistic, n_resamples=n_resamples, vectorized=False,
+                                   method="percentile", confidence_level=confidence, rng=np.random.default_rng(seed))
+        dist = np.asarray(result.bootstrap_distribution, dtype=float)  # (1 + classes, resamples)
+        undefined = np.isnan(dist).sum(axis=1)
+        tail = 100 * (1 - confidence) / 2
+        low, high = (np.array([np.percentile(row[~np.isnan(row)], q) if (~np.isnan(row)).any() else np.nan
+                               for row in dist]) for q in (tail, 100 - tail))
     names = [("macro_f1", "")] + [("f1", c) for c in classes]
-    return pd.DataFrame([{"metric": m, "class": c, "pooled": float(point[i]), "low": float(low[i]), "high": float(high[i])}
-                         for i, (m, c) in enumerate(names)])
+    return pd.DataFrame([{"metric": m, "class": c, "pooled": float(point[i]), "low": float(low[i]), "high": float(high[i]),
+                          "n_undefined_resamples": int(undefined[i])} for i, (m, c) in enumerate(names)])

@@ -9,10 +9,10 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import accuracy_score, f1_score
+from sklearn.metrics import accuracy_score
 
 from analysis.load import HYPERPARAMETERS, Experiment
-from analysis.metrics import ArmMetrics
+from analysis.metrics import ArmMetrics, overall_metrics
 from analysis.names import Arm, arm_frames, arm_mask, arm_sort_key, display_name
 from analysis.paper import is_paper_task, published, table_for
 from analysis.partial import PartialResults, failed_folds
@@ -232,10 +232,11 @@ def pairwise_display(tests: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def bootstrap_display(boot: pd.DataFrame, arms: list[Arm], classes: list[str]) -> pd.DataFrame:
+def bootstrap_display(boot: pd.DataFrame, arms: list[Arm], classes: list[str], partial: PartialResults) -> pd.DataFrame:
+    """Pooled value [low, high] per arm, with the folds and subjects it covers (an arm missing a fold has fewer)."""
     rows = []
     for arm, sel in arm_frames(boot, arms):
-        row = arm_cells(*arm)
+        row = {**_arm_cols(arm, partial), "Subjects": str(int(sel["n_subjects"].iloc[0]))}
         for metric, cls, title in [("macro_f1", "", "Macro F1")] + [("f1", c, f"F1 {c}") for c in classes]:
             r = sel[(sel["metric"] == metric) & (sel["class"] == cls)].iloc[0]
             row[title] = f"{fmt(r['pooled'])} [{fmt(r['low'])}, {fmt(r['high'])}]"
@@ -243,10 +244,12 @@ def bootstrap_display(boot: pd.DataFrame, arms: list[Arm], classes: list[str]) -
     return pd.DataFrame(rows)
 
 
-def auc_display(auc: pd.DataFrame, arms: list[Arm], classes: list[str]) -> pd.DataFrame:
+def auc_display(auc: pd.DataFrame, arms: list[Arm], classes: list[str], partial: PartialResults,
+                subjects: dict[Arm, int]) -> pd.DataFrame:
+    """Pooled AUC (fold mean ± std) per arm and class, with the folds and subjects it covers."""
     rows = []
     for arm, sel in arm_frames(auc, arms):
-        row = arm_cells(*arm)
+        row = {**_arm_cols(arm, partial), "Subjects": str(subjects.get(arm, ""))}
         for cls in classes:
             r = sel[sel["class"] == cls]
             row[f"AUC {cls}: pooled (fold mean ± std)"] = (
@@ -327,11 +330,12 @@ def _config_row(exp: Experiment, search: pd.DataFrame, arm: Arm, role: str, cid:
     # One trial per fold: the experiment whose trials were ranked (the search's own where it has them).
     experiments = set(tr["experiment"]) or set(sel["experiment"])
     sel = sel[sel["experiment"].isin(sorted(experiments)[:1])]
-    fold_f1 = [f1_score(g["label"], g["pred"], labels=exp.classes, average="macro", zero_division=0)
-               for _, g in sel.groupby("fold", sort=True)]
-    fold_acc = [accuracy_score(g["label"], g["pred"]) for _, g in sel.groupby("fold", sort=True)]
-    pooled = (f1_score(sel["label"], sel["pred"], labels=exp.classes, average="macro", zero_division=0)
-              if len(sel) else np.nan)
+    # The main tables' rule (overall_metrics): a class absent from a fold and never predicted there is left out of
+    # that fold's macro F1, not counted as 0, so the defaults' row here equals theirs for the same trials.
+    fold_scores = [overall_metrics(g["label"], g["pred"], exp.classes) for _, g in sel.groupby("fold", sort=True)]
+    fold_f1 = [score["macro_f1"] for score in fold_scores]
+    fold_acc = [score["accuracy"] for score in fold_scores]
+    pooled = overall_metrics(sel["label"], sel["pred"], exp.classes)["macro_f1"] if len(sel) else np.nan
     std = lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else np.nan  # noqa: E731
     failed = failed_folds(search, arm, cid)
     return {"model": arm[0], "pretrained": arm[1], "role": role, "config_id": cid, **hp,
@@ -366,7 +370,7 @@ def best_configs_display(best: pd.DataFrame, paper_defaults: dict, default_label
         row["Inner-val macro F1"] = f"{inner} ({r['inner_folds']} folds{failed})"
         row["Test macro F1"] = f"{test} ({r['test_folds']} folds{failed}){mark_}"
         row["Test macro F1 pooled"] = fmt(r["test_macro_f1_pooled"]) + mark_
-        row["Test accuracy"] = fmt(r["test_accuracy_mean"]) + mark_
+        row["Test accuracy (fold mean)"] = fmt(r["test_accuracy_mean"]) + mark_
         rows.append(row)
     return pd.DataFrame(rows)
 

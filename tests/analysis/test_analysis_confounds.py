@@ -397,3 +397,15 @@ def test_acquisition_per_class_flags_header_values_that_only_one_class_has():
     assert matrix["Value"].tolist() == ["240 x 240 x 153", "240 x 240 x 150", "2 other values"]
     assert matrix.iloc[2][["x", "y", "Total", "Flag"]].tolist() == ["1", "1", "2", "**2 of them in one class only**"]
     assert "Every orientation" in acquisition_sentences(acquisition_table(subjects.assign(label="x"), ["x", "y"]))[0]
+
+
+def test_a_class_missing_from_a_draw_gives_no_difference_there_rather_than_a_0():
+    """The deep arm is right about all 20 subjects; the baseline about all but the 2 LGG ones (called HGG). Every
+    draw that holds an LGG subject scores the LGG difference 1 - 0; a draw without one (12%) cannot measure LGG. Scored
+    0 - 0 there, those draws put the interval's low end at 0 and the deep arm was not "clearly better" on LGG."""
+    labels = ["LGG"] * 2 + ["HGG"] * 9 + ["Healthy"] * 9
+    deep = pd.DataFrame({"subject_id": [f"s{i:02d}" for i in range(20)], "fold": 0, "label": labels, "pred": labels})
+    base = deep.assign(pred=deep["label"].replace({"LGG": "HGG"}))
+    res = paired_bootstrap(deep, base, CLASSES, n_resamples=400, seed=0).set_index("class")
+    assert res.loc["LGG", "diff"] == 1.0 and res.loc["LGG", "low"] == res.loc["LGG", "high"] == 1.0
+    assert res.loc["LGG", "clearly_better"]

@@ -206,6 +206,13 @@ def test_partial_results_are_named_and_not_zero_filled(partial_dir):
     tests = pd.read_csv(tables / "pairwise_tests.csv")
     pair = _rows(tests, model_a="r3d_18", model_b="mc3_18", pretrained_b=False).iloc[0]
     assert pair["folds"] == 1 and "at least 2" in pair["note"]  # they share only fold 0
+    # The interval and AUC tables say which folds and how many subjects each row covers: 10 test subjects a fold.
+    for section in ("### Bootstrap 95% confidence intervals", "### ROC curves (one-vs-rest)"):
+        table = md.split(section)[1].split("###")[0]
+        r3d = next(line for line in table.splitlines() if line.startswith("| ResNet3D | yes"))
+        assert "| 2/3 (fold 2 failed) | 20 |" in r3d, r3d
+        complete = next(line for line in table.splitlines() if line.startswith("| ResNet Mixed Convolution | yes"))
+        assert "| 3/3 | 30 |" in complete, complete
 
 
 # ----------------------------------------------------------------------------------------- search
@@ -369,3 +376,22 @@ def test_only_a_demo_is_called_synthetic_and_by_the_generator_of_its_task():
     (older,) = synthetic_data_warning(SimpleNamespace(experiment="demo", meta={}))  # before --demo-task existed
     assert "BraTS/IXI-shaped" in older
     assert synthetic_data_warning(SimpleNamespace(experiment="paper", meta={"demo_task": "tumour"})) == []
+
+
+def test_learning_curves_say_over_how_many_folds_each_epoch_is_a_mean(tmp_path):
+    """Folds that ran 10, 3 and 3 epochs (patience): epochs 4-10 are fold 0's alone, and the title says so rather than
+    "over 3 folds"; a figure whose folds all ran the same epochs keeps the short title."""
+    from analysis.figures import learning_curve_figure, learning_curve_title
+
+    rows = [{"model": "mc3_18", "pretrained": False, "fold": fold, "epoch": epoch, "train_loss": 1.0, "val_loss": 1.0,
+             "val_macro_f1": 0.35 + 0.05 * epoch if fold == 0 else 0.5, "val_accuracy": 0.5}
+            for fold, epochs in ((0, 10), (1, 3), (2, 3)) for epoch in range(1, epochs + 1)]
+    epochs = pd.DataFrame(rows)
+    reached = epochs.groupby("epoch")["fold"].nunique()
+    title = learning_curve_title(("mc3_18", False), reached)
+    assert title.endswith("mean ± 1 std over the folds that reached each epoch (3 at first; 1 from epoch 4)"), title
+    full = epochs[epochs["epoch"] <= 3]
+    assert learning_curve_title(("mc3_18", False), full.groupby("epoch")["fold"].nunique()).endswith(
+        "mean ± 1 std over 3 fold(s)")
+    path = learning_curve_figure(epochs, ("mc3_18", False), tmp_path / "curve.png")
+    assert path is not None and path.stat().st_size > 0

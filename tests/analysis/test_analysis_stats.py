@@ -51,9 +51,9 @@ def test_corrected_ttest_is_more_conservative_than_plain_paired_t():
 
 def test_corrected_ttest_zero_variance_and_too_few_folds():
     up = corrected_resampled_ttest([0.1, 0.1, 0.1], 0.5)
-    assert up.t == math.inf and up.p == 0.0 and "zero variance" in up.note
+    assert up.t == math.inf and math.isnan(up.p) and "zero variance" in up.note and "not tested" in up.note
     down = corrected_resampled_ttest([-0.1, -0.1, -0.1], 0.5)
-    assert down.t == -math.inf and down.p == 0.0
+    assert down.t == -math.inf and math.isnan(down.p)
     same = corrected_resampled_ttest([0.0, 0.0, 0.0], 0.5)
     assert math.isnan(same.t) and math.isnan(same.p) and same.note
     one = corrected_resampled_ttest([0.1], 0.5)
@@ -124,3 +124,35 @@ def test_bootstrap_keeps_rows_of_a_subject_together():
     assert list(two["pooled"]) == pytest.approx(list(one["pooled"]))
     assert list(two["low"]) == pytest.approx(list(one["low"]))
     assert list(two["high"]) == pytest.approx(list(one["high"]))
+
+
+def test_a_zero_variance_pair_is_not_significant_and_takes_no_holm_slot_from_the_others():
+    """Arms a = [.90, .80, .85], b = a - 0.05, c = [.70, .82, .60]: a-b differs by 0.05 on every fold. Its p is
+    undefined, so it is neither marked nor counted, and the other two pairs are corrected for m = 2, not 3."""
+    rows = [{"model": m, "pretrained": False, "fold": f, "macro_f1": v}
+            for m, values in {"a": [.90, .80, .85], "b": [.85, .75, .80], "c": [.70, .82, .60]}.items()
+            for f, v in enumerate(values)]
+    trials = pd.DataFrame([{"model": r["model"], "pretrained": False, "fold": r["fold"], "status": "TERMINATED",
+                            "n_test": 10, "n_train": 20} for r in rows])
+    tests = pairwise_tests(pd.DataFrame(rows), trials, [("a", False), ("b", False), ("c", False)])
+    by_pair = tests.set_index(["model_a", "model_b"])
+    assert math.isinf(by_pair.loc[("a", "b"), "t"]) and math.isnan(by_pair.loc[("a", "b"), "p_holm"])
+    for pair in (("a", "c"), ("b", "c")):
+        d = np.array([.90, .80, .85]) - np.array([.70, .82, .60]) - (0.05 if pair[0] == "b" else 0.0)
+        p = corrected_resampled_ttest(d, 0.5).p
+        assert by_pair.loc[pair, "p"] == pytest.approx(p)
+    raw = sorted(by_pair.loc[[("a", "c"), ("b", "c")], "p"])
+    assert sorted(by_pair.loc[[("a", "c"), ("b", "c")], "p_holm"]) == pytest.approx([2 * raw[0], max(2 * raw[0], raw[1])])
+
+
+def test_a_class_absent_from_a_draw_and_never_predicted_is_left_out_of_that_draw_not_scored_0():
+    """A perfect classifier on 2 LGG, 9 HGG and 9 Healthy subjects: 20 draws of 20 miss both LGG subjects in
+    (18/20)^20 = 12% of resamples. Those draws cannot measure LGG; scored as 0 they made the interval [0, 1] for a
+    classifier that never errs."""
+    labels = ["LGG"] * 2 + ["HGG"] * 9 + ["Healthy"] * 9
+    df = pd.DataFrame({"subject_id": [f"s{i:02d}" for i in range(20)], "fold": 0, "label": labels, "pred": labels})
+    ci = bootstrap_f1_ci(df, CLASSES, n_resamples=400, seed=0).set_index("class")
+    assert (ci["pooled"] == 1.0).all() and (ci["low"] == 1.0).all() and (ci["high"] == 1.0).all()
+    undefined = ci.loc["LGG", "n_undefined_resamples"]
+    assert 0.07 * 400 < undefined < 0.18 * 400  # about 12%
+    assert ci.loc["", "n_undefined_resamples"] == ci.loc["HGG", "n_undefined_resamples"] == 0
