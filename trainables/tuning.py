@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import re
 from typing import Any, Callable
 
@@ -105,14 +106,55 @@ def run_path(config: ExperimentConfig, kind: str) -> str:
     return experiment_path(config, config.tune_run_name(kind))
 
 
+class ResumeResourcesError(ValueError):
+    """A Tune run with trials left to run was started with other per-trial resources than this cluster gives."""
+
+
+def _resource_request(resources: dict[str, float]) -> dict[str, float]:
+    """{"CPU": 1.0, "GPU": 0.25}: Ray's spelling of a request, zero entries left out, to compare two requests."""
+    return {key.upper(): float(value) for key, value in resources.items() if float(value) > 0}
+
+
+def resume_resources_problem(path: str, resources: dict[str, float], planned: int) -> str | None:
+    """Why the Tune run at ``path`` cannot resume with ``resources`` per trial, or None.
+
+    ``Tuner.restore`` gives the trials it restores, and those its restored searcher starts, the resources the run was
+    started with: Ray 2.60 saves them with each trial and takes no new ones from the trainable (only ``tune.run``
+    does, and only for pending trials). Resumed where there is no GPU any more, trials that ask for a GPU share wait
+    PENDING for ever; a changed --cpus-per-trial is silently not applied. Nothing is left to run, and any resources
+    do, when all ``planned`` trials exist and are TERMINATED.
+    """
+    from ray.tune import ExperimentAnalysis
+
+    trials = ExperimentAnalysis(path).trials
+    if not trials or (len(trials) >= planned and all(trial.status == "TERMINATED" for trial in trials)):
+        return None
+    saved = _resource_request(trials[0].placement_group_factory.required_resources)
+    wanted = _resource_request(resources)
+    if saved == wanted:
+        return None
+    left = sum(trial.status != "TERMINATED" for trial in trials) + max(planned - len(trials), 0)
+    gpu = (" This cluster has no GPU: resume it where one is (with the same --gpus-per-trial)."
+           if "GPU" in saved and "GPU" not in wanted else "")
+    return (f"{path} was started with {saved} per trial, and Ray Tune resumes its {left} unfinished trial(s) with "
+            f"exactly those (Tuner.restore keeps them), but this run would give {wanted} (--cpus-per-trial, "
+            f"--gpus-per-trial and whether the cluster has a GPU decide it).{gpu} Otherwise rerun with the options "
+            "and on the kind of machine it was started with, or start a new --output.")
+
+
 def _fit_or_restore(config: ExperimentConfig, name: str, trainable, make_tuner: Callable[[], tune.Tuner],
-                    parameter_columns: list[str]) -> tune.ResultGrid:
+                    parameter_columns: list[str], resources: dict[str, float], planned: int) -> tune.ResultGrid:
     """Restore an interrupted run (only unfinished trials run again), else start it; then retrain lost trials.
 
-    See ``_retrain_lost`` for finished trials whose final checkpoint was deleted since.
+    A run with trials left to run must resume with the per-trial ``resources`` it was started with
+    (``resume_resources_problem``); ``planned``: how many trials the run makes in all. See ``_retrain_lost`` for
+    finished trials whose final checkpoint was deleted since.
     """
     path = experiment_path(config, name)
     if tune.Tuner.can_restore(path):
+        problem = resume_resources_problem(path, resources, planned)
+        if problem:
+            raise ResumeResourcesError(problem)
         log.info("Restoring %s: finished trials are kept, unfinished and errored ones resume", path)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
@@ -234,7 +276,9 @@ def run_grid(config: ExperimentConfig, data: PreparedData, resources: dict[str, 
         lambda: tune.Tuner(trainable, param_space=param_space,
                            tune_config=_tune_config(max_concurrent_trials=config.max_concurrent),
                            run_config=_run_config(config, config.tune_run_name(GRID_RUN), columns)),
-        columns,
+        columns, resources,
+        math.prod(len(value["grid_search"]) for value in param_space.values()
+                  if isinstance(value, dict) and "grid_search" in value),
     )
 
 
@@ -336,7 +380,8 @@ def run_search(config: ExperimentConfig, data: PreparedData, resources: dict[str
     # A restored search's studies are unpickled from Ray's state: they must open this output folder's database,
     # not the one of the folder the run was copied or moved from.
     with studies_under(config.output_path):
-        grid = _fit_or_restore(config, config.tune_run_name(SEARCH_RUN), trainable, new_tuner, columns)
+        grid = _fit_or_restore(config, config.tune_run_name(SEARCH_RUN), trainable, new_tuner, columns, resources,
+                               sum(max(q, 0) for q in quota.values()))
     # A trial that ended in ERROR was told FAIL; if this (restored) run ran it again to its end, its score is given
     # to its study now (Ray's OptunaSearch does not: see trainables.nested_search.tell_resumed_results).
     tell_resumed_results(optuna.storages.RDBStorage(url), [key.name for key in keys], finished_scores(grid))

@@ -168,6 +168,18 @@ def test_a_permanent_error_fails_at_once_with_its_message_and_runs_again_after_t
     assert "ray::" not in error and "\n" not in error
     assert_a_crash_is_told_by_its_own_exception()
 
+    # Resumed with other per-trial resources, the errored trial would keep its first ones (Tuner.restore does): a
+    # GPU share where there is no GPU would leave it PENDING for ever. Refused before restoring, with the fix.
+    from trainables.tuning import resume_resources_problem
+
+    path = str(tmp_path / "ray" / "faults")
+    assert resume_resources_problem(path, {"cpu": 1}, planned=1) is None  # as it was started (Ray's default)
+    problem = resume_resources_problem(path, {"cpu": 1, "gpu": 0.25}, planned=1)
+    assert problem.startswith(f"{path} was started with {{'CPU': 1.0}} per trial, and Ray Tune resumes its 1 "
+                              "unfinished trial(s) with exactly those"), problem
+    assert "would give {'CPU': 1.0, 'GPU': 0.25}" in problem and "start a new --output" in problem
+    assert "This cluster has no GPU" not in problem
+
     # The user copies the weights and runs the same command again: a new driver process, with a new Ray instance.
     torch.save(mc3_18(weights=None, num_classes=400).state_dict(), weights_dir / weights_filename("mc3_18"))
     ray.shutdown()
@@ -181,6 +193,9 @@ def test_a_permanent_error_fails_at_once_with_its_message_and_runs_again_after_t
     assert list(tables["trials"]["status"]) == ["TERMINATED"] and list(tables["trials"]["error"]) == [""]
     assert sorted(tables["predictions"]["subject_id"]) == sorted(data.plan.folds[0].test)
     assert epochs_by_attempt(log_dir, name)[-1] == [1]  # the rerun trained
+    # Finished now: nothing is left to run, so any resources do (a report rerun on a machine without the GPU).
+    assert resume_resources_problem(path, {"cpu": 2}, planned=1) is None
+    assert "its 1 unfinished trial(s)" in resume_resources_problem(path, {"cpu": 2}, planned=2)  # one not made yet
 
 
 def assert_a_crash_is_told_by_its_own_exception() -> None:
