@@ -325,6 +325,35 @@ def search_studies(config: ExperimentConfig, arms: list[tuple[str, bool]], folds
              "grid_trial": grid_trial(m, p, k)} for m, p in arms for k in range(folds)]
 
 
+def fresh_fold_studies(config: ExperimentConfig, keys: list[StudyKey], constants: dict[str, Any],
+                       default_point: dict[str, Any], known: dict[StudyKey, float]) -> dict[StudyKey, OptunaSearch]:
+    """One new seeded TPE study per key, its first point the grid's configuration (queued, or its grid score given).
+
+    Built only for a fresh Tune run, never on a restore: constructing OptunaSearch enqueues points_to_evaluate (and
+    adds evaluated_rewards as finished trials) in the persistent study at once. A study of the same name that is
+    already there belongs to no Tune run (none could be restored: a stop between building the studies and Tune
+    saving its first state, or a Tune run deleted by hand), so it is started over: added to, its grid point would
+    be evaluated or counted twice and TPE would leave its random start early, unlike an uninterrupted run.
+    """
+    url = study_storage(config)
+    names = {summary.study_name: summary.n_trials for summary in optuna.get_all_study_summaries(url)}
+    for key in keys:
+        if key.name in names:
+            log.warning("%s: study %s holds %d trial(s) of a search that Tune has no record of; starting it over",
+                        url, key.name, names[key.name])
+            optuna.delete_study(study_name=key.name, storage=url)
+    return {
+        key: OptunaSearch(
+            optuna_distributions(constants), metric=METRIC, mode=MODE,
+            points_to_evaluate=[default_point],
+            evaluated_rewards=[known[key]] if key in known else None,
+            # One seed for every study: their first (random) suggestions coincide across folds, so a
+            # configuration evaluated in every fold exists to compare folds and to deploy.
+            sampler=optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=TPE_STARTUP_TRIALS),
+            study_name=key.name, storage=OutputFolderStorage(config.output_path))
+        for key in keys}
+
+
 def run_search(config: ExperimentConfig, data: PreparedData, resources: dict[str, float],
                arms: list[tuple[str, bool]],
                grid_values: dict[tuple[str, bool, int], tuple[float, str]] | None = None) -> tune.ResultGrid | None:
@@ -355,18 +384,7 @@ def run_search(config: ExperimentConfig, data: PreparedData, resources: dict[str
     columns = ["model", "pretrained", "fold", *searched]
 
     def new_tuner() -> tune.Tuner:
-        # Built only for a fresh run: constructing OptunaSearch enqueues points_to_evaluate in the
-        # persistent study, which on a restore would evaluate the paper's point a second time.
-        studies = {
-            key: OptunaSearch(
-                optuna_distributions(constants), metric=METRIC, mode=MODE,
-                points_to_evaluate=[default_point],
-                evaluated_rewards=[known[key][0]] if known[key] else None,
-                # One seed for every study: their first (random) suggestions coincide across folds, so a
-                # configuration evaluated in every fold exists to compare folds and to deploy.
-                sampler=optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=TPE_STARTUP_TRIALS),
-                study_name=key.name, storage=OutputFolderStorage(config.output_path))
-            for key in keys}
+        studies = fresh_fold_studies(config, keys, constants, default_point, {k: v[0] for k, v in known.items() if v})
         searcher = FoldStudies(studies, quota, fixed, METRIC, MODE)
         write_text_atomic(config.output_path / GRID_HANDOFF_FILE,
                           json.dumps({key.name: known[key][1] if known[key] else None for key in keys}, indent=2))

@@ -237,3 +237,25 @@ def test_a_permanent_failure_s_nan_score_is_told_as_a_failed_trial_and_frees_its
     restored = router(tmp_path / "blank.db")
     restored.restore(str(tmp_path / "searcher.pkl"))
     assert states(database, KEYS[0]) == ["FAIL", "RUNNING"]
+
+
+def test_fresh_studies_start_over_a_study_that_no_tune_run_holds(tmp_path):
+    """Studies are built, then Tune saves its first state; a stop in between leaves studies that no Tune run can
+    restore, and the rerun builds them again. Added to, fold 0 would queue the grid's point twice and fold 1 count
+    its handed-over grid score twice; started over, each holds its one first point, as after an uninterrupted start."""
+    from search_spaces import active_ranges
+    from trainables.experiment import ExperimentConfig
+    from trainables.tuning import fresh_fold_studies
+
+    config = ExperimentConfig(experiment="search", output=str(tmp_path / "out"), models=("mc3_18",), pretrained="none")
+    constants = config.training_constants()
+    default_point = {item.name: constants[item.name] for item in active_ranges(constants)}
+    keys = [StudyKey("mc3_18", False, 0), StudyKey("mc3_18", False, 1)]
+    for _ in range(2):
+        fresh_fold_studies(config, keys, constants, default_point, {keys[1]: 0.5})
+    url = f"sqlite:///{tmp_path / 'out' / STUDY_DATABASE}"
+    queued = optuna.load_study(study_name=keys[0].name, storage=url).trials
+    assert [t.state for t in queued] == [optuna.trial.TrialState.WAITING]
+    assert queued[0].system_attrs["fixed_params"] == default_point
+    handed = optuna.load_study(study_name=keys[1].name, storage=url).trials
+    assert [(t.state, t.value) for t in handed] == [(optuna.trial.TrialState.COMPLETE, 0.5)]
