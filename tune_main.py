@@ -436,7 +436,7 @@ def run_experiment(config: ExperimentConfig) -> int:
     import ray
 
     from trainables.cluster import ClusterCheckError, check_cluster, ignored_ray_address, init_options
-    from trainables.tuning import (ResumeResourcesError, grid_fold_values, run_grid, run_search, search_studies,
+    from trainables.tuning import (ResumeRefusedError, grid_fold_values, run_grid, run_search, search_studies,
                                    trial_resources)
 
     out = config.output_path
@@ -526,7 +526,7 @@ def run_experiment(config: ExperimentConfig) -> int:
         save_experiment_record(config, data, search_studies(config, search_arms, folds, grid_values))
         if stopped:
             return stop_interrupted(config)
-    except ResumeResourcesError as error:
+    except ResumeRefusedError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     finally:

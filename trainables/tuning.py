@@ -106,8 +106,27 @@ def run_path(config: ExperimentConfig, kind: str) -> str:
     return experiment_path(config, config.tune_run_name(kind))
 
 
-class ResumeResourcesError(ValueError):
-    """A Tune run with trials left to run was started with other per-trial resources than this cluster gives."""
+class ResumeRefusedError(ValueError):
+    """A saved Tune run that must not be restored as it stands: its state cannot be read, or it has trials left to
+    run and was started with other per-trial resources than this cluster gives."""
+
+
+def saved_trials(path: str) -> list:
+    """The trials of the Tune run saved at ``path``, read as ``Tuner.restore`` will read them.
+
+    Checked before restoring because Ray's TuneController catches any error while it restores, logs "Restarting
+    experiment" and starts every trial over beside the finished ones (``fail_fast`` is off, and on it would stop
+    the run at the first failed trial): a damaged state file would cost the whole run's training again.
+    """
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        return ExperimentAnalysis(path).trials
+    except Exception as error:  # noqa: BLE001 - whatever Ray cannot read, it would restart from scratch
+        raise ResumeRefusedError(
+            f"{path}: Ray Tune's saved state cannot be read ({type(error).__name__}: {error}). Restoring it would "
+            "start every trial over. If the newest experiment_state-*.json there is damaged (a kill while it was "
+            "written), move it aside so that the one before is used, then rerun; or start a new --output") from error
 
 
 def _resource_request(resources: dict[str, float]) -> dict[str, float]:
@@ -124,9 +143,7 @@ def resume_resources_problem(path: str, resources: dict[str, float], planned: in
     PENDING for ever; a changed --cpus-per-trial is silently not applied. Nothing is left to run, and any resources
     do, when all ``planned`` trials exist and are TERMINATED.
     """
-    from ray.tune import ExperimentAnalysis
-
-    trials = ExperimentAnalysis(path).trials
+    trials = saved_trials(path)
     if not trials or (len(trials) >= planned and all(trial.status == "TERMINATED" for trial in trials)):
         return None
     saved = _resource_request(trials[0].placement_group_factory.required_resources)
@@ -154,7 +171,7 @@ def _fit_or_restore(config: ExperimentConfig, name: str, trainable, make_tuner: 
     if tune.Tuner.can_restore(path):
         problem = resume_resources_problem(path, resources, planned)
         if problem:
-            raise ResumeResourcesError(problem)
+            raise ResumeRefusedError(problem)
         log.info("Restoring %s: finished trials are kept, unfinished and errored ones resume", path)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:

@@ -170,7 +170,7 @@ def test_a_permanent_error_fails_at_once_with_its_message_and_runs_again_after_t
 
     # Resumed with other per-trial resources, the errored trial would keep its first ones (Tuner.restore does): a
     # GPU share where there is no GPU would leave it PENDING for ever. Refused before restoring, with the fix.
-    from trainables.tuning import resume_resources_problem
+    from trainables.tuning import ResumeRefusedError, resume_resources_problem
 
     path = str(tmp_path / "ray" / "faults")
     assert resume_resources_problem(path, {"cpu": 1}, planned=1) is None  # as it was started (Ray's default)
@@ -196,6 +196,15 @@ def test_a_permanent_error_fails_at_once_with_its_message_and_runs_again_after_t
     # Finished now: nothing is left to run, so any resources do (a report rerun on a machine without the GPU).
     assert resume_resources_problem(path, {"cpu": 2}, planned=1) is None
     assert "its 1 unfinished trial(s)" in resume_resources_problem(path, {"cpu": 2}, planned=2)  # one not made yet
+    # A state file cut short (a kill while Tune wrote it): Ray's own restore would log "Restarting experiment" and
+    # train every trial again; the check before it stops with the file to move aside.
+    damaged = tmp_path / "damaged"
+    shutil.copytree(path, damaged)
+    newest = max(damaged.glob("experiment_state-*.json"))
+    newest.write_text(newest.read_text()[:100])
+    with pytest.raises(ResumeRefusedError, match=r"Ray Tune's saved state cannot be read \(.*Error.*\)\. Restoring it "
+                       r"would start every trial over\. If the newest experiment_state-\*\.json there is damaged"):
+        resume_resources_problem(str(damaged), {"cpu": 1}, planned=1)
 
 
 def assert_a_crash_is_told_by_its_own_exception() -> None:
