@@ -21,9 +21,8 @@ DEMO_TASKS = ("tumour", "mgmt")  # the demo's synthetic data: BraTS/IXI three cl
 # The Tune runs an experiment may hold: the fixed grid and the nested search (the demo runs both).
 TUNE_RUNS = ("paper", "search")
 PRETRAINED_CHOICES = {"none": (False,), "kinetics": (True,), "both": (False, True)}
-# Options that only change how a run is executed, not what it computes: they may differ on resume. The per-trial
-# resources they set (--cpus-per-trial, --gpus-per-trial) must still match a Tune run that has trials left to run,
-# since Tuner.restore keeps the ones it was started with (checked in trainables.tuning.resume_resources_problem). Not --max-failures or --max-concurrent: Tuner.restore keeps the run's own (Ray 2.60
+# Options that only change how a run is executed, not what it computes, and that a resumed run really applies:
+# they may differ on resume. Not --max-failures or --max-concurrent: Tuner.restore keeps the run's own (Ray 2.60
 # restores the RunConfig and TuneConfig from tuner.pkl), so a new value would be ignored while experiment.json
 # recorded it; --set checkpoint_every neither, as the trials' configs are restored with them. --storage is not one
 # either: the Tune runs (finished trials, checkpoints) live there, so another

@@ -8,8 +8,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import re
+from pathlib import Path
 from typing import Any, Callable
 
 import optuna
@@ -107,69 +107,46 @@ def run_path(config: ExperimentConfig, kind: str) -> str:
 
 
 class ResumeRefusedError(ValueError):
-    """A saved Tune run that must not be restored as it stands: its state cannot be read, or it has trials left to
-    run and was started with other per-trial resources than this cluster gives."""
+    """A saved Tune run that must not be restored as it stands: its saved state cannot be read."""
 
 
-def saved_trials(path: str) -> list:
-    """The trials of the Tune run saved at ``path``, read as ``Tuner.restore`` will read them.
+def unreadable_state_problem(path: str) -> str | None:
+    """Why the newest saved state of the Tune run at ``path`` cannot be read (as ``Tuner.restore`` reads it), or None.
 
     Checked before restoring because Ray's TuneController catches any error while it restores, logs "Restarting
     experiment" and starts every trial over beside the finished ones (``fail_fast`` is off, and on it would stop
-    the run at the first failed trial): a damaged state file would cost the whole run's training again.
+    the run at the first failed trial): a state file cut short by a kill would cost the whole run's training again.
+    A run without any state file yet is left to Ray, as before.
     """
-    from ray.tune import ExperimentAnalysis
+    from ray.train._internal.storage import get_fs_and_path
+    from ray.tune.execution.experiment_state import _find_newest_experiment_checkpoint
+    from ray.tune.utils.serialization import _loads_with_cloudpickle
 
+    newest = _find_newest_experiment_checkpoint(path)
+    if newest is None:
+        return None
+    filesystem, _ = get_fs_and_path(path)
     try:
-        return ExperimentAnalysis(path).trials
+        with filesystem.open_input_stream(newest) as stream:
+            _loads_with_cloudpickle(stream.readall())
     except Exception as error:  # noqa: BLE001 - whatever Ray cannot read, it would restart from scratch
-        raise ResumeRefusedError(
-            f"{path}: Ray Tune's saved state cannot be read ({type(error).__name__}: {error}). Restoring it would "
-            "start every trial over. If the newest experiment_state-*.json there is damaged (a kill while it was "
-            "written), move it aside so that the one before is used, then rerun; or start a new --output") from error
-
-
-def _resource_request(resources: dict[str, float]) -> dict[str, float]:
-    """{"CPU": 1.0, "GPU": 0.25}: Ray's spelling of a request, zero entries left out, to compare two requests."""
-    return {key.upper(): float(value) for key, value in resources.items() if float(value) > 0}
-
-
-def resume_resources_problem(path: str, resources: dict[str, float], planned: int) -> str | None:
-    """Why the Tune run at ``path`` cannot resume with ``resources`` per trial, or None.
-
-    ``Tuner.restore`` gives the trials it restores, and those its restored searcher starts, the resources the run was
-    started with: Ray 2.60 saves them with each trial and takes no new ones from the trainable (only ``tune.run``
-    does, and only for pending trials). Resumed where there is no GPU any more, trials that ask for a GPU share wait
-    PENDING for ever; a changed --cpus-per-trial is silently not applied. Nothing is left to run, and any resources
-    do, when all ``planned`` trials exist and are TERMINATED.
-    """
-    trials = saved_trials(path)
-    if not trials or (len(trials) >= planned and all(trial.status == "TERMINATED" for trial in trials)):
-        return None
-    saved = _resource_request(trials[0].placement_group_factory.required_resources)
-    wanted = _resource_request(resources)
-    if saved == wanted:
-        return None
-    left = sum(trial.status != "TERMINATED" for trial in trials) + max(planned - len(trials), 0)
-    gpu = (" This cluster has no GPU: resume it where one is (with the same --gpus-per-trial)."
-           if "GPU" in saved and "GPU" not in wanted else "")
-    return (f"{path} was started with {saved} per trial, and Ray Tune resumes its {left} unfinished trial(s) with "
-            f"exactly those (Tuner.restore keeps them), but this run would give {wanted} (--cpus-per-trial, "
-            f"--gpus-per-trial and whether the cluster has a GPU decide it).{gpu} Otherwise rerun with the options "
-            "and on the kind of machine it was started with, or start a new --output.")
+        return (f"{path}: Ray Tune's saved state {Path(newest).name} cannot be read ({type(error).__name__}: "
+                f"{error}). Restoring it would start every trial over. Move that file aside (a kill while it was "
+                "written leaves it cut short) so that the state saved before it is used, then rerun; if it is the "
+                "only experiment_state-*.json there, start a new --output")
+    return None
 
 
 def _fit_or_restore(config: ExperimentConfig, name: str, trainable, make_tuner: Callable[[], tune.Tuner],
-                    parameter_columns: list[str], resources: dict[str, float], planned: int) -> tune.ResultGrid:
+                    parameter_columns: list[str]) -> tune.ResultGrid:
     """Restore an interrupted run (only unfinished trials run again), else start it; then retrain lost trials.
 
-    A run with trials left to run must resume with the per-trial ``resources`` it was started with
-    (``resume_resources_problem``); ``planned``: how many trials the run makes in all. See ``_retrain_lost`` for
+    A saved state that cannot be read stops the run (``unreadable_state_problem``). See ``_retrain_lost`` for
     finished trials whose final checkpoint was deleted since.
     """
     path = experiment_path(config, name)
     if tune.Tuner.can_restore(path):
-        problem = resume_resources_problem(path, resources, planned)
+        problem = unreadable_state_problem(path)
         if problem:
             raise ResumeRefusedError(problem)
         log.info("Restoring %s: finished trials are kept, unfinished and errored ones resume", path)
@@ -293,9 +270,7 @@ def run_grid(config: ExperimentConfig, data: PreparedData, resources: dict[str, 
         lambda: tune.Tuner(trainable, param_space=param_space,
                            tune_config=_tune_config(max_concurrent_trials=config.max_concurrent),
                            run_config=_run_config(config, config.tune_run_name(GRID_RUN), columns)),
-        columns, resources,
-        math.prod(len(value["grid_search"]) for value in param_space.values()
-                  if isinstance(value, dict) and "grid_search" in value),
+        columns,
     )
 
 
@@ -348,8 +323,8 @@ def fresh_fold_studies(config: ExperimentConfig, keys: list[StudyKey], constants
 
     Built only for a fresh Tune run, never on a restore: constructing OptunaSearch enqueues points_to_evaluate (and
     adds evaluated_rewards as finished trials) in the persistent study at once. A study of the same name that is
-    already there belongs to no Tune run (none could be restored: a stop between building the studies and Tune
-    saving its first state, or a Tune run deleted by hand), so it is started over: added to, its grid point would
+    already there belongs to no Tune run (none could be restored: a stop between building the studies and the Tuner
+    writing tuner.pkl, or a Tune run deleted by hand), so it is started over: added to, its grid point would
     be evaluated or counted twice and TPE would leave its random start early, unlike an uninterrupted run.
     """
     url = study_storage(config)
@@ -415,8 +390,7 @@ def run_search(config: ExperimentConfig, data: PreparedData, resources: dict[str
     # A restored search's studies are unpickled from Ray's state: they must open this output folder's database,
     # not the one of the folder the run was copied or moved from.
     with studies_under(config.output_path):
-        grid = _fit_or_restore(config, config.tune_run_name(SEARCH_RUN), trainable, new_tuner, columns, resources,
-                               sum(max(q, 0) for q in quota.values()))
+        grid = _fit_or_restore(config, config.tune_run_name(SEARCH_RUN), trainable, new_tuner, columns)
     # A trial that ended in ERROR was told FAIL; if this (restored) run ran it again to its end, its score is given
     # to its study now (Ray's OptunaSearch does not: see trainables.nested_search.tell_resumed_results).
     tell_resumed_results(optuna.storages.RDBStorage(url), [key.name for key in keys], finished_scores(grid))

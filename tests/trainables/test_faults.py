@@ -168,17 +168,10 @@ def test_a_permanent_error_fails_at_once_with_its_message_and_runs_again_after_t
     assert "ray::" not in error and "\n" not in error
     assert_a_crash_is_told_by_its_own_exception()
 
-    # Resumed with other per-trial resources, the errored trial would keep its first ones (Tuner.restore does): a
-    # GPU share where there is no GPU would leave it PENDING for ever. Refused before restoring, with the fix.
-    from trainables.tuning import ResumeRefusedError, resume_resources_problem
+    from trainables.tuning import unreadable_state_problem
 
     path = str(tmp_path / "ray" / "faults")
-    assert resume_resources_problem(path, {"cpu": 1}, planned=1) is None  # as it was started (Ray's default)
-    problem = resume_resources_problem(path, {"cpu": 1, "gpu": 0.25}, planned=1)
-    assert problem.startswith(f"{path} was started with {{'CPU': 1.0}} per trial, and Ray Tune resumes its 1 "
-                              "unfinished trial(s) with exactly those"), problem
-    assert "would give {'CPU': 1.0, 'GPU': 0.25}" in problem and "start a new --output" in problem
-    assert "This cluster has no GPU" not in problem
+    assert unreadable_state_problem(path) is None
 
     # The user copies the weights and runs the same command again: a new driver process, with a new Ray instance.
     torch.save(mc3_18(weights=None, num_classes=400).state_dict(), weights_dir / weights_filename("mc3_18"))
@@ -193,18 +186,19 @@ def test_a_permanent_error_fails_at_once_with_its_message_and_runs_again_after_t
     assert list(tables["trials"]["status"]) == ["TERMINATED"] and list(tables["trials"]["error"]) == [""]
     assert sorted(tables["predictions"]["subject_id"]) == sorted(data.plan.folds[0].test)
     assert epochs_by_attempt(log_dir, name)[-1] == [1]  # the rerun trained
-    # Finished now: nothing is left to run, so any resources do (a report rerun on a machine without the GPU).
-    assert resume_resources_problem(path, {"cpu": 2}, planned=1) is None
-    assert "its 1 unfinished trial(s)" in resume_resources_problem(path, {"cpu": 2}, planned=2)  # one not made yet
     # A state file cut short (a kill while Tune wrote it): Ray's own restore would log "Restarting experiment" and
-    # train every trial again; the check before it stops with the file to move aside.
+    # train every trial again; the check before it names the file to move aside.
     damaged = tmp_path / "damaged"
     shutil.copytree(path, damaged)
-    newest = max(damaged.glob("experiment_state-*.json"))
+    states = sorted(damaged.glob("experiment_state-*.json"))
+    assert len(states) == 2  # one per driver session: the failed run's and the rerun's
+    newest = states[-1]
     newest.write_text(newest.read_text()[:100])
-    with pytest.raises(ResumeRefusedError, match=r"Ray Tune's saved state cannot be read \(.*Error.*\)\. Restoring it "
-                       r"would start every trial over\. If the newest experiment_state-\*\.json there is damaged"):
-        resume_resources_problem(str(damaged), {"cpu": 1}, planned=1)
+    problem = unreadable_state_problem(str(damaged))
+    assert problem.startswith(f"{damaged}: Ray Tune's saved state {newest.name} cannot be read ("), problem
+    assert "Restoring it would start every trial over. Move that file aside" in problem
+    newest.unlink()  # moved aside: the state saved before it (the first run's) is read
+    assert unreadable_state_problem(str(damaged)) is None
 
 
 def assert_a_crash_is_told_by_its_own_exception() -> None:
