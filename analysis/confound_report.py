@@ -320,7 +320,10 @@ def shortcut_section(doc: Document, res: ConfoundResults, classes: list[str], n_
              "predictions they share (same fold, same subject) are compared by a **paired subject-level bootstrap**: "
              f"{n_resamples} resamples of subjects with replacement (seed {seed}), each scoring both models on the "
              "same subjects; the difference deep − baseline of F1 per class and of macro F1 gets a 95% percentile "
-             "interval. **Clearly better** means the lower end of that interval is above 0. Beating the baselines "
+             "interval. A resample without any subject of a class, where one of the two models never predicts it "
+             "either, cannot measure that class's difference: it is left out of that class's interval (counted in "
+             "tables/shortcut_check.csv, n_undefined_resamples). "
+             "**Clearly better** means the lower end of that interval is above 0. Beating the baselines "
              "does not prove that a model uses anatomy (they miss spatial cues such as skull remnants or field of "
              "view); failing to beat them is the warning.")
     if res.shortcut.empty:

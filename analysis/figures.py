@@ -159,10 +159,10 @@ def learning_curve_figure(epochs: pd.DataFrame, arm: Arm, path: Path) -> Path | 
                 if ok.any():
                     ax.fill_between(x[ok], lo[ok], hi[ok], color=colour, alpha=0.2, linewidth=0)
                 drawn = True
-            for epoch, count in drops:  # past here the mean is over fewer folds: say so where it happens
+            for i, (epoch, count) in enumerate(drops):  # past here the mean is over fewer folds: say so there
                 ax.axvline(epoch - 0.5, color="grey", linestyle=":", linewidth=1)
                 ax.annotate(f"{count} fold{'s' if count > 1 else ''}", (epoch - 0.5, 1.0), xycoords=("data", "axes fraction"),
-                            xytext=(2, -10), textcoords="offset points", fontsize=7, color="grey")
+                            xytext=(2, -10 - 9 * (i % 3)), textcoords="offset points", fontsize=7, color="grey")
             ax.set_xlabel("Epoch")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_title(title)
@@ -185,7 +185,9 @@ def learning_curve_title(arm: Arm, reached: pd.Series) -> str:
     if not drops:
         return f"{arm_label(*arm)}: mean ± 1 std over {start} fold(s)"
     later = "; ".join(f"{count} from epoch {epoch}" for epoch, count in drops)
-    return f"{arm_label(*arm)}: mean ± 1 std over the folds that reached each epoch ({start} at first; {later})"
+    # two or more lines: the figure is 9 inches wide, and ten folds stopping at different epochs make a long list
+    return "\n".join([f"{arm_label(*arm)}: mean ± 1 std over the folds that reached each epoch",
+                      *textwrap.wrap(f"({start} at first; {later})", width=90)])
 
 
 def macro_f1_figure(metrics: ArmMetrics, arms: list[Arm], path: Path, paper_lookup) -> Path | None:

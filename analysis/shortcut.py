@@ -21,8 +21,8 @@ from analysis.names import Arm, arm_frames, arm_label, arm_mask, display_name
 
 CONFIDENCE = 0.95
 SHORTCUT_COLUMNS = ["model", "pretrained", "baseline", "metric", "class", "n_subjects", "n_rows", "deep",
-                    "baseline_value", "diff", "low", "high", "clearly_better", "clearly_worse", "n_resamples", "seed",
-                    "note"]
+                    "baseline_value", "diff", "low", "high", "clearly_better", "clearly_worse", "n_resamples",
+                    "n_undefined_resamples", "seed", "note"]
 # What failing to beat each baseline means, in the report's words.
 MEANING = {
     "acquisition_baseline": "that class's score may reflect the data source rather than anatomy",
@@ -86,7 +86,8 @@ def paired_bootstrap(deep: pd.DataFrame, base: pd.DataFrame, classes: list[str],
     if len(subjects) == 0:
         return pd.DataFrame([{"metric": m, "class": c, "n_subjects": 0, "n_rows": 0, "deep": np.nan,
                               "baseline_value": np.nan, "diff": np.nan, "low": np.nan, "high": np.nan,
-                              "clearly_better": False, "clearly_worse": False, "note": "no test predictions in common"}
+                              "clearly_better": False, "clearly_worse": False, "n_undefined_resamples": 0,
+                              "note": "no test predictions in common"}
                              for m, c in names])
     code = {c: i for i, c in enumerate(classes)}
     row_subject = np.searchsorted(subjects, both["subject_id"].to_numpy())
@@ -95,6 +96,7 @@ def paired_bootstrap(deep: pd.DataFrame, base: pd.DataFrame, classes: list[str],
                                         len(subjects), len(classes)) for side in ("deep", "base")}
     ones = np.ones((1, len(subjects)))
     point = {side: _scores(ones, counts[side])[0] for side in counts}
+    undefined = np.zeros(len(names), dtype=int)
     if len(subjects) < 2:
         low = high = np.full(len(names), np.nan)
         note = "; ".join(filter(None, [note, "fewer than 2 shared subjects: no interval"]))
@@ -102,6 +104,7 @@ def paired_bootstrap(deep: pd.DataFrame, base: pd.DataFrame, classes: list[str],
         weights = np.random.default_rng(seed).multinomial(len(subjects), np.full(len(subjects), 1 / len(subjects)),
                                                           size=n_resamples).astype(float)
         diffs = _scores(weights, counts["deep"]) - _scores(weights, counts["base"])
+        undefined = np.isnan(diffs).sum(axis=0)
         tail = 100 * (1 - confidence) / 2
         # over the draws where both sides define the metric (a class absent from a draw, and not predicted by one
         # of the two, has no difference there); every draw defines macro F1
@@ -114,7 +117,8 @@ def paired_bootstrap(deep: pd.DataFrame, base: pd.DataFrame, classes: list[str],
                      "deep": float(point["deep"][i]), "baseline_value": float(point["base"][i]),
                      "diff": float(point["deep"][i] - point["base"][i]), "low": float(low[i]), "high": float(high[i]),
                      "clearly_better": bool(np.isfinite(low[i]) and low[i] > 0),
-                     "clearly_worse": bool(np.isfinite(high[i]) and high[i] < 0), "note": note})
+                     "clearly_worse": bool(np.isfinite(high[i]) and high[i] < 0),
+                     "n_undefined_resamples": int(undefined[i]), "note": note})
     return pd.DataFrame(rows)
 
 

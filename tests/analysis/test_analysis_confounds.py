@@ -409,3 +409,6 @@ def test_a_class_missing_from_a_draw_gives_no_difference_there_rather_than_a_0()
     res = paired_bootstrap(deep, base, CLASSES, n_resamples=400, seed=0).set_index("class")
     assert res.loc["LGG", "diff"] == 1.0 and res.loc["LGG", "low"] == res.loc["LGG", "high"] == 1.0
     assert res.loc["LGG", "clearly_better"]
+    # the draws without an LGG subject are counted: about (18/20)^20 = 12% of 400; every draw defines the rest
+    assert 0.07 * 400 < res.loc["LGG", "n_undefined_resamples"] < 0.18 * 400
+    assert res.loc["", "n_undefined_resamples"] == res.loc["HGG", "n_undefined_resamples"] == 0

@@ -389,7 +389,7 @@ def test_learning_curves_say_over_how_many_folds_each_epoch_is_a_mean(tmp_path):
     epochs = pd.DataFrame(rows)
     reached = epochs.groupby("epoch")["fold"].nunique()
     title = learning_curve_title(("mc3_18", False), reached)
-    assert title.endswith("mean ± 1 std over the folds that reached each epoch (3 at first; 1 from epoch 4)"), title
+    assert title.endswith("mean ± 1 std over the folds that reached each epoch\n(3 at first; 1 from epoch 4)"), title
     full = epochs[epochs["epoch"] <= 3]
     assert learning_curve_title(("mc3_18", False), full.groupby("epoch")["fold"].nunique()).endswith(
         "mean ± 1 std over 3 fold(s)")
