@@ -35,6 +35,7 @@ from sklearn.metrics import (
 )
 
 from analysis.names import Arm, arm_frames, arm_mask
+from analysis.stats import defined_percentile_interval
 
 THRESHOLD = 0.5
 ARGMAX_RULE = "0.5"  # values of the classification report's threshold_rule column
@@ -185,11 +186,8 @@ def bootstrap_auc_ci(arm_df: pd.DataFrame, classes: list[str], n_resamples: int 
     result = sps.bootstrap((np.arange(len(subjects)),), statistic, n_resamples=n_resamples, vectorized=False,
                            method="percentile", confidence_level=confidence, rng=np.random.default_rng(seed))
     dist = np.asarray(result.bootstrap_distribution, dtype=float)
-    defined = dist[np.isfinite(dist)]
-    alpha = (1.0 - confidence) / 2.0
-    out["n_undefined_resamples"] = int(len(dist) - len(defined))
-    if len(defined):
-        out["auc_low"], out["auc_high"] = (float(v) for v in np.percentile(defined, [100 * alpha, 100 * (1 - alpha)]))
+    out["n_undefined_resamples"] = int(np.isnan(dist).sum())
+    out["auc_low"], out["auc_high"] = (float(v) for v in defined_percentile_interval(dist, confidence))
     return out
 
 

@@ -12,12 +12,11 @@ subjects' difficulty cancels out of the difference.
 """
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pandas as pd
 
 from analysis.names import Arm, arm_frames, arm_label, arm_mask, display_name
+from analysis.stats import defined_percentile_interval
 
 CONFIDENCE = 0.95
 SHORTCUT_COLUMNS = ["model", "pretrained", "baseline", "metric", "class", "n_subjects", "n_rows", "deep",
@@ -105,12 +104,9 @@ def paired_bootstrap(deep: pd.DataFrame, base: pd.DataFrame, classes: list[str],
                                                           size=n_resamples).astype(float)
         diffs = _scores(weights, counts["deep"]) - _scores(weights, counts["base"])
         undefined = np.isnan(diffs).sum(axis=0)
-        tail = 100 * (1 - confidence) / 2
         # over the draws where both sides define the metric (a class absent from a draw, and not predicted by one
         # of the two, has no difference there); every draw defines macro F1
-        with warnings.catch_warnings():  # a class never defined in any draw: NaN, said as "no interval" below
-            warnings.simplefilter("ignore", RuntimeWarning)
-            low, high = np.nanpercentile(diffs, [tail, 100 - tail], axis=0)
+        low, high = defined_percentile_interval(diffs, confidence, axis=0)
     rows = []
     for i, (metric, cls) in enumerate(names):
         rows.append({"metric": metric, "class": cls, "n_subjects": len(subjects), "n_rows": len(both),

@@ -7,6 +7,7 @@ inflate the variance by n_test/n_train. With J = 3 folds the test has df = 2 and
 from __future__ import annotations
 
 import itertools
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -134,6 +135,16 @@ def _fold_series(per_fold_overall: pd.DataFrame, arm: Arm, metric: str) -> pd.Se
     return sel.set_index("fold")[metric].astype(float)
 
 
+def defined_percentile_interval(draws: np.ndarray, confidence: float, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile interval of bootstrap ``draws`` along ``axis`` over the draws that define the statistic (NaN ones
+    are left out, and counted by the caller); NaN where no draw defines it."""
+    tail = 100 * (1 - confidence) / 2
+    with warnings.catch_warnings():  # an all-NaN slice: NaN, which the tables show as no interval
+        warnings.simplefilter("ignore", RuntimeWarning)
+        low, high = np.nanpercentile(draws, [tail, 100 - tail], axis=axis)
+    return low, high
+
+
 def bootstrap_f1_ci(arm_df: pd.DataFrame, classes: list[str], n_resamples: int = 2000, seed: int = 0,
                     confidence: float = 0.95) -> pd.DataFrame:
     """Subject-level percentile bootstrap CI of macro F1 and per-class F1 on pooled out-of-fold predictions.
@@ -176,9 +187,7 @@ def bootstrap_f1_ci(arm_df: pd.DataFrame, classes: list[str], n_resamples: int =
                                    method="percentile", confidence_level=confidence, rng=np.random.default_rng(seed))
         dist = np.asarray(result.bootstrap_distribution, dtype=float)  # (1 + classes, resamples)
         undefined = np.isnan(dist).sum(axis=1)
-        tail = 100 * (1 - confidence) / 2
-        low, high = (np.array([np.percentile(row[~np.isnan(row)], q) if (~np.isnan(row)).any() else np.nan
-                               for row in dist]) for q in (tail, 100 - tail))
+        low, high = defined_percentile_interval(dist, confidence, axis=1)
     names = [("macro_f1", "")] + [("f1", c) for c in classes]
     return pd.DataFrame([{"metric": m, "class": c, "pooled": float(point[i]), "low": float(low[i]), "high": float(high[i]),
                           "n_undefined_resamples": int(undefined[i])} for i, (m, c) in enumerate(names)])
